@@ -1,0 +1,196 @@
+"""The annotation table: its schema (the only place columns are defined), the atomic part
+writer, which (image, task) pairs a folder already holds, and the run manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PART_GLOB = "part-*.parquet"
+
+_box = pa.list_(pa.float32())
+SCHEMA = pa.schema(
+    [
+        pa.field("image", pa.string(), nullable=False),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("prompt", pa.string()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("raw", pa.string()),
+        pa.field("text", pa.string()),
+        pa.field("bboxes", pa.list_(_box)),
+        pa.field("labels", pa.list_(pa.string())),
+        pa.field("polygons", pa.list_(pa.list_(_box))),
+        pa.field("quad_boxes", pa.list_(_box)),
+        pa.field("scores", pa.list_(pa.float32())),
+        pa.field("truncated", pa.bool_()),
+    ],
+    metadata={"florence_annotate_schema": str(SCHEMA_VERSION)},
+)
+
+OK, ERROR = "ok", "error"
+
+
+@dataclass
+class Annotation:
+    """One row of the table: one image x one task."""
+
+    image: str
+    task: str
+    status: str
+    width: int | None = None
+    height: int | None = None
+    prompt: str | None = None
+    error: str | None = None
+    raw: str | None = None
+    text: str | None = None
+    bboxes: list[list[float]] | None = None
+    labels: list[str] | None = None
+    polygons: list[list[list[float]]] | None = None
+    quad_boxes: list[list[float]] | None = None
+    scores: list[float] | None = None
+    truncated: bool = False
+
+    @classmethod
+    def failed(cls, image: str, task: str, error: str, width=None, height=None, prompt=None) -> "Annotation":
+        return cls(image=image, task=task, status=ERROR, error=error, width=width, height=height, prompt=prompt)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_table_atomic(table: pa.Table, dest: Path) -> None:
+    """Write to a hidden temp file, fsync, then rename: readers never see a half file."""
+    tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
+    try:
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(dest.parent)
+
+
+def rows_to_table(rows: Iterable[Annotation]) -> pa.Table:
+    return pa.Table.from_pylist([asdict(r) for r in rows], schema=SCHEMA)
+
+
+class PartWriter:
+    """Buffers rows and flushes them as numbered part files every `every_rows` rows or
+    `every_seconds` seconds. The rank is in every file name so several workers can share
+    one folder; a random suffix keeps re-runs from ever reusing a name."""
+
+    def __init__(self, out_dir: Path, rank: int = 0, every_rows: int = 1000, every_seconds: float = 60.0):
+        self.out_dir = Path(out_dir)
+        self.rank = rank
+        self.every_rows = every_rows
+        self.every_seconds = every_seconds
+        self._rows: list[Annotation] = []
+        self._last_flush = time.monotonic()
+        self._seq = 0
+        self._run_id = uuid.uuid4().hex[:8]
+        self.parts_written = 0
+        self.rows_written = 0
+
+    def add(self, rows: Iterable[Annotation]) -> None:
+        self._rows.extend(rows)
+        due = time.monotonic() - self._last_flush >= self.every_seconds
+        if len(self._rows) >= self.every_rows or (due and self._rows):
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._rows:
+            return
+        name = f"part-r{self.rank:04d}-{self._run_id}-{self._seq:06d}.parquet"
+        write_table_atomic(rows_to_table(self._rows), self.out_dir / name)
+        self._seq += 1
+        self.parts_written += 1
+        self.rows_written += len(self._rows)
+        self._rows = []
+
+
+def part_files(out_dir: Path) -> list[Path]:
+    return sorted(Path(out_dir).glob(PART_GLOB))
+
+
+def read_status(out_dir: Path) -> dict[tuple[str, str], str]:
+    """(image, task) -> status for every row already written in the folder."""
+    done: dict[tuple[str, str], str] = {}
+    for part in part_files(out_dir):
+        t = pq.read_table(part, columns=["image", "task", "status"])
+        for image, task, status in zip(*(t.column(c).to_pylist() for c in ("image", "task", "status"))):
+            # an ok row wins over an error row for the same key (a retried error)
+            if done.get((image, task)) != OK:
+                done[(image, task)] = status
+    return done
+
+
+def drop_error_rows(out_dir: Path) -> int:
+    """For --retry-errors: rewrite each part without its error rows (atomically), so the
+    retried rows replace them instead of sitting next to them. Returns rows dropped."""
+    dropped = 0
+    for part in part_files(out_dir):
+        t = pq.read_table(part)
+        keep = pa.compute.equal(t.column("status"), OK)
+        n_err = t.num_rows - pa.compute.sum(keep).as_py() if t.num_rows else 0
+        if not n_err:
+            continue
+        dropped += n_err
+        kept = t.filter(keep)
+        if kept.num_rows:
+            write_table_atomic(kept.cast(SCHEMA), part)
+        else:
+            part.unlink()
+    return dropped
+
+
+@dataclass
+class Manifest:
+    """What produced the folder. `identity` is what must match for a resume to be sound."""
+
+    identity: dict
+    package_version: str
+    inputs: list[str]
+    tasks: list[str]
+    started: str
+    finished: str | None = None
+    counts: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def save(self, out_dir: Path) -> None:
+        dest = Path(out_dir) / MANIFEST
+        tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{MANIFEST}")
+        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        os.replace(tmp, dest)
+
+    @classmethod
+    def load(cls, out_dir: Path) -> "Manifest | None":
+        path = Path(out_dir) / MANIFEST
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)

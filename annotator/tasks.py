@@ -1,0 +1,100 @@
+"""The one task table: CLI name <-> Florence-2 prompt token, what input it takes, how it parses.
+
+Everything else (CLI validation, the engine, the parser, the exporters) looks tasks up here,
+so adding a task is one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Input(str, Enum):
+    NONE = "none"  # the token alone is the prompt
+    TEXT = "text"  # free text: --text, or the image's own caption (grounding)
+    CLASSES = "classes"  # open-vocabulary detection: --classes or --text
+    REGION = "region"  # a box from an earlier detection task, as four <loc_> tokens
+
+
+class Output(str, Enum):
+    TEXT = "text"  # -> text
+    BOXES = "boxes"  # -> bboxes + labels
+    POLYGONS = "polygons"  # -> polygons + labels
+    QUADS = "quads"  # -> quad_boxes + labels
+    BOXES_OR_POLYGONS = "boxes_or_polygons"  # open-vocabulary detection can answer either
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    token: str
+    input: Input
+    output: Output
+    description: str
+
+    @property
+    def is_detection(self) -> bool:
+        """Does this task produce boxes that region_* tasks can consume?"""
+        return self.output in (Output.BOXES, Output.BOXES_OR_POLYGONS)
+
+    @property
+    def is_caption(self) -> bool:
+        return self.name in ("caption", "detailed_caption", "more_detailed_caption")
+
+
+_TASKS = [
+    Task("caption", "<CAPTION>", Input.NONE, Output.TEXT, "one-sentence caption"),
+    Task("detailed_caption", "<DETAILED_CAPTION>", Input.NONE, Output.TEXT, "a few sentences"),
+    Task("more_detailed_caption", "<MORE_DETAILED_CAPTION>", Input.NONE, Output.TEXT, "a paragraph"),
+    Task("od", "<OD>", Input.NONE, Output.BOXES, "object detection: boxes + category names"),
+    Task("dense_region_caption", "<DENSE_REGION_CAPTION>", Input.NONE, Output.BOXES, "boxes + a short caption each"),
+    Task("region_proposal", "<REGION_PROPOSAL>", Input.NONE, Output.BOXES, "class-agnostic boxes"),
+    Task("ocr", "<OCR>", Input.NONE, Output.TEXT, "all text in the image"),
+    Task("ocr_with_region", "<OCR_WITH_REGION>", Input.NONE, Output.QUADS, "text lines with quadrilaterals"),
+    Task("caption_to_phrase_grounding", "<CAPTION_TO_PHRASE_GROUNDING>", Input.TEXT, Output.BOXES,
+         "boxes for the phrases of --text, or of the image's own caption"),
+    Task("open_vocabulary_detection", "<OPEN_VOCABULARY_DETECTION>", Input.CLASSES, Output.BOXES_OR_POLYGONS,
+         "boxes for each of --classes (or --text)"),
+    Task("referring_expression_segmentation", "<REFERRING_EXPRESSION_SEGMENTATION>", Input.TEXT, Output.POLYGONS,
+         "polygon mask of the object --text describes"),
+    Task("region_to_segmentation", "<REGION_TO_SEGMENTATION>", Input.REGION, Output.POLYGONS,
+         "polygon mask for each box of an earlier detection task"),
+    Task("region_to_category", "<REGION_TO_CATEGORY>", Input.REGION, Output.BOXES,
+         "category name for each box of an earlier detection task"),
+    Task("region_to_description", "<REGION_TO_DESCRIPTION>", Input.REGION, Output.BOXES,
+         "description for each box of an earlier detection task"),
+    Task("region_to_ocr", "<REGION_TO_OCR>", Input.REGION, Output.BOXES,
+         "text inside each box of an earlier detection task"),
+]
+
+TASKS: dict[str, Task] = {t.name: t for t in _TASKS}
+_BY_TOKEN: dict[str, Task] = {t.token: t for t in _TASKS}
+
+
+class UnknownTask(ValueError):
+    pass
+
+
+def get_task(name_or_token: str) -> Task:
+    """Look a task up by CLI name (`od`) or literal token (`<OD>`), case-insensitively."""
+    key = name_or_token.strip()
+    if key.startswith("<"):
+        task = _BY_TOKEN.get(key.upper())
+    else:
+        task = TASKS.get(key.lower().replace("-", "_"))
+    if task is None:
+        raise UnknownTask(f"unknown task {name_or_token!r}; `annotate tasks` lists them: {', '.join(TASKS)}")
+    return task
+
+
+def parse_task_list(spec: str) -> list[Task]:
+    """`od,ocr` -> [Task(od), Task(ocr)], duplicates removed, order kept."""
+    seen: dict[str, Task] = {}
+    for part in spec.split(","):
+        if part.strip():
+            task = get_task(part)
+            seen.setdefault(task.name, task)
+    if not seen:
+        raise UnknownTask("no task given; e.g. --tasks caption,od")
+    return list(seen.values())
