@@ -98,3 +98,33 @@ def parse_task_list(spec: str) -> list[Task]:
     if not seen:
         raise UnknownTask("no task given; e.g. --tasks caption,od")
     return list(seen.values())
+
+
+class PlanError(ValueError):
+    """A task lacks the input it needs; raised before any work starts, with the fix."""
+
+
+def plan_sources(tasks: list[Task], has_text: bool, has_classes: bool) -> dict[str, str]:
+    """Which earlier task feeds each task that takes its input from the run itself.
+
+    region_* tasks take the boxes of the first detection task before them; grounding without
+    --text takes the image's own caption. Returns {consumer: producer}."""
+    sources: dict[str, str] = {}
+    for i, task in enumerate(tasks):
+        before = tasks[:i]
+        if task.input is Input.REGION:
+            producer = next((t for t in before if t.is_detection and t.input is not Input.REGION), None)
+            if producer is None:
+                raise PlanError(f"{task.name} needs boxes from a detection task earlier in --tasks, "
+                                f"e.g. --tasks od,{task.name}")
+            sources[task.name] = producer.name
+        elif task.input is Input.CLASSES and not (has_classes or has_text):
+            raise PlanError(f"{task.name} needs what to look for: --classes car,person (or --text 'a red car')")
+        elif task.input is Input.TEXT and not has_text:
+            producer = next((t for t in before if t.is_caption), None)
+            if task.name != "caption_to_phrase_grounding" or producer is None:
+                hint = "or put caption before it in --tasks, e.g. --tasks caption,caption_to_phrase_grounding" \
+                    if task.name == "caption_to_phrase_grounding" else ""
+                raise PlanError(f"{task.name} needs a phrase: --text 'a red car' {hint}".strip())
+            sources[task.name] = producer.name
+    return sources

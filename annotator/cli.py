@@ -1,0 +1,136 @@
+"""The `annotate` command group: turns options into config objects, nothing else."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import ConfigError, GenerationSettings, ModelSpec, RunConfig, TaskInputs, DTYPES, ATTENTIONS
+from .model import ModelLoadError
+from .runner import EXIT_CANNOT_START, EXIT_INTERRUPTED, RunError
+from .sources import SourceError
+from .tasks import TASKS, PlanError, UnknownTask, parse_task_list, plan_sources
+
+USAGE_ERRORS = (ConfigError, PlanError, UnknownTask, SourceError)
+START_ERRORS = (ModelLoadError, RunError)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="annotate")
+@click.option("-v", "--verbose", is_flag=True, help="Log more (warnings about skipped files are always shown).")
+def cli(verbose: bool) -> None:
+    """Annotate image folders with Florence-2 and export training sets."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+
+
+@cli.command("tasks")
+def tasks_cmd() -> None:
+    """List every task: CLI name, prompt token, input it needs, what it writes."""
+    for t in TASKS.values():
+        click.echo(f"{t.name:<36}{t.token:<38}input={t.input.value:<8}{t.output.value:<18}{t.description}")
+
+
+def model_options(f):
+    for opt in reversed([
+        click.option("--model", default="florence-community/Florence-2-large", show_default=True,
+                     help="Hub id, local checkpoint dir, or random:tiny|base|large (random weights: meaningless output)."),
+        click.option("--revision", default=None, help="Hub branch, tag or commit."),
+        click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+                     help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."),
+        click.option("--attention", type=click.Choice(ATTENTIONS), default="auto", show_default=True,
+                     help="auto: flash_attention_2 when flash-attn is installed on CUDA, else sdpa."),
+        click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) weights. Only for checkpoints you trust."),
+        click.option("--trust-remote-code", is_flag=True, help="Run a legacy checkpoint's own Python code. Only if you trust it."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@cli.command("run")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--tasks", "tasks_spec", default="caption,od", show_default=True,
+              help="Comma-separated task names or tokens (`annotate tasks` lists them).")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("annotations"), show_default=True,
+              help="Folder for the Parquet parts and manifest.json.")
+@model_options
+@click.option("--text", default=None, help="Input phrase for grounding / segmentation / open-vocabulary tasks.")
+@click.option("--classes", default=None, help="Open-vocabulary detection: comma-separated classes, one prompt each.")
+@click.option("--batch-size", default=8, show_default=True, help="Images per batch (and prompts per generate call).")
+@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes for decoding.")
+@click.option("--num-beams", default=3, show_default=True, help="Beam search width (1 = greedy).")
+@click.option("--max-new-tokens", default=1024, show_default=True, help="Generation limit; rows that hit it get truncated=true.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--limit", type=int, default=None, help="Only the first N pending images (a quick look).")
+@click.option("--flush-every", default=1000, show_default=True, help="Write a part file every N rows ...")
+@click.option("--flush-seconds", default=60.0, show_default=True, help="... or every N seconds, whichever comes first.")
+@click.option("--max-image-pixels", default=178_956_970, show_default=True,
+              help="Refuse larger images before decoding (decompression bombs).")
+@click.option("--follow-symlinks", is_flag=True, help="Follow symlinks that point outside the input folder.")
+@click.option("--retry-errors", is_flag=True, help="Redo the rows that failed in earlier runs.")
+@click.option("--overwrite", is_flag=True, help="Delete the earlier parts in --out and start fresh.")
+@click.option("--force", is_flag=True, help="Resume even if the model or settings differ from the manifest.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def run_cmd(inputs, tasks_spec, out, model, revision, dtype, attention, allow_pickle, trust_remote_code, text,
+            classes, batch_size, workers, num_beams, max_new_tokens, device, limit, flush_every, flush_seconds,
+            max_image_pixels, follow_symlinks, retry_errors, overwrite, force, no_progress) -> None:
+    """Annotate images: one Parquet row per image and task.
+
+    INPUTS are folders (searched recursively) or image files."""
+    try:
+        tasks = parse_task_list(tasks_spec)
+        plan_sources(tasks, bool(text), bool(classes))
+        cfg = RunConfig(
+            inputs=tuple(inputs), tasks=tuple(tasks), out=out,
+            model=ModelSpec(model, revision, dtype, attention, allow_pickle, trust_remote_code),
+            generation=GenerationSettings(num_beams=num_beams, max_new_tokens=max_new_tokens),
+            task_inputs=TaskInputs(text=text, classes=_csv(classes)),
+            batch_size=batch_size, workers=workers, limit=limit, device=device,
+            flush_every_rows=flush_every, flush_every_seconds=flush_seconds, max_image_pixels=max_image_pixels,
+            follow_symlinks=follow_symlinks, retry_errors=retry_errors, overwrite=overwrite, force=force,
+            progress=not no_progress,
+        )
+    except USAGE_ERRORS as exc:
+        _fail(str(exc), 2)
+    from .launch import launch  # heavy imports (torch, transformers) only once the flags are sound
+
+    try:
+        summary = launch(cfg)
+    except USAGE_ERRORS as exc:
+        _fail(str(exc), 2)
+    except START_ERRORS as exc:
+        _fail(str(exc), EXIT_CANNOT_START)
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished rows are saved; run the same command again to resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    for line in summary.lines():
+        click.echo(line)
+    sys.exit(summary.exit_code())
+
+
+def _register_optional() -> None:
+    """Commands that live in other packages join the group here."""
+    try:
+        from exporters.cli import export
+    except ImportError:  # exporters not built yet
+        return
+    cli.add_command(export)
+
+
+_register_optional()
+
+
+def main() -> None:
+    cli()

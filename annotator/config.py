@@ -1,0 +1,96 @@
+"""Frozen, validated settings that travel from the CLI to the engine and into the manifest."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .tasks import Task
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+
+
+class ConfigError(ValueError):
+    """A bad option: the CLI prints it as a one-line usage error."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = "florence-community/Florence-2-large"  # hub id, local dir, or random:<size>
+    revision: str | None = None
+    dtype: str = "auto"
+    attention: str = "auto"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"--attention must be one of {', '.join(ATTENTIONS)}, not {self.attention!r}")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    num_beams: int = 3
+    max_new_tokens: int = 1024
+    # Forced output length per task (bench: equal work on both sides). Empty in real runs.
+    min_new_tokens: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.num_beams < 1:
+            raise ConfigError("--num-beams must be >= 1")
+        if self.max_new_tokens < 1:
+            raise ConfigError("--max-new-tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class TaskInputs:
+    """Where the tasks that need text get it from."""
+
+    text: str | None = None
+    classes: tuple[str, ...] = ()
+    group_classes: bool = False  # one prompt with all classes instead of one prompt per class
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    inputs: tuple[Path, ...]
+    tasks: tuple[Task, ...]
+    out: Path = Path("annotations")
+    model: ModelSpec = field(default_factory=ModelSpec)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    task_inputs: TaskInputs = field(default_factory=TaskInputs)
+    batch_size: int = 8
+    workers: int = 2
+    limit: int | None = None
+    device: str = "auto"
+    flush_every_rows: int = 1000
+    flush_every_seconds: float = 60.0
+    max_image_pixels: int = 178_956_970  # PIL's own default bomb limit, made explicit and configurable
+    follow_symlinks: bool = False
+    retry_errors: bool = False
+    overwrite: bool = False
+    force: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be >= 1")
+        if self.workers < 0:
+            raise ConfigError("--workers must be >= 0")
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError("--limit must be >= 0")
+
+    def identity(self) -> dict:
+        """What must not change between a run and its resume: same model, same prompts, same decoding."""
+        return {
+            "model": self.model.name,
+            "revision": self.model.revision,
+            "dtype": self.model.dtype,
+            "text": self.task_inputs.text,
+            "classes": list(self.task_inputs.classes),
+            "group_classes": self.task_inputs.group_classes,
+            "generation": asdict(self.generation),
+        }

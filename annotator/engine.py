@@ -1,0 +1,251 @@
+"""The per-device loop body: one batch of images -> vision features once -> for each task a
+batched generate -> parse -> Annotation rows.
+
+Shapes: B images per batch, N image tokens (577 at 768px), D model width, P prompts of a task."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .config import GenerationSettings, TaskInputs
+from .images import Batch, describe_error
+from .model import LoadedModel
+from .parse import Parsed, clean_raw, parse_generation, plain_text
+from .store import OK, Annotation
+from .tasks import Input, Output, Task, plan_sources
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt to generate for one image of the batch."""
+
+    image: int  # index into Batch.items
+    prompt: str  # task token plus its input, e.g. "<REGION_TO_SEGMENTATION><loc_1><loc_2><loc_8><loc_9>"
+    box: tuple[float, ...] | None = None  # region tasks: the source box, in pixels
+    label: str | None = None  # region tasks: the source label; OVD with --classes: the class
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str  # decoded, special and location tokens kept
+    truncated: bool  # stopped by max_new_tokens, not by </s>
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, tasks: list[Task], task_inputs: TaskInputs,
+                 generation: GenerationSettings, max_prompts: int = 8):
+        self.lm = lm
+        self.tasks = tasks
+        self.inputs = task_inputs
+        self.generation = generation
+        self.max_prompts = max_prompts  # prompts per generate call; halved on OOM
+        self.sources = plan_sources(tasks, bool(task_inputs.text), bool(task_inputs.classes))
+        self._prompt_ids: dict[str, list[int]] = {}
+        tok = lm.processor.tokenizer
+        self._image_prefix = tok.image_token * lm.processor.num_image_tokens + tok.bos_token
+        self._eos = tok.eos_token
+
+    # ------------------------------------------------------------------ batch -> rows
+    @torch.inference_mode()
+    def annotate(self, batch: Batch) -> list[Annotation]:
+        rows = [Annotation.failed(f.key, t, f"decode failed: {f.error}") for f in batch.failures for t in f.tasks]
+        if not batch.items:
+            return rows
+        features = self.image_features(batch.pixel_values)  # [B, N, D]
+        needed = [self._needed(item.tasks) for item in batch.items]
+        done: dict[tuple[int, str], Annotation] = {}
+        for task in self.tasks:
+            todo = [i for i, need in enumerate(needed) if task.name in need]
+            if todo:
+                self._run_task(task, todo, batch, features, done)
+        for i, item in enumerate(batch.items):
+            rows.extend(done[(i, t)] for t in item.tasks)
+        return rows
+
+    def _needed(self, pending: tuple[str, ...]) -> set[str]:
+        """Pending tasks plus the producers they read from (re-run on resume; outputs are deterministic)."""
+        need = set(pending)
+        for name in pending:
+            while name in self.sources:
+                name = self.sources[name]
+                need.add(name)
+        return need
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        lm = self.lm
+        pixel_values = pixel_values.to(lm.device, lm.dtype, non_blocking=True)
+        return lm.model.get_image_features(pixel_values, return_dict=True).pooler_output
+
+    def _run_task(self, task: Task, todo: list[int], batch: Batch, features: torch.Tensor,
+                  done: dict[tuple[int, str], Annotation]) -> None:
+        requests: list[Request] = []
+        source_failed: dict[int, str] = {}
+        for i in todo:
+            src = self.sources.get(task.name)
+            if src and done[(i, src)].status != OK:
+                source_failed[i] = f"needs {src}, which failed: {done[(i, src)].error}"
+                continue
+            requests.extend(self.requests(task, i, batch.items[i].width, batch.items[i].height,
+                                          done.get((i, src)) if src else None))
+        results = self.generate(requests, features)
+        per_image: dict[int, list[tuple[Request, Generation | BaseException]]] = {i: [] for i in todo}
+        for req, res in zip(requests, results):
+            per_image[req.image].append((req, res))
+        for i in todo:
+            item = batch.items[i]
+            if i in source_failed:
+                done[(i, task.name)] = Annotation.failed(item.key, task.name, source_failed[i], item.width, item.height)
+            else:
+                done[(i, task.name)] = self.assemble(task, item.key, item.width, item.height, per_image[i])
+
+    # ------------------------------------------------------------------ prompts
+    def requests(self, task: Task, i: int, width: int, height: int, source: Annotation | None) -> list[Request]:
+        if task.input is Input.NONE:
+            return [Request(i, task.token)]
+        if task.input is Input.REGION:
+            boxes = source.bboxes or []
+            labels = source.labels or [""] * len(boxes)
+            return [Request(i, task.token + self._loc_box(box, width, height), tuple(box), label)
+                    for box, label in zip(boxes, labels)]
+        if task.input is Input.CLASSES and self.inputs.classes:
+            return [Request(i, task.token + c, label=c) for c in self.inputs.classes]
+        text = self.inputs.text if self.inputs.text else (source.text if source else "") or ""
+        return [Request(i, task.token + text)]
+
+    def _loc_box(self, box, width: int, height: int) -> str:
+        bins = self.lm.processor.post_processor.quantize(torch.tensor([box], dtype=torch.float32), (width, height))
+        return "".join(f"<loc_{int(b)}>" for b in bins[0].tolist())
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of `<image>*N <s> prompt-in-words </s>`, cached: most prompts repeat every image."""
+        ids = self._prompt_ids.get(prompt)
+        if ids is None:
+            words = self.lm.processor._construct_prompts([prompt])[0]
+            ids = self.lm.processor.tokenizer(self._image_prefix + words + self._eos, add_special_tokens=False)["input_ids"]
+            self._prompt_ids[prompt] = ids
+        return ids
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, requests: list[Request], features: torch.Tensor) -> list[Generation | BaseException]:
+        """Generate every request, `max_prompts` at a time. A failing chunk is retried prompt by
+        prompt so that only the offending image gets an error; OOM halves the chunk size."""
+        out: list[Generation | BaseException] = []
+        pos = 0
+        while pos < len(requests):
+            chunk = requests[pos:pos + self.max_prompts]
+            try:
+                out.extend(self._generate_chunk(chunk, features))
+            except Exception as exc:  # noqa: BLE001 - sorted out below
+                if is_oom(exc) and len(chunk) > 1:
+                    self.max_prompts = max(1, len(chunk) // 2)
+                    log.warning("out of memory with %d prompts; going on with %d", len(chunk), self.max_prompts)
+                    _free_cache(self.lm.device)
+                    continue  # same position, smaller chunk
+                out.extend(self._one_by_one(chunk, features, exc))
+            pos += len(chunk)
+        return out
+
+    def _one_by_one(self, chunk: list[Request], features, exc: BaseException) -> list[Generation | BaseException]:
+        if len(chunk) == 1:
+            return [exc]
+        log.warning("a batch of %d prompts failed (%s); retrying one by one", len(chunk), describe_error(exc))
+        results: list[Generation | BaseException] = []
+        for req in chunk:
+            try:
+                results.extend(self._generate_chunk([req], features))
+            except Exception as one:  # noqa: BLE001 - becomes this image's error row
+                _free_cache(self.lm.device)
+                results.append(one)
+        return results
+
+    def _generate_chunk(self, chunk: list[Request], features: torch.Tensor) -> list[Generation]:
+        lm, gen = self.lm, self.generation
+        tok = lm.processor.tokenizer
+        ids = [self.prompt_ids(r.prompt) for r in chunk]
+        width = max(map(len, ids))
+        # Right padding: the image tokens must keep their positions (the encoder ignores the mask there).
+        input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, seq in enumerate(ids):
+            input_ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        index = torch.tensor([r.image for r in chunk], device=features.device)
+        image = BaseModelOutputWithPooling(pooler_output=features.index_select(0, index))  # [P, N, D]
+        task_token = chunk[0].prompt.split(">", 1)[0] + ">"
+        min_new = gen.min_new_tokens.get(task_token, 0)
+        sequences = lm.model.generate(
+            input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device),
+            mm_encoder_outputs={"image": image}, max_new_tokens=gen.max_new_tokens,
+            min_new_tokens=min_new or None, num_beams=gen.num_beams, do_sample=False,
+        )  # [P, 1 + T]: decoder start token, then the generated tokens
+        texts = tok.batch_decode(sequences, skip_special_tokens=False)
+        finished = (sequences[:, 1:] == tok.eos_token_id).any(dim=1).tolist()
+        return [Generation(text, not fin) for text, fin in zip(texts, finished)]
+
+    # ------------------------------------------------------------------ rows
+    def assemble(self, task: Task, key: str, width: int, height: int,
+                 results: list[tuple[Request, Generation | BaseException]]) -> Annotation:
+        prompt = "\n".join(req.prompt for req, _ in results) or None
+        row = Annotation(image=key, task=task.name, status=OK, width=width, height=height, prompt=prompt)
+        errors = [res for _, res in results if isinstance(res, BaseException)]
+        if errors:
+            row.status, row.error = "error", f"generation failed: {describe_error(errors[0])}"
+            return row
+        gens = [res for _, res in results]
+        row.raw = "\n".join(clean_raw(g.text) for g in gens) if gens else None
+        row.truncated = any(g.truncated for g in gens)
+        try:
+            parsed = self._parse(task, width, height, results)
+        except Exception as exc:  # noqa: BLE001 - a parser crash on odd output is this row's error
+            row.status, row.error = "error", f"parse failed: {describe_error(exc)}"
+            return row
+        row.text, row.bboxes, row.labels = parsed.text, parsed.bboxes, parsed.labels
+        row.polygons, row.quad_boxes = parsed.polygons, parsed.quad_boxes
+        return row
+
+    def _parse(self, task: Task, width: int, height: int, results) -> Parsed:
+        size = (width, height)
+        proc = self.lm.processor
+        if task.input is Input.REGION:
+            return self._parse_regions(task, size, results)
+        if task.input is Input.CLASSES and self.inputs.classes:
+            merged = Parsed(labels=[])
+            for req, gen in results:  # one prompt per class: the label is the class asked for
+                part = parse_generation(proc, task, gen.text, size)
+                if part.polygons:
+                    merged.polygons = (merged.polygons or []) + part.polygons
+                    merged.labels += [req.label] * len(part.polygons)
+                else:
+                    merged.bboxes = (merged.bboxes or []) + (part.bboxes or [])
+                    merged.labels += [req.label] * len(part.bboxes or [])
+            if merged.bboxes is None and merged.polygons is None:
+                merged.bboxes = []
+            return merged
+        (req, gen), = results
+        return parse_generation(proc, task, gen.text, size)
+
+    def _parse_regions(self, task: Task, size, results) -> Parsed:
+        """One instance per source box: its box, and the answer for it."""
+        boxes = [list(req.box) for req, _ in results]
+        if task.output is Output.POLYGONS:
+            polygons = []
+            for _, gen in results:
+                part = parse_generation(self.lm.processor, task, gen.text, size)
+                polygons.append([p for inst in part.polygons for p in inst])  # all parts of this box's mask
+            return Parsed(bboxes=boxes, polygons=polygons, labels=[req.label or "" for req, _ in results])
+        return Parsed(bboxes=boxes, labels=[plain_text(gen.text) for _, gen in results])
+
+
+def _free_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

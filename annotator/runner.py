@@ -1,0 +1,157 @@
+"""One device's run: discover -> skip what is done -> DataLoader -> engine -> part files.
+
+Also owns the run-level policy: manifest checks for resume, --overwrite, --retry-errors,
+the summary and the exit code."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from . import __version__
+from .config import RunConfig
+from .engine import Engine
+from .images import ImageDataset, WorkItem, collate
+from .model import LoadedModel, load_model
+from .sources import Discovery, discover
+from .store import ERROR, MANIFEST, OK, Manifest, PartWriter, drop_error_rows, part_files, read_status
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE, EXIT_CANNOT_START, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class RunError(RuntimeError):
+    """The run cannot start as asked (e.g. the folder holds a different run); message says why."""
+
+
+@dataclass
+class Summary:
+    images: int = 0  # images seen this run (pending work)
+    rows_ok: int = 0
+    rows_error: int = 0
+    already_done: int = 0  # (image, task) pairs skipped because a previous run wrote them
+    skipped: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def exit_code(self) -> int:
+        return EXIT_ROW_ERRORS if self.rows_error else EXIT_OK
+
+    def lines(self) -> list[str]:
+        out = [f"images: {self.images}  rows ok: {self.rows_ok}  rows error: {self.rows_error}  "
+               f"time: {self.seconds:.1f}s  images/s: {self.images_per_s:.2f}"]
+        if self.already_done:
+            out.append(f"resumed: {self.already_done} rows were already done")
+        for reason, n in self.skipped.items():
+            out.append(f"skipped {n}: {reason}")
+        return out
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def prepare_out(cfg: RunConfig) -> Manifest:
+    """Create or check the output folder; returns the manifest to write. Nothing is deleted
+    unless --overwrite."""
+    out = cfg.out
+    if cfg.overwrite and out.exists():
+        for path in part_files(out) + [out / MANIFEST]:
+            path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(identity=cfg.identity(), package_version=__version__,
+                        inputs=[str(p.absolute()) for p in cfg.inputs], tasks=[t.name for t in cfg.tasks],
+                        started=now())
+    old = Manifest.load(out)
+    if old is not None:
+        diff = {k: (old.identity.get(k), v) for k, v in manifest.identity.items() if old.identity.get(k) != v}
+        if diff and not cfg.force:
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise RunError(f"{out} holds a run with other settings ({shown}); use another --out, "
+                           "--overwrite to start fresh, or --force to mix them")
+        manifest.tasks = old.tasks + [t for t in manifest.tasks if t not in old.tasks]
+        manifest.inputs = old.inputs + [p for p in manifest.inputs if p not in old.inputs]
+        manifest.started = old.started
+    elif part_files(out) and not cfg.force:
+        raise RunError(f"{out} has part files but no {MANIFEST}; use another --out, or --overwrite")
+    return manifest
+
+
+def pending_work(cfg: RunConfig, found: Discovery, summary: Summary) -> list[WorkItem]:
+    if cfg.retry_errors:
+        dropped = drop_error_rows(cfg.out)
+        if dropped:
+            log.info("--retry-errors: %d error rows will be redone", dropped)
+    status = read_status(cfg.out)
+    work = []
+    for ref in found.refs:
+        todo = tuple(t.name for t in cfg.tasks if (ref.key, t.name) not in status)
+        summary.already_done += len(cfg.tasks) - len(todo)
+        if todo:
+            work.append(WorkItem(ref, todo))
+    return work[: cfg.limit] if cfg.limit is not None else work
+
+
+def make_loader(work: list[WorkItem], lm: LoadedModel, cfg: RunConfig) -> torch.utils.data.DataLoader:
+    dataset = ImageDataset(work, lm.processor.image_processor, cfg.max_image_pixels)
+    workers = min(cfg.workers, len(work))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate, num_workers=workers,
+        pin_memory=lm.device.type == "cuda", prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+
+
+class Progress(Protocol):
+    def start(self, total: int) -> None: ...
+    def update(self, n: int) -> None: ...
+
+
+def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: Progress | None = None, rank: int = 0) -> Summary:
+    """Annotate everything pending in cfg on one device, reporting images done to `progress`."""
+    start = time.monotonic()
+    found = discover(list(cfg.inputs), cfg.follow_symlinks)
+    manifest = prepare_out(cfg)
+    summary = Summary(skipped=dict(found.skipped))
+    work = pending_work(cfg, found, summary)
+    manifest.save(cfg.out)
+    if progress:
+        progress.start(len(work))
+    writer = PartWriter(cfg.out, rank=rank, every_rows=cfg.flush_every_rows, every_seconds=cfg.flush_every_seconds)
+    try:
+        if work:
+            lm = lm or load_model(cfg.model, cfg.device if cfg.device != "auto" else default_device())
+            engine = Engine(lm, list(cfg.tasks), cfg.task_inputs, cfg.generation, max_prompts=cfg.batch_size)
+            for batch in make_loader(work, lm, cfg):
+                rows = engine.annotate(batch)
+                writer.add(rows)
+                summary.images += len(batch)
+                summary.rows_ok += sum(r.status == OK for r in rows)
+                summary.rows_error += sum(r.status == ERROR for r in rows)
+                if progress:
+                    progress.update(len(batch))
+    finally:
+        writer.flush()  # also on Ctrl-C: what is finished is kept
+        summary.seconds = time.monotonic() - start
+    manifest.finished = now()
+    manifest.counts = {"images": len(found.refs), "rows_ok_this_run": summary.rows_ok,
+                       "rows_error_this_run": summary.rows_error}
+    manifest.save(cfg.out)
+    return summary
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+__all__ = ["run", "Summary", "RunError", "prepare_out"]

@@ -1,0 +1,102 @@
+"""Find images: stable sorted order, keys relative to their root, symlink policy, sharding."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+
+
+class SourceError(ValueError):
+    """Inputs that cannot be annotated as given (missing path, colliding keys)."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    key: str  # path relative to its root, POSIX separators, valid UTF-8: the table's `image`
+    path: Path  # what to open
+
+
+@dataclass
+class Discovery:
+    refs: list[ImageRef]
+    roots: list[Path]
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    def skip(self, reason: str, path: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        log.warning("skipped %s: %s", path, reason)
+
+
+def printable_key(rel: str) -> str:
+    """A key that Arrow can store: undecodable bytes of non-UTF-8 names become \\x.. escapes."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace").replace(os.sep, "/")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except (ValueError, OSError, RuntimeError):
+        return False
+
+
+def discover(inputs: list[Path], follow_symlinks: bool = False) -> Discovery:
+    """Every image under `inputs` (directories recursively, files as given), sorted by key.
+
+    Symlinks that leave their root are skipped unless `follow_symlinks`; broken links and
+    link loops are kept, so that they become error rows instead of vanishing silently."""
+    found = Discovery(refs=[], roots=[])
+    owner: dict[str, Path] = {}
+    for given in inputs:
+        given = Path(given)
+        if given.is_dir():
+            root, paths = given, _walk(given, follow_symlinks, found)
+        elif given.exists() or given.is_symlink():
+            root, paths = given.parent, [given]
+        else:
+            raise SourceError(f"input not found: {given}")
+        found.roots.append(root.absolute())
+        for path in paths:
+            key = printable_key(os.path.relpath(path, root))
+            if key in owner and owner[key] != root:
+                raise SourceError(f"{key!r} exists under both {owner[key]} and {root}; annotate them into "
+                                  "separate --out folders, or pass their common parent folder")
+            owner[key] = root
+            found.refs.append(ImageRef(key, path))
+    found.refs.sort(key=lambda r: r.key)
+    return found
+
+
+def _walk(root: Path, follow_symlinks: bool, found: Discovery) -> list[Path]:
+    out: list[Path] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
+        here = Path(dirpath)
+        if follow_symlinks:  # guard against directory link loops
+            st = here.stat()
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                dirnames[:] = []
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
+            dirnames[:] = [d for d in dirnames if _inside(here / d, root) or follow_symlinks]
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = here / name
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if path.is_symlink() and path.exists() and not follow_symlinks and not _inside(path, root):
+                found.skip("symlink points outside the input root (pass --follow-symlinks to follow it)", str(path))
+                continue
+            out.append(path)
+    return out
+
+
+def shard(refs: list[ImageRef], rank: int, world: int) -> list[ImageRef]:
+    """Round-robin share of a global rank: balanced, and stable as long as the folder is."""
+    return refs[rank::world]
