@@ -1,0 +1,25 @@
+"""`run_export`: the whole export as one call (the CLI is a thin wrapper around it)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from exporters.options import ExportOptions, ExportSummary
+from exporters.read import Run
+from exporters.registry import get_exporter
+from exporters.safety import OutDir
+
+
+def run_export(annotations: Path, fmt: str, out: Path, opts: ExportOptions | None = None,
+               overwrite: bool = False) -> ExportSummary:
+    opts = opts or ExportOptions()
+    exporter = get_exporter(fmt)
+    run = Run(Path(annotations), list(opts.image_roots) or None)  # bad input fails before --out is touched
+    out_dir = OutDir.prepare(Path(out), overwrite)
+    try:
+        return exporter(run, out_dir, opts)
+    except BaseException:
+        # a failed export leaves no half-written dataset behind (the folder was empty or ours)
+        shutil.rmtree(out_dir.root, ignore_errors=True)
+        raise

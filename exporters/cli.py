@@ -1,0 +1,57 @@
+"""`annotate export`: turns options into ExportOptions, runs the registered exporter, prints a summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from exporters import EXPORTERS, ExportError, run_export
+from exporters.classes import parse_classes_arg, parse_classes_file
+from exporters.options import ExportOptions
+
+
+@click.command("export")
+@click.argument("annotations", default="annotations", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", required=True, type=click.Choice(sorted(EXPORTERS), case_sensitive=False),
+              help="Output format.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder [default: ./export/<format>].")
+@click.option("--task", "tasks", multiple=True,
+              help="Task(s) to export, repeated or comma-separated [default: the format's tasks the run holds].")
+@click.option("--classes", help="Class list, e.g. person,car; other labels are dropped and counted.")
+@click.option("--classes-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="One class per line, optional synonyms: `person: man, woman, child`.")
+@click.option("--min-count", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Without --classes: keep labels seen at least this often.")
+@click.option("--min-score", type=click.FloatRange(0.0, 1.0), default=None, help="Drop instances scored below this.")
+@click.option("--val-fraction", type=click.FloatRange(0.0, 1.0), default=0.1, show_default=True,
+              help="Share of images in the validation split (by key hash: deterministic).")
+@click.option("--copy-images", is_flag=True, help="Copy images instead of symlinking them.")
+@click.option("--segments", is_flag=True, help="yolo: write polygons as segmentation lines.")
+@click.option("--skip-empty", is_flag=True, help="Leave out images with no instances (default: keep as negatives).")
+@click.option("--include-ocr", is_flag=True, help="coco/yolo: add OCR_WITH_REGION lines as class `text`.")
+@click.option("--images", "image_roots", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Image root folder(s), if not the run's input folders.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out.")
+def export(annotations, fmt, out, tasks, classes, classes_file, min_count, min_score, val_fraction, copy_images,
+           segments, skip_empty, include_ocr, image_roots, overwrite):
+    """Turn the annotation table in ANNOTATIONS [default: ./annotations] into a training set."""
+    try:
+        if classes and classes_file:
+            raise ExportError("give --classes or --classes-file, not both")
+        spec = None
+        if classes:
+            spec = parse_classes_arg(classes)
+        elif classes_file:
+            spec = parse_classes_file(classes_file.read_text(encoding="utf-8"))
+        opts = ExportOptions(
+            tasks=tuple(t.strip() for spec_ in tasks for t in spec_.split(",") if t.strip()),
+            classes=spec, min_count=min_count, min_score=min_score, val_fraction=val_fraction,
+            copy_images=copy_images, segments=segments, skip_empty=skip_empty, include_ocr=include_ocr,
+            image_roots=tuple(image_roots),
+        )
+        summary = run_export(annotations, fmt.lower(), out or Path("export") / fmt.lower(), opts, overwrite)
+    except ExportError as e:
+        raise click.ClickException(str(e)) from None
+    for line in summary.lines():
+        click.echo(line)

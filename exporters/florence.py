@@ -1,0 +1,196 @@
+"""Florence-2 fine-tuning pairs: JSONL lines {"image", "prefix", "suffix"} (the format maestro reads:
+<out>/train/annotations.jsonl and <out>/valid/annotations.jsonl with the images beside them).
+prefix = task token (+ its input), suffix = the target in Florence-2's own output syntax with
+coordinates re-quantized to <loc_0>..<loc_999>, so the processor's parser gives the boxes back
+within one quantization bin."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+from annotator.tasks import TASKS, Output
+from exporters.boxes import choose_tasks, count_errors
+from exporters.classes import ClassVocab
+from exporters.files import assign_splits, flat_names, place_image
+from exporters.geometry import clip_box, clip_polygon, loc_tokens, prompt_input
+from exporters.options import ExportOptions, ExportSummary
+from exporters.read import Row, Run
+from exporters.registry import register
+from exporters.safety import OutDir, is_safe_key
+
+SPLIT_DIRS = {"train": "train", "val": "valid"}
+# tasks whose labels are category names: --classes applies to them
+CATEGORY_TASKS = {"od", "open_vocabulary_detection", "region_to_category"}
+# region tasks whose native answer repeats the region's box after the text
+ANSWER_WITH_BOX = {"region_to_category", "region_to_description"}
+_TAG = re.compile(r"<[^<>]*>")
+
+
+def clean_text(s: str | None) -> str:
+    """Label/answer text with any <tag> and stray angle brackets removed: they would break the
+    parser's phrase regex ([^<]+) and could forge location tokens."""
+    return _TAG.sub("", s or "").replace("<", "").replace(">", "").strip()
+
+
+def _at(seq, i):
+    return seq[i] if seq is not None and i < len(seq) else None
+
+
+def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
+                   vocab: ClassVocab | None = None) -> list[tuple[str, str]]:
+    """One row -> [(prefix, suffix)]. Pure; every dropped instance is counted in `drops`."""
+    task = TASKS[row.task]
+    w, h = float(row.width or 0), float(row.height or 0)
+    token = task.token
+    if task.output == Output.TEXT:
+        text = (row.text or "").strip()
+        if not text:
+            drops["empty target"] += 1
+            return []
+        return [(token, text)]
+    if w <= 0 or h <= 0:
+        drops["no image size"] += 1
+        return []
+
+    def keep(i: int) -> bool:
+        s = _at(row.scores, i)
+        if min_score is not None and s is not None and s < min_score:
+            drops["score below --min-score"] += 1
+            return False
+        return True
+
+    def label_of(i: int) -> str | None:
+        label = clean_text(_at(row.labels, i))
+        if vocab is not None and row.task in CATEGORY_TASKS:
+            idx = vocab.index(label)
+            if idx is None:
+                drops["label not in classes"] += 1
+                return None
+            label = vocab.names[idx]
+        return label
+
+    prefix = token + clean_text(prompt_input(row.task, row.prompt))
+    pairs: list[tuple[str, str]] = []
+    if row.task == "ocr_with_region":
+        parts = []
+        for i, quad in enumerate(row.quad_boxes or []):
+            q = clip_polygon(quad, w, h) if quad is not None and len(quad) == 8 else None
+            text = clean_text(_at(row.labels, i))
+            if q is None or len(q) != 8 or not text:
+                drops["degenerate box" if text else "empty label"] += 1
+                continue
+            if keep(i):
+                parts.append(text + loc_tokens(q, w, h))
+        return [(token, "".join(parts))] if parts else _empty(drops)
+    if task.input.value == "region":  # one training pair per source box
+        for i, box in enumerate(row.bboxes or []):
+            b = clip_box(box, w, h)
+            if b is None:
+                drops["degenerate box"] += 1
+                continue
+            if not keep(i):
+                continue
+            region = token + loc_tokens(b, w, h)
+            if row.task == "region_to_segmentation":
+                polys = [p for p in (clip_polygon(x, w, h) for x in (_at(row.polygons, i) or [])) if p]
+                if not polys:
+                    drops["degenerate polygon"] += 1
+                    continue
+                pairs.append((region, "<sep>".join(loc_tokens(p, w, h) for p in polys)))
+            else:
+                label = label_of(i)
+                if not label:
+                    if label is not None:
+                        drops["empty label"] += 1
+                    continue
+                pairs.append((region, label + (loc_tokens(b, w, h) if row.task in ANSWER_WITH_BOX else "")))
+        return pairs
+    if row.polygons:  # referring_expression_segmentation, open_vocabulary_detection with masks
+        instances = []
+        for i, inst in enumerate(row.polygons):
+            polys = [p for p in (clip_polygon(x, w, h) for x in (inst or [])) if p]
+            if not polys:
+                drops["degenerate polygon"] += 1
+                continue
+            if not keep(i):
+                continue
+            label = label_of(i) if row.task == "open_vocabulary_detection" else ""
+            if label is None:
+                continue
+            instances.append((label, "<sep>".join(loc_tokens(p, w, h) for p in polys)))
+        if not instances:
+            return _empty(drops)
+        if row.task == "open_vocabulary_detection":
+            return [(prefix, "".join(f"{lab}<poly>{locs}</poly>" for lab, locs in instances))]
+        if len(instances) == 1:
+            return [(prefix, instances[0][1])]
+        return [(prefix, "".join(f"<poly>{locs}</poly>" for _, locs in instances))]
+    # boxes: od, dense_region_caption, region_proposal, caption_to_phrase_grounding, open_vocabulary_detection
+    parts = []
+    for i, box in enumerate(row.bboxes or []):
+        b = clip_box(box, w, h)
+        if b is None:
+            drops["degenerate box"] += 1
+            continue
+        if not keep(i):
+            continue
+        label = "" if row.task == "region_proposal" else label_of(i)
+        if label is None:
+            continue
+        if not label and row.task != "region_proposal":
+            drops["empty label"] += 1
+            continue
+        parts.append(label + loc_tokens(b, w, h))
+    return [(prefix, "".join(parts))] if parts else _empty(drops)
+
+
+def _empty(drops: Counter) -> list:
+    drops["empty target"] += 1
+    return []
+
+
+@register("florence")
+def export_florence(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
+    summary = ExportSummary("florence", out.root)
+    present = sorted(run.ok_tasks(), key=list(TASKS).index)
+    tasks = choose_tasks(run, opts, tuple(present), "florence")
+    summary.tasks = tasks
+    count_errors(run, tasks, summary)
+    vocab = ClassVocab.from_spec(opts.classes) if opts.classes is not None else None
+    if vocab:
+        summary.classes = list(vocab.names)
+    keys = [k for k in run.image_keys(tasks) if is_safe_key(k)]
+    split_of = assign_splits(keys, opts.val_fraction)
+    names = flat_names(keys)
+    files = {}
+    for split, d in SPLIT_DIRS.items():
+        out.mkdir(d)
+        files[split] = open(out.path(d, "annotations.jsonl"), "w", encoding="utf-8")
+    per_split: Counter = Counter()
+    try:
+        for img in run.images(tasks):
+            if img.key not in names:
+                summary.dropped["unsafe image key"] += 1
+                continue
+            pairs = [p for t in tasks if t in img.rows
+                     for p in florence_pairs(img.rows[t], summary.dropped, opts.min_score, vocab)]
+            if not pairs:
+                continue
+            src = run.find_image(img.key)
+            if src is None:
+                summary.dropped["image file not found"] += 1
+                continue
+            split, name = split_of[img.key], names[img.key]
+            place_image(src, out.path(SPLIT_DIRS[split], name), opts.copy_images)
+            for prefix, suffix in pairs:
+                files[split].write(json.dumps({"image": name, "prefix": prefix, "suffix": suffix}, ensure_ascii=False) + "\n")
+            per_split[SPLIT_DIRS[split]] += 1
+            summary.records += len(pairs)
+    finally:
+        for fh in files.values():
+            fh.close()
+    summary.images = sum(per_split.values())
+    summary.splits = per_split
+    return summary

@@ -1,0 +1,171 @@
+"""The shared reader of an annotation folder (see DESIGN.md, "The annotation table").
+
+Lazy with polars: the part files are scanned, deduplicated by (image, task) preferring `ok`
+rows (a retried error leaves both rows), sorted by key, and handed to exporters image by image
+in bounded batches, so a run with millions of rows is never all in memory at once."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from annotator.store import MANIFEST, OK, PART_GLOB, SCHEMA_VERSION, part_files
+from exporters.errors import ExportError
+from exporters.safety import check_key, is_safe_key
+
+SCHEMA_KEY = b"florence_annotate_schema"
+ROW_COLUMNS = ["image", "width", "height", "task", "prompt", "text", "bboxes", "labels", "polygons",
+               "quad_boxes", "scores"]
+
+
+@dataclass
+class Row:
+    """One ok row: one image x one task."""
+
+    image: str
+    task: str
+    width: int
+    height: int
+    prompt: str | None = None
+    text: str | None = None
+    bboxes: list | None = None
+    labels: list | None = None
+    polygons: list | None = None
+    quad_boxes: list | None = None
+    scores: list | None = None
+
+
+@dataclass
+class ImageRows:
+    """All ok rows of one image, by task name."""
+
+    key: str
+    width: int
+    height: int
+    rows: dict[str, Row]
+
+
+def _schema_version(meta: dict | None) -> int:
+    raw = (meta or {}).get(SCHEMA_KEY)
+    try:
+        return int(raw) if raw is not None else SCHEMA_VERSION
+    except ValueError:
+        return 10**9  # unreadable version: treat as newer than us
+
+
+class Run:
+    """An annotation folder made by `annotate run`."""
+
+    def __init__(self, folder: Path, image_roots: list[Path] | None = None):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ExportError(f"annotations folder {self.folder} does not exist; run `annotate run` first or pass its folder")
+        self.parts = part_files(self.folder)
+        if not self.parts:
+            raise ExportError(f"annotations folder {self.folder} holds no {PART_GLOB} files; run `annotate run` first")
+        self.manifest: dict = {}
+        mpath = self.folder / MANIFEST
+        if mpath.exists():
+            try:
+                self.manifest = json.loads(mpath.read_text())
+            except (OSError, ValueError) as e:
+                raise ExportError(f"cannot read {mpath}: {e}") from None
+        version = self.manifest.get("schema_version", SCHEMA_VERSION)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise ExportError(
+                f"{self.folder} was written with annotation schema {version}; this version reads up to "
+                f"{SCHEMA_VERSION}: upgrade florence-annotate"
+            )
+        for part in self.parts:
+            try:
+                meta = pq.read_schema(part).metadata
+            except Exception as e:  # corrupt footer, not parquet, ...
+                raise ExportError(f"cannot read {part}: {e}") from None
+            v = _schema_version(meta)
+            if v > SCHEMA_VERSION:
+                raise ExportError(
+                    f"{part.name} was written with annotation schema {v}; this version reads up to "
+                    f"{SCHEMA_VERSION}: upgrade florence-annotate"
+                )
+        roots = image_roots if image_roots else [Path(p) for p in self.manifest.get("inputs", [])]
+        # a single-file input's root is its folder (its key is its file name)
+        self.roots = [r.parent if r.is_file() else r for r in roots]
+
+    # --- lazy frames -------------------------------------------------------------------------
+    def scan(self) -> pl.LazyFrame:
+        """All rows, one per (image, task): an ok row wins over error rows for the same key."""
+        lf = pl.scan_parquet(self.parts)
+        return (
+            lf.with_columns((pl.col("status") != OK).alias("_not_ok"))
+            .sort(["image", "task", "_not_ok"])
+            .unique(subset=["image", "task"], keep="first", maintain_order=True)
+            .drop("_not_ok")
+        )
+
+    def task_counts(self) -> dict[str, Counter]:
+        """task -> Counter(status -> rows), after deduplication."""
+        df = self.scan().group_by(["task", "status"]).len().collect()
+        out: dict[str, Counter] = {}
+        for task, status, n in df.iter_rows():
+            out.setdefault(task, Counter())[status] = n
+        return out
+
+    def ok_tasks(self) -> set[str]:
+        return {t for t, c in self.task_counts().items() if c.get(OK)}
+
+    def image_keys(self, tasks: list[str] | None = None) -> list[str]:
+        """Sorted keys of images with an ok row (for `tasks`, or any task)."""
+        lf = self.scan().filter(pl.col("status") == OK)
+        if tasks is not None:
+            lf = lf.filter(pl.col("task").is_in(tasks))
+        return lf.select("image").unique().sort("image").collect()["image"].to_list()
+
+    def label_counts(self, tasks: list[str], column: str = "labels") -> Counter:
+        """Raw label -> number of instances, over the ok rows of `tasks` (computed in polars)."""
+        df = (
+            self.scan()
+            .filter((pl.col("status") == OK) & pl.col("task").is_in(tasks))
+            .select(pl.col(column).explode().alias("label"))
+            .drop_nulls()
+            .group_by("label")
+            .len()
+            .collect()
+        )
+        return Counter(dict(df.iter_rows()))
+
+    def images(self, tasks: list[str], batch_rows: int = 4096) -> Iterator[ImageRows]:
+        """Ok rows of `tasks`, grouped by image, in key order."""
+        lf = (
+            self.scan()
+            .filter((pl.col("status") == OK) & pl.col("task").is_in(tasks))
+            .select(ROW_COLUMNS)
+        )
+        current: ImageRows | None = None
+        for batch in lf.collect_batches(chunk_size=batch_rows, maintain_order=True):
+            for d in batch.iter_rows(named=True):
+                row = Row(**d)
+                if current is None or current.key != row.image:
+                    if current is not None:
+                        yield current
+                    current = ImageRows(row.image, row.width or 0, row.height or 0, {})
+                current.rows[row.task] = row
+        if current is not None:
+            yield current
+
+    # --- image files --------------------------------------------------------------------------
+    def find_image(self, key: str) -> Path | None:
+        """The image file of a key: the first input root that holds it. Unsafe keys find nothing."""
+        if not is_safe_key(key):
+            return None
+        rel = check_key(key)
+        for root in self.roots:
+            p = root / rel
+            if p.is_file():
+                return p
+        return None

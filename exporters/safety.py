@@ -1,0 +1,95 @@
+"""Exports never write outside --out, whatever an image key or a label contains.
+
+Keys come from the annotation table and are relative POSIX paths made by `annotate run`; a table
+edited by hand (or by an attacker) may hold `../x`, `/etc/x`, `C:\\x` or NUL bytes. Keys are
+checked before they are used to find an image, output file names are single sanitized path
+components, and every output path is checked to resolve inside the output folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path, PurePosixPath
+
+from exporters.errors import ExportError, UnsafePath
+
+MARKER = ".annotate-export"  # written into every export folder; --overwrite only clears folders with it
+_WIN_DRIVE = re.compile(r"^[A-Za-z]:")
+_BAD_CHARS = re.compile(r"[^\w.\-]+")  # \w is unicode-aware: letters of any script are kept
+
+
+def check_key(key: str) -> PurePosixPath:
+    """A key as a safe relative path, or UnsafePath."""
+    if not key or "\x00" in key or "\\" in key or key.startswith("/") or _WIN_DRIVE.match(key):
+        raise UnsafePath(f"unsafe image key {key!r}")
+    p = PurePosixPath(key)
+    if any(part in ("..", "") for part in p.parts) or p.is_absolute():
+        raise UnsafePath(f"unsafe image key {key!r}")
+    return p
+
+
+def is_safe_key(key: str) -> bool:
+    try:
+        check_key(key)
+        return True
+    except UnsafePath:
+        return False
+
+
+def safe_component(name: str, max_len: int = 180) -> str:
+    """Any string -> one harmless file-name component ('../a b/c.jpg' -> '.._a_b_c.jpg' minus
+    leading dots). Keeps the extension when it trims."""
+    s = _BAD_CHARS.sub("_", name.replace("\x00", "")).lstrip(".")
+    if not s:
+        s = "_"
+    if len(s) > max_len:
+        stem, dot, ext = s.rpartition(".")
+        ext = ext[:16] if dot else ""
+        s = (stem if dot else s)[: max_len - len(ext) - 1] + (f".{ext}" if ext else "")
+    return s
+
+
+class OutDir:
+    """The output folder. `path("labels", "train", name)` gives a path that is guaranteed to lie
+    inside it (components are checked, then the resolved parent is compared)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+
+    @classmethod
+    def prepare(cls, root: Path, overwrite: bool) -> "OutDir":
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise ExportError(f"--out {root} exists and is not a folder")
+        if root.exists() and any(root.iterdir()):
+            if not overwrite:
+                raise ExportError(f"output folder {root} is not empty; pass --overwrite to replace it")
+            if not (root / MARKER).exists():
+                raise ExportError(
+                    f"refusing to clear {root}: it was not made by `annotate export` (no {MARKER} file); "
+                    "choose an empty --out"
+                )
+            for child in root.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        root.mkdir(parents=True, exist_ok=True)
+        (root / MARKER).write_text("made by `annotate export`; --overwrite may clear this folder\n")
+        return cls(root)
+
+    def path(self, *parts: str) -> Path:
+        for part in parts:
+            if not part or part in (".", "..") or "/" in part or "\\" in part or "\x00" in part:
+                raise UnsafePath(f"unsafe output name {part!r}")
+        dest = self.root.joinpath(*parts)
+        parent = Path(os.path.realpath(dest.parent))
+        if parent != self.root and self.root not in parent.parents:
+            raise UnsafePath(f"output path {dest} leaves {self.root}")
+        return dest
+
+    def mkdir(self, *parts: str) -> Path:
+        d = self.path(*parts)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
