@@ -16,17 +16,23 @@ _WS = re.compile(r"\s+")
 _KEEP_S = ("ss", "us", "is", "news", "series", "species")
 
 
+# irregular plurals common among detection labels
+_IRREGULAR = {"people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
+              "geese": "goose", "feet": "foot", "teeth": "tooth", "knives": "knife", "leaves": "leaf",
+              "wolves": "wolf", "shelves": "shelf", "buses": "bus", "oxen": "ox", "sheep": "sheep"}
+
+
 def singular(word: str) -> str:
-    """Simple English plural -> singular on one word; irregulars (people, mice) are left alone."""
+    """Simple English plural -> singular on one word (plus a few common irregulars)."""
     w = word
+    if w in _IRREGULAR:
+        return _IRREGULAR[w]
     if len(w) <= 3 or not w.endswith("s") or w.endswith(_KEEP_S):
         return w
     if w.endswith("ies") and len(w) > 4:
         return w[:-3] + "y"  # puppies -> puppy
     if w.endswith(("sses", "xes", "zes", "ches", "shes")):
         return w[:-2]  # glasses -> glass, boxes -> box, benches -> bench
-    if w.endswith("ses") and len(w) > 5:
-        return w[:-2]  # buses -> bus
     return w[:-1]  # cars -> car, bicycles -> bicycle
 
 

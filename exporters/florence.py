@@ -10,7 +10,7 @@ import json
 import re
 from collections import Counter
 
-from annotator.tasks import TASKS, Output
+from annotator.tasks import TASKS, Input, Output
 from exporters.boxes import choose_tasks, count_errors
 from exporters.classes import ClassVocab
 from exporters.files import assign_splits, flat_names, place_image
@@ -44,7 +44,8 @@ def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
     task = TASKS[row.task]
     w, h = float(row.width or 0), float(row.height or 0)
     token = task.token
-    if task.output == Output.TEXT:
+    region_task = task.input == Input.REGION  # answers per source box, kept in bboxes + labels/polygons
+    if task.output == Output.TEXT and not region_task:
         text = (row.text or "").strip()
         if not text:
             drops["empty target"] += 1
@@ -84,7 +85,7 @@ def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
             if keep(i):
                 parts.append(text + loc_tokens(q, w, h))
         return [(token, "".join(parts))] if parts else _empty(drops)
-    if task.input.value == "region":  # one training pair per source box
+    if region_task:  # one training pair per source box
         for i, box in enumerate(row.bboxes or []):
             b = clip_box(box, w, h)
             if b is None:
