@@ -41,7 +41,8 @@ RANDOM_ARCHS: dict[str, RandomArch] = {
         vision=dict(depths=[1, 1, 1, 1], embed_dim=[16, 32, 48, 64], num_heads=[2, 2, 2, 2],
                     num_groups=[2, 2, 2, 2], window_size=2, projection_dim=32),
         text=dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                  decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64),
+                  decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                  init_std=0.3),  # wide init: outputs then depend on image and prompt, so tests can tell them apart
     ),
     "base": RandomArch(
         image_size=768,
@@ -131,10 +132,10 @@ def _explain_load_failure(spec: ModelSpec, exc: Exception) -> str:
         fix = "this checkpoint has only pickle weights; pass --allow-pickle if you trust it"
     elif "trust_remote_code" in text or "custom code" in text:
         fix = "this is a legacy remote-code checkpoint; use florence-community/Florence-2-base|large, or pass --trust-remote-code if you trust it"
-    elif os.environ.get("HF_HUB_OFFLINE") == "1":
-        fix = "HF_HUB_OFFLINE=1 and the model is not in the local cache: download it once with network, or pass a local directory"
     elif Path(spec.name).exists():
         fix = "the directory exists but is not a Florence-2 checkpoint (needs config.json, weights, processor files)"
+    elif os.environ.get("HF_HUB_OFFLINE") == "1":
+        fix = "HF_HUB_OFFLINE=1 and the model is not in the local cache: download it once with network, or pass a local directory"
     else:
         fix = ("check the id (e.g. florence-community/Florence-2-large), the --revision, and the network; "
                "offline, pass a local checkpoint directory or set HF_HUB_OFFLINE=1 to use the cache")
@@ -186,7 +187,7 @@ def random_florence2(size: str, vocab_size: int, image_token_id: int, attention:
     from transformers import Florence2Config, Florence2ForConditionalGeneration, GenerationConfig
 
     arch = RANDOM_ARCHS[size]
-    text = dict(arch.text, vocab_size=vocab_size, max_position_embeddings=1024, bos_token_id=0,
+    text = dict({"init_std": 0.02, **arch.text}, vocab_size=vocab_size, max_position_embeddings=1024, bos_token_id=0,
                 pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=0,
                 forced_eos_token_id=2, scale_embedding=False)
     config = Florence2Config(vision_config=dict(arch.vision, drop_path_rate=0.0), text_config=text,

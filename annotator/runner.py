@@ -88,18 +88,23 @@ def prepare_out(cfg: RunConfig) -> Manifest:
 
 
 def pending_work(cfg: RunConfig, found: Discovery, summary: Summary) -> list[WorkItem]:
-    if cfg.retry_errors:
-        dropped = drop_error_rows(cfg.out)
-        if dropped:
-            log.info("--retry-errors: %d error rows will be redone", dropped)
+    """(image, tasks) still to do: pairs with no row yet, and with --retry-errors pairs whose row failed."""
     status = read_status(cfg.out)
     work = []
     for ref in found.refs:
-        todo = tuple(t.name for t in cfg.tasks if (ref.key, t.name) not in status)
+        todo = tuple(t.name for t in cfg.tasks
+                     if status.get((ref.key, t.name)) is None or (cfg.retry_errors and status[(ref.key, t.name)] != OK))
         summary.already_done += len(cfg.tasks) - len(todo)
         if todo:
             work.append(WorkItem(ref, todo))
-    return work[: cfg.limit] if cfg.limit is not None else work
+    work = work[: cfg.limit] if cfg.limit is not None else work
+    if cfg.retry_errors:
+        # Drop exactly the error rows this run redoes, so the new rows replace them instead of
+        # sitting next to them; errors of other tasks, or beyond --limit, stay.
+        redo = {(w.ref.key, t) for w in work for t in w.tasks if (w.ref.key, t) in status}
+        if redo:
+            log.info("--retry-errors: %d error rows will be redone", drop_error_rows(cfg.out, redo))
+    return work
 
 
 def make_loader(work: list[WorkItem], lm: LoadedModel, cfg: RunConfig) -> torch.utils.data.DataLoader:

@@ -18,6 +18,9 @@ class Input(str, Enum):
 
 
 class Output(str, Enum):
+    """What one generation answers. Region tasks answer per source box; their rows keep the
+    boxes in `bboxes` and put each answer in `labels` (text) or `polygons`."""
+
     TEXT = "text"  # -> text
     BOXES = "boxes"  # -> bboxes + labels
     POLYGONS = "polygons"  # -> polygons + labels
@@ -60,11 +63,11 @@ _TASKS = [
          "polygon mask of the object --text describes"),
     Task("region_to_segmentation", "<REGION_TO_SEGMENTATION>", Input.REGION, Output.POLYGONS,
          "polygon mask for each box of an earlier detection task"),
-    Task("region_to_category", "<REGION_TO_CATEGORY>", Input.REGION, Output.BOXES,
+    Task("region_to_category", "<REGION_TO_CATEGORY>", Input.REGION, Output.TEXT,
          "category name for each box of an earlier detection task"),
-    Task("region_to_description", "<REGION_TO_DESCRIPTION>", Input.REGION, Output.BOXES,
+    Task("region_to_description", "<REGION_TO_DESCRIPTION>", Input.REGION, Output.TEXT,
          "description for each box of an earlier detection task"),
-    Task("region_to_ocr", "<REGION_TO_OCR>", Input.REGION, Output.BOXES,
+    Task("region_to_ocr", "<REGION_TO_OCR>", Input.REGION, Output.TEXT,
          "text inside each box of an earlier detection task"),
 ]
 

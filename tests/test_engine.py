@@ -1,0 +1,145 @@
+"""The engine on the tiny random model: batching changes nothing, vision runs once per image,
+and prompts that read earlier tasks (regions, grounding, classes) are built and assembled right."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from annotator.config import GenerationSettings, TaskInputs
+from annotator.engine import Engine, Generation
+from annotator.images import Batch, ImageItem
+from annotator.tasks import parse_task_list
+
+GREEDY = GenerationSettings(num_beams=1, max_new_tokens=10)
+
+
+def make_items(lm, tasks, n=5):
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(n):
+        im = Image.fromarray(rng.integers(0, 255, (40 + 13 * i, 90 - 7 * i, 3), dtype=np.uint8))
+        pixels = lm.processor.image_processor(images=im, return_tensors="pt")["pixel_values"][0]
+        items.append(ImageItem(f"img{i}.png", im.width, im.height, pixels, tuple(tasks)))
+    return items
+
+
+def batches(items, size):
+    for i in range(0, len(items), size):
+        chunk = items[i:i + size]
+        yield Batch(chunk, torch.stack([x.pixel_values for x in chunk]), [])
+
+
+def run_engine(lm, spec, items, batch_size, inputs=TaskInputs(), generation=GREEDY):
+    engine = Engine(lm, parse_task_list(spec), inputs, generation, max_prompts=batch_size)
+    return [r for b in batches(items, batch_size) for r in engine.annotate(b)]
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_batched_equals_one_at_a_time(tiny_lm, num_beams):
+    """Token for token: right padding + masks make batching invisible (different prompt lengths too)."""
+    spec = "caption,od,open_vocabulary_detection"
+    inputs = TaskInputs(classes=("car", "a very long class name to pad"))
+    gen = GenerationSettings(num_beams=num_beams, max_new_tokens=10)
+    items = make_items(tiny_lm, spec.split(","))
+    batched = run_engine(tiny_lm, spec, items, 5, inputs, gen)
+    single = run_engine(tiny_lm, spec, items, 1, inputs, gen)
+    assert [(r.image, r.task, r.raw) for r in batched] == [(r.image, r.task, r.raw) for r in single]
+    raws = {r.raw for r in batched}
+    assert len(raws) > 3, "outputs must depend on image and prompt, or this test proves nothing"
+
+
+def test_equal_to_the_reference_loop(tiny_lm):
+    """The engine gives what processor(...) -> model.generate(...) gives for one image and one prompt."""
+    items = make_items(tiny_lm, ["od"], n=2)
+    rows = run_engine(tiny_lm, "od", items, 2)
+    rng = np.random.default_rng(0)
+    for i, row in enumerate(rows):
+        im = Image.fromarray(rng.integers(0, 255, (40 + 13 * i, 90 - 7 * i, 3), dtype=np.uint8))
+        inputs = tiny_lm.processor(text="<OD>", images=im, return_tensors="pt")
+        ids = tiny_lm.model.generate(**inputs, max_new_tokens=10, num_beams=1, do_sample=False)
+        assert row.raw == tiny_lm.processor.batch_decode(ids, skip_special_tokens=False)[0].replace("<pad>", "")
+
+
+def test_vision_tower_runs_once_per_image(tiny_lm):
+    calls = []
+    hook = tiny_lm.model.model.vision_tower.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        items = make_items(tiny_lm, ["caption", "od", "ocr", "dense_region_caption"], n=5)
+        run_engine(tiny_lm, "caption,od,ocr,dense_region_caption", items, 2)
+    finally:
+        hook.remove()
+    assert sum(calls) == 5 and len(calls) == 3  # batches of 2, 2, 1; four tasks each
+
+
+SCRIPT = {
+    "<OD>": "</s><s>car<loc_100><loc_200><loc_300><loc_400>dog<loc_0><loc_0><loc_999><loc_999></s>",
+    "<CAPTION>": "</s><s>A car next to a dog</s>",
+}
+
+
+def scripted(engine, seen):
+    """Replace the model call with fixed answers keyed by prompt (region prompts echo their box)."""
+    def fake(chunk, features):
+        out = []
+        for req in chunk:
+            seen.append(req.prompt)
+            token = req.prompt.split(">", 1)[0] + ">"
+            if token == "<REGION_TO_SEGMENTATION>":
+                locs = req.prompt[len(token):]
+                text = "</s><s>" + locs + "</s>"  # a 'polygon' through the box's corners
+            elif token == "<REGION_TO_CATEGORY>":
+                text = "</s><s>thing" + req.prompt[len(token):] + "</s>"
+            elif token == "<CAPTION_TO_PHRASE_GROUNDING>":
+                text = "</s><s>A car<loc_1><loc_2><loc_3><loc_4></s>"
+            elif token == "<OPEN_VOCABULARY_DETECTION>":
+                text = "</s><s>" + req.prompt[len(token):] + "<loc_10><loc_10><loc_20><loc_20></s>"
+            else:
+                text = SCRIPT[token]
+            out.append(Generation(text, truncated=False))
+        return out
+    engine._generate_chunk = fake
+
+
+def test_region_tasks_run_once_per_detected_box(tiny_lm):
+    engine = Engine(tiny_lm, parse_task_list("od,region_to_segmentation,region_to_category"), TaskInputs(), GREEDY)
+    seen = []
+    scripted(engine, seen)
+    item = ImageItem("a.png", 1000, 500, torch.zeros(3, 64, 64), ("od", "region_to_segmentation", "region_to_category"))
+    rows = {r.task: r for r in engine.annotate(Batch([item], torch.zeros(1, 3, 64, 64), []))}
+    od, seg, cat = rows["od"], rows["region_to_segmentation"], rows["region_to_category"]
+    assert od.bboxes == [[100.0, 100.0, 300.0, 200.0], [0.0, 0.0, 999.0, 499.0]]
+    assert "<REGION_TO_SEGMENTATION><loc_100><loc_200><loc_300><loc_400>" in seen
+    assert seg.bboxes == od.bboxes and seg.labels == ["car", "dog"]
+    assert seg.polygons[0] == [[100.0, 100.0, 300.0, 200.0]]  # pixels again after the round trip
+    assert cat.labels == ["thing", "thing"] and cat.bboxes == od.bboxes
+    assert len(seg.prompt.splitlines()) == 2
+
+
+def test_only_pending_tasks_are_written_but_sources_rerun(tiny_lm):
+    engine = Engine(tiny_lm, parse_task_list("od,region_to_category"), TaskInputs(), GREEDY)
+    seen = []
+    scripted(engine, seen)
+    item = ImageItem("a.png", 1000, 500, torch.zeros(3, 64, 64), ("region_to_category",))
+    rows = engine.annotate(Batch([item], torch.zeros(1, 3, 64, 64), []))
+    assert [r.task for r in rows] == ["region_to_category"] and len(rows[0].labels) == 2
+
+
+def test_grounding_uses_the_caption_and_classes_become_labels(tiny_lm):
+    engine = Engine(tiny_lm, parse_task_list("caption,caption_to_phrase_grounding,open_vocabulary_detection"),
+                    TaskInputs(classes=("cat", "bus")), GREEDY)
+    seen = []
+    scripted(engine, seen)
+    item = ImageItem("a.png", 1000, 1000, torch.zeros(3, 64, 64),
+                     ("caption", "caption_to_phrase_grounding", "open_vocabulary_detection"))
+    rows = {r.task: r for r in engine.annotate(Batch([item], torch.zeros(1, 3, 64, 64), []))}
+    assert "<CAPTION_TO_PHRASE_GROUNDING>A car next to a dog" in seen
+    assert rows["caption_to_phrase_grounding"].labels == ["A car"]
+    assert rows["open_vocabulary_detection"].labels == ["cat", "bus"]
+    assert rows["open_vocabulary_detection"].bboxes == [[10.0, 10.0, 20.0, 20.0]] * 2
+
+
+def test_truncation_is_flagged(tiny_lm):
+    items = make_items(tiny_lm, ["caption"], n=1)
+    rows = run_engine(tiny_lm, "caption", items, 1, generation=GenerationSettings(num_beams=1, max_new_tokens=3))
+    assert rows[0].truncated and rows[0].status == "ok"

@@ -1,0 +1,72 @@
+"""Loading: local checkpoint dirs through the native classes, safetensors-only, clear errors."""
+
+import shutil
+
+import pytest
+import torch
+
+from annotator.config import ConfigError, ModelSpec
+from annotator.model import ModelLoadError, load_model, resolve_attention, resolve_dtype
+
+
+def test_local_checkpoint_loads_with_native_classes(tiny_checkpoint, tiny_lm):
+    from transformers import Florence2ForConditionalGeneration
+
+    lm = load_model(ModelSpec(str(tiny_checkpoint)), "cpu")
+    assert isinstance(lm.model, Florence2ForConditionalGeneration)
+    assert lm.processor.tokenizer.image_token_id == tiny_lm.processor.tokenizer.image_token_id
+    for (name, a), (_, b) in zip(lm.model.state_dict().items(), tiny_lm.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_pickle_weights_need_allow_pickle(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "pickled"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    (weights,) = ckpt.glob("*.safetensors")
+    torch.save(load_file(weights), ckpt / "pytorch_model.bin")  # what old checkpoints ship
+    weights.unlink()
+    with pytest.raises(ModelLoadError, match="--allow-pickle"):
+        load_model(ModelSpec(str(ckpt)), "cpu")
+    assert load_model(ModelSpec(str(ckpt), allow_pickle=True), "cpu").model is not None
+
+
+def test_missing_model_offline_is_one_line_with_the_fix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as err:
+        load_model(ModelSpec("no-such-org/no-such-florence"), "cpu")
+    msg = str(err.value)
+    assert "\n" not in msg and "no-such-org/no-such-florence" in msg and "local" in msg
+
+
+def test_not_a_checkpoint_dir(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a Florence-2 checkpoint"):
+        load_model(ModelSpec(str(tmp_path)), "cpu")
+
+
+def test_unknown_random_size():
+    with pytest.raises(ModelLoadError, match="random:tiny"):
+        load_model(ModelSpec("random:huge"), "cpu")
+
+
+def test_dtype_and_attention_policy():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert resolve_attention("auto", cpu) == "sdpa"
+    with pytest.raises(ConfigError):
+        ModelSpec(dtype="float8")
+
+
+def test_random_model_is_the_same_in_every_process(tiny_lm):
+    again = load_model(ModelSpec("random:tiny"), "cpu")
+    a, b = tiny_lm.model.state_dict(), again.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_random_base_has_the_published_shape():
+    from annotator.model import RANDOM_ARCHS
+
+    assert RANDOM_ARCHS["base"].image_size == 768 and RANDOM_ARCHS["base"].text["d_model"] == 768
+    assert (768 // 32) ** 2 + 1 == 577  # image tokens per image, as the seeds say

@@ -1,0 +1,54 @@
+"""Scripted generations for every output kind -> typed columns in original-image pixels."""
+
+import pytest
+
+from annotator.parse import parse_generation, plain_text
+from annotator.tasks import TASKS
+
+W, H = 1000, 500  # one bin = 1 px in x, 0.5 px in y; the processor de-quantizes to the bin centre
+
+
+def loc(*bins):
+    return "".join(f"<loc_{b}>" for b in bins)
+
+
+def test_detection_boxes_in_pixels(tiny_lm):
+    text = "</s><s>car" + loc(100, 200, 300, 400) + "person" + loc(0, 0, 999, 999) + "</s>"
+    p = parse_generation(tiny_lm.processor, TASKS["od"], text, (W, H))
+    assert p.labels == ["car", "person"]
+    assert p.bboxes == [[100.0, 100.0, 300.0, 200.0], [0.0, 0.0, 999.0, 499.0]]
+    assert p.text is None and p.polygons is None
+
+
+def test_region_proposal_has_empty_labels(tiny_lm):
+    p = parse_generation(tiny_lm.processor, TASKS["region_proposal"], "</s><s>" + loc(10, 10, 20, 20) + "</s>", (W, H))
+    assert p.bboxes == [[10.0, 5.0, 20.0, 10.0]] and p.labels == [""]
+
+
+def test_polygons_in_pixels(tiny_lm):
+    text = "</s><s>" + loc(100, 100, 200, 100, 200, 300) + "</s>"
+    p = parse_generation(tiny_lm.processor, TASKS["referring_expression_segmentation"], text, (W, H))
+    assert p.polygons == [[[100.0, 50.0, 200.0, 50.0, 200.0, 150.0]]]
+
+
+def test_ocr_quads_in_pixels(tiny_lm):
+    text = "</s><s>STOP" + loc(10, 20, 30, 20, 30, 40, 10, 40) + "EXIT 3" + loc(1, 2, 3, 2, 3, 4, 1, 4) + "</s>"
+    p = parse_generation(tiny_lm.processor, TASKS["ocr_with_region"], text, (W, H))
+    assert p.labels == ["STOP", "EXIT 3"]
+    assert p.quad_boxes[0] == [10.0, 10.0, 30.0, 10.0, 30.0, 20.0, 10.0, 20.0]
+
+
+def test_open_vocabulary_detection_boxes_or_polygons(tiny_lm):
+    task = TASKS["open_vocabulary_detection"]
+    boxes = parse_generation(tiny_lm.processor, task, "</s><s>car" + loc(1, 2, 3, 4) + "</s>", (W, H))
+    assert boxes.bboxes == [[1.0, 1.0, 3.0, 2.0]] and boxes.labels == ["car"]
+
+
+@pytest.mark.parametrize("task", ["caption", "ocr", "more_detailed_caption", "region_to_category"])
+def test_text_tasks(tiny_lm, task):
+    p = parse_generation(tiny_lm.processor, TASKS[task], "</s><s>A red car" + loc(1, 2, 3, 4) + "</s><pad>", (W, H))
+    assert p.text == "A red car" and p.bboxes is None
+
+
+def test_plain_text_strips_specials():
+    assert plain_text("</s><s> a cat <loc_5></s>") == "a cat"
