@@ -91,4 +91,24 @@ def labelled(run: Run, tasks: list[str], vocab: ClassVocab, opts: ExportOptions,
                     summary.dropped_labels[inst.label] += 1
                     continue
                 kept.append((idx, inst))
-        yield img, kept
+        yield img, replace_boxes_by_masks(kept, summary.dropped)
+
+
+def _box_key(idx: int, box) -> tuple:
+    return (idx, *(round(v, 1) for v in box))
+
+
+def replace_boxes_by_masks(kept: list[tuple[int, Instance]], drops: Counter) -> list[tuple[int, Instance]]:
+    """A region_to_segmentation mask is the same object as the detection box it was asked for: when
+    both are exported, keep the mask and drop the box (same class, same box), or every object
+    would be labelled twice."""
+    masked = {_box_key(i, inst.source_box) for i, inst in kept if inst.source_box is not None}
+    if not masked:
+        return kept
+    out = []
+    for i, inst in kept:
+        if inst.source_box is None and not inst.polygons and _box_key(i, inst.bbox) in masked:
+            drops["box replaced by its mask"] += 1
+            continue
+        out.append((i, inst))
+    return out

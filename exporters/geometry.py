@@ -94,6 +94,7 @@ class Instance:
     polygons: list[list[float]] = field(default_factory=list)  # clipped, each >= 3 points
     score: float | None = None
     text: str | None = None
+    source_box: tuple[float, float, float, float] | None = None  # region tasks: the box the answer is for
 
 
 def prompt_input(task: str, prompt: str | None) -> str:
@@ -144,8 +145,9 @@ def row_instances(row, drops: Counter, min_score: float | None = None) -> list[I
                 drops["degenerate polygon"] += 1
                 continue
             bbox = clip_box(polygons_extent(polys), w, h)
+            source = clip_box(_at(row.bboxes, i), w, h)
         else:
-            polys = []
+            polys, source = [], None
             bbox = clip_box(row.bboxes[i], w, h)
         if bbox is None:
             drops["degenerate box"] += 1
@@ -154,5 +156,5 @@ def row_instances(row, drops: Counter, min_score: float | None = None) -> list[I
         if not label:
             drops["empty label"] += 1
             continue
-        out.append(Instance(label, bbox, polys, score))
+        out.append(Instance(label, bbox, polys, score, source_box=source))
     return out
