@@ -12,7 +12,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .config import GenerationSettings, TaskInputs
-from .images import Batch, describe_error
+from .images import Batch, ImageItem, describe_error
 from .model import LoadedModel
 from .parse import Parsed, clean_raw, parse_generation, plain_text
 from .store import OK, Annotation
@@ -49,6 +49,7 @@ class Engine:
         self.inputs = task_inputs
         self.generation = generation
         self.max_prompts = max_prompts  # prompts per generate call; halved on OOM
+        self.max_images: int | None = None  # images per vision forward; set (halved) on OOM
         self.sources = plan_sources(tasks, bool(task_inputs.text), bool(task_inputs.classes))
         self._prompt_ids: dict[str, list[int]] = {}
         tok = lm.processor.tokenizer
@@ -61,16 +62,34 @@ class Engine:
         rows = [Annotation.failed(f.key, t, f"decode failed: {f.error}") for f in batch.failures for t in f.tasks]
         if not batch.items:
             return rows
-        features = self.image_features(batch.pixel_values)  # [B, N, D]
-        needed = [self._needed(item.tasks) for item in batch.items]
+        return rows + self._annotate_items(batch.items, batch.pixel_values)
+
+    def _annotate_items(self, items: list[ImageItem], pixel_values: torch.Tensor) -> list[Annotation]:
+        step = self.max_images or len(items)
+        if len(items) > step:
+            return [row for s in range(0, len(items), step)
+                    for row in self._annotate_items(items[s:s + step], pixel_values[s:s + step])]
+        try:
+            features = self.image_features(pixel_values)  # [B, N, D]
+        except Exception as exc:  # noqa: BLE001 - one image's failure must not stop the others
+            _free_cache(self.lm.device)
+            if len(items) == 1:
+                item = items[0]
+                return [Annotation.failed(item.key, t, f"vision encoder failed: {describe_error(exc)}",
+                                          item.width, item.height) for t in item.tasks]
+            if is_oom(exc):
+                self.max_images = max(1, len(items) // 2)
+                log.warning("out of memory encoding %d images; going on with %d", len(items), self.max_images)
+                return self._annotate_items(items, pixel_values)
+            log.warning("vision encoder failed on %d images (%s); retrying one by one", len(items), describe_error(exc))
+            return [row for i in range(len(items)) for row in self._annotate_items(items[i:i + 1], pixel_values[i:i + 1])]
+        needed = [self._needed(item.tasks) for item in items]
         done: dict[tuple[int, str], Annotation] = {}
         for task in self.tasks:
             todo = [i for i, need in enumerate(needed) if task.name in need]
             if todo:
-                self._run_task(task, todo, batch, features, done)
-        for i, item in enumerate(batch.items):
-            rows.extend(done[(i, t)] for t in item.tasks)
-        return rows
+                self._run_task(task, todo, items, features, done)
+        return [done[(i, t)] for i, item in enumerate(items) for t in item.tasks]
 
     def _needed(self, pending: tuple[str, ...]) -> set[str]:
         """Pending tasks plus the producers they read from (re-run on resume; outputs are deterministic)."""
@@ -86,7 +105,7 @@ class Engine:
         pixel_values = pixel_values.to(lm.device, lm.dtype, non_blocking=True)
         return lm.model.get_image_features(pixel_values, return_dict=True).pooler_output
 
-    def _run_task(self, task: Task, todo: list[int], batch: Batch, features: torch.Tensor,
+    def _run_task(self, task: Task, todo: list[int], items: list[ImageItem], features: torch.Tensor,
                   done: dict[tuple[int, str], Annotation]) -> None:
         requests: list[Request] = []
         source_failed: dict[int, str] = {}
@@ -95,14 +114,14 @@ class Engine:
             if src and done[(i, src)].status != OK:
                 source_failed[i] = f"needs {src}, which failed: {done[(i, src)].error}"
                 continue
-            requests.extend(self.requests(task, i, batch.items[i].width, batch.items[i].height,
+            requests.extend(self.requests(task, i, items[i].width, items[i].height,
                                           done.get((i, src)) if src else None))
         results = self.generate(requests, features)
         per_image: dict[int, list[tuple[Request, Generation | BaseException]]] = {i: [] for i in todo}
         for req, res in zip(requests, results):
             per_image[req.image].append((req, res))
         for i in todo:
-            item = batch.items[i]
+            item = items[i]
             if i in source_failed:
                 done[(i, task.name)] = Annotation.failed(item.key, task.name, source_failed[i], item.width, item.height)
             else:
@@ -132,6 +151,8 @@ class Engine:
         if ids is None:
             words = self.lm.processor._construct_prompts([prompt])[0]
             ids = self.lm.processor.tokenizer(self._image_prefix + words + self._eos, add_special_tokens=False)["input_ids"]
+            if len(self._prompt_ids) >= 4096:  # region prompts (one per box) rarely repeat: keep memory flat
+                self._prompt_ids.clear()
             self._prompt_ids[prompt] = ids
         return ids
 
