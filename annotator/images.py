@@ -77,6 +77,12 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def describe_error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    # Messages quote file names; a non-UTF-8 name arrives as lone surrogates, which Arrow
+    # refuses to store: escape them as \x.. like the image keys.
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -91,15 +97,16 @@ class ImageDataset(torch.utils.data.Dataset):
         self.work = work
         self.image_processor = image_processor
         self.max_pixels = max_pixels
-        # load_rgb enforces max_pixels from the header itself; PIL's fixed global limit would
-        # otherwise override a limit the user raised on purpose.
-        Image.MAX_IMAGE_PIXELS = None
 
     def __len__(self) -> int:
         return len(self.work)
 
     def __getitem__(self, i: int) -> ImageItem | DecodeFailure:
         item = self.work[i]
+        # load_rgb enforces max_pixels from the header itself; PIL's fixed global limit would
+        # otherwise override a limit the user raised on purpose. Set here, in the process that
+        # decodes: spawned DataLoader workers do not inherit a value set in the parent.
+        Image.MAX_IMAGE_PIXELS = None
         try:
             image = load_rgb(item.ref.path, self.max_pixels)
             pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def discover(inputs: list[Path], follow_symlinks: bool = False) -> Discovery:
     Symlinks that leave their root are skipped unless `follow_symlinks`; broken links and
     link loops are kept, so that they become error rows instead of vanishing silently."""
     found = Discovery(refs=[], roots=[])
-    owner: dict[str, Path] = {}
+    owner: dict[str, tuple[Path, Path]] = {}  # key -> (root, path)
     for given in inputs:
         given = Path(given)
         if given.is_dir():
@@ -61,13 +62,20 @@ def discover(inputs: list[Path], follow_symlinks: bool = False) -> Discovery:
             root, paths = given.parent, [given]
         else:
             raise SourceError(f"input not found: {given}")
-        found.roots.append(root.absolute())
+        root = root.absolute()
+        if root not in found.roots:
+            found.roots.append(root)
         for path in paths:
             key = printable_key(os.path.relpath(path, root))
-            if key in owner and owner[key] != root:
-                raise SourceError(f"{key!r} exists under both {owner[key]} and {root}; annotate them into "
-                                  "separate --out folders, or pass their common parent folder")
-            owner[key] = root
+            if key in owner:
+                first_root, first_path = owner[key]
+                if first_root != root:
+                    raise SourceError(f"{key!r} exists under both {first_root} and {root}; annotate them into "
+                                      "separate --out folders, or pass their common parent folder")
+                if Path(path).absolute() != first_path:  # two names that escape to the same key
+                    found.skip(f"its key collides with {printable_key(str(first_path))}", printable_key(str(path)))
+                continue  # the same file given twice: one row per task, not two
+            owner[key] = (root, Path(path).absolute())
             found.refs.append(ImageRef(key, path))
     found.refs.sort(key=lambda r: r.key)
     return found
@@ -76,7 +84,10 @@ def discover(inputs: list[Path], follow_symlinks: bool = False) -> Discovery:
 def _walk(root: Path, follow_symlinks: bool, found: Discovery) -> list[Path]:
     out: list[Path] = []
     seen_dirs: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
+    def unreadable(err: OSError) -> None:  # os.walk drops these silently by default
+        found.skip(f"folder not readable ({err.strerror})", printable_key(str(err.filename)))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=follow_symlinks):
         here = Path(dirpath)
         if follow_symlinks:  # guard against directory link loops
             st = here.stat()
@@ -84,14 +95,22 @@ def _walk(root: Path, follow_symlinks: bool, found: Discovery) -> list[Path]:
                 dirnames[:] = []
                 continue
             seen_dirs.add((st.st_dev, st.st_ino))
-            dirnames[:] = [d for d in dirnames if _inside(here / d, root) or follow_symlinks]
         dirnames.sort()
         for name in sorted(filenames):
             path = here / name
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
-            if path.is_symlink() and path.exists() and not follow_symlinks and not _inside(path, root):
-                found.skip("symlink points outside the input root (pass --follow-symlinks to follow it)", str(path))
+            try:
+                mode = path.stat().st_mode  # follows links
+            except OSError:  # broken link, link loop, vanished: kept, so it becomes an error row that says why
+                out.append(path)
+                continue
+            if not stat.S_ISREG(mode):
+                found.skip("not a regular file (a FIFO or device would block the decoder)", printable_key(str(path)))
+                continue
+            if not follow_symlinks and path.is_symlink() and not _inside(path, root):
+                found.skip("symlink points outside the input root (pass --follow-symlinks to follow it)",
+                           printable_key(str(path)))
                 continue
             out.append(path)
     return out
