@@ -65,7 +65,7 @@ class RunConfig:
     batch_size: int = 8
     workers: int = 2
     limit: int | None = None
-    device: str = "auto"
+    devices: str = "auto"  # auto | cpu | cuda | cuda:0,1 | cpu:0,cpu:1 (see launch.parse_devices)
     flush_every_rows: int = 1000
     flush_every_seconds: float = 60.0
     max_image_pixels: int = 178_956_970  # PIL's own default bomb limit, made explicit and configurable

@@ -1,11 +1,30 @@
-"""Devices -> worker processes. For now: one process on one device, with one progress bar."""
+"""Devices -> worker processes.
+
+- one device: the run happens in this process;
+- several devices on this machine: one spawned worker per device, each with its own model
+  and DataLoader, pulling chunks of work from one queue (a slow device just takes fewer
+  chunks; a chunk is handed out once), one progress bar in the parent;
+- under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set): this process takes its share of the
+  images by global rank and uses its local device; rank 0 owns the folder and reports.
+Several CPU workers behave exactly like several GPUs, which is how this is tested."""
 
 from __future__ import annotations
 
+import logging
+import multiprocessing as mp
+import os
+import queue
+import time
+from dataclasses import dataclass
+
+import torch
 from tqdm import tqdm
 
-from .config import RunConfig
-from .runner import Summary, run
+from .config import ConfigError, RunConfig
+from .model import ModelLoadError, load_model
+from .runner import Summary, annotate_work, finish_run, new_writer, plan_run, run
+
+log = logging.getLogger(__name__)
 
 
 class Bar:
@@ -27,9 +46,218 @@ class Bar:
             self.bar.close()
 
 
+def parse_devices(spec: str) -> list[str]:
+    """`auto` -> every visible GPU, else cpu; `cuda` -> every GPU; `cuda:0,1` or `cuda:0,cuda:1`;
+    `cpu`; `cpu:0,cpu:1` -> two CPU workers (they share the cores)."""
+    spec = spec.strip().lower()
+    n_gpu = torch.cuda.device_count()
+    if spec == "auto":
+        return [f"cuda:{i}" for i in range(n_gpu)] or ["cpu"]
+    if spec == "cuda":
+        if not n_gpu:
+            raise ConfigError("--devices cuda: no GPU is visible; use --devices cpu")
+        return [f"cuda:{i}" for i in range(n_gpu)]
+    devices, kind = [], None
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if ":" in part or part in ("cpu", "cuda"):
+            kind, _, index = part.partition(":")
+        else:
+            index = part  # `cuda:0,1`: a bare index repeats the previous kind
+        if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+            raise ConfigError(f"--devices: cannot read {part!r}; use auto, cpu, cuda, cuda:0,1 or cpu:0,cpu:1")
+        if kind == "cuda" and index and int(index) >= n_gpu:
+            raise ConfigError(f"--devices: cuda:{index} does not exist ({n_gpu} GPUs visible)")
+        devices.append(f"{kind}:{index}" if index else kind)
+    if not devices:
+        raise ConfigError("--devices is empty; use auto, cpu, cuda or cuda:0,1")
+    return devices
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world: int
+    local_rank: int
+
+
+def torchrun_env() -> DistEnv | None:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    return None
+
+
+def torch_device(name: str) -> str:
+    """`cpu:1` names the second CPU worker, not a device torch knows."""
+    return "cpu" if name.startswith("cpu") else name
+
+
 def launch(cfg: RunConfig) -> Summary:
+    env = torchrun_env()
+    if env is not None and env.world > 1:
+        return launch_torchrun(cfg, env)
+    devices = parse_devices(cfg.devices)
+    if len(devices) == 1:
+        bar = Bar(cfg.progress)
+        try:
+            return run(cfg, torch_device(devices[0]), progress=bar)
+        finally:
+            bar.close()
+    return launch_local(cfg, devices)
+
+
+# ------------------------------------------------------------------ one machine, many devices
+
+def chunk_size(cfg: RunConfig) -> int:
+    return cfg.batch_size * 4  # small enough to balance the tail, large enough to keep decoders busy
+
+
+def launch_local(cfg: RunConfig, devices: list[str]) -> Summary:
+    start = time.monotonic()
+    plan = plan_run(cfg)
+    summary = plan.summary
+    work = plan.work
+    step = chunk_size(cfg)
+    ctx = mp.get_context("spawn")  # never fork a process that may have touched CUDA
+    jobs, events = ctx.Queue(), ctx.Queue()
+    for i in range(0, len(work), step):
+        jobs.put(work[i:i + step])
+    for _ in devices:
+        jobs.put(None)  # one stop sign per worker
+    cpu_workers = sum(d.startswith("cpu") for d in devices)
+    threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else 0
+    procs = [ctx.Process(target=worker_main, args=(rank, dev, cfg, jobs, events, threads))
+             for rank, dev in enumerate(devices)]
     bar = Bar(cfg.progress)
+    bar.start(len(work))
     try:
-        return run(cfg, progress=bar)
+        for p in procs:
+            p.start()
+        _supervise(procs, devices, events, summary, bar)
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # SIGTERM: each worker flushes its finished rows and stops
+        for p in procs:
+            p.join(timeout=30)
+        raise
     finally:
         bar.close()
+    summary.seconds = time.monotonic() - start
+    load_errors = [f for f in summary.failed_workers if "cannot load model" in f]
+    if load_errors and len(load_errors) == len(devices):
+        raise ModelLoadError(load_errors[0].split(": ", 1)[1])
+    finish_run(cfg, plan)
+    return summary
+
+
+def _supervise(procs, devices, events, summary: Summary, bar: Bar) -> None:
+    """Relay progress until every worker has exited; note those that died or failed."""
+    reported: set[int] = set()
+    while True:
+        try:
+            kind, rank, *data = events.get(timeout=0.5)
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):
+                break
+            continue
+        if kind == "batch":
+            summary.add(rank, *data)
+            bar.update(data[0])
+        elif kind == "failed":
+            reported.add(rank)
+            summary.failed_workers.append(f"rank {rank} ({devices[rank]}): {data[0]}")
+    while True:  # drain what arrived between the last get and the exits
+        try:
+            kind, rank, *data = events.get_nowait()
+        except queue.Empty:
+            break
+        if kind == "batch":
+            summary.add(rank, *data)
+    for rank, p in enumerate(procs):
+        p.join()
+        if p.exitcode != 0 and rank not in reported:
+            summary.failed_workers.append(f"rank {rank} ({devices[rank]}): exited with code {p.exitcode}")
+
+
+def worker_main(rank: int, device: str, cfg: RunConfig, jobs, events, threads: int) -> None:
+    """One device: load the model once, then take chunks until the stop sign."""
+    from .stopping import stop_on_signals
+
+    if threads:
+        torch.set_num_threads(threads)
+    writer = new_writer(cfg, rank)
+    try:
+        with stop_on_signals(130):
+            lm = load_model(cfg.model, torch_device(device))
+            on_batch = lambda images, ok, err: events.put(("batch", rank, images, ok, err))  # noqa: E731
+            while (chunk := jobs.get()) is not None:
+                if os.environ.get("FLORENCE_ANNOTATE_TEST_KILL_RANK") == str(rank):
+                    os._exit(9)  # tests: a worker that dies mid-run without any cleanup
+                annotate_work(cfg, lm, chunk, writer, on_batch)
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+    except BaseException as exc:  # report, then die non-zero: the parent names the failed worker
+        events.put(("failed", rank, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+        raise SystemExit(1)
+    finally:
+        writer.flush()
+
+
+# ------------------------------------------------------------------ torchrun: many machines
+
+def launch_torchrun(cfg: RunConfig, env: DistEnv) -> Summary:
+    """Each rank annotates work[rank::world]; rank 0 prepares the folder first and reports.
+    Uses torch.distributed (gloo, the rendezvous torchrun already runs) only for barriers."""
+    import torch.distributed as dist
+
+    use_dist = "MASTER_ADDR" in os.environ
+    if use_dist and not dist.is_initialized():
+        dist.init_process_group("gloo", rank=env.rank, world_size=env.world)
+    owner = env.rank == 0
+    if owner:
+        plan = plan_run(cfg, owner=True)
+    if use_dist:
+        dist.barrier()  # rank 0 has checked, cleaned and listed the folder
+    if not owner:
+        plan = plan_run(cfg, owner=False)
+    if use_dist:
+        dist.barrier()  # everyone has read the same state before anyone writes
+    share = plan.work[env.rank::env.world]
+    device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
+    start = time.monotonic()
+    bar = Bar(cfg.progress and owner)
+    bar.start(len(share))
+    writer = new_writer(cfg, env.rank)
+    try:
+        lm = load_model(cfg.model, device) if share else None
+
+        def on_batch(images, ok, err):
+            plan.summary.add(env.rank, images, ok, err)
+            bar.update(images)
+
+        if share:
+            annotate_work(cfg, lm, share, writer, on_batch)
+    finally:
+        writer.flush()
+        bar.close()
+    plan.summary.seconds = time.monotonic() - start
+    if use_dist:
+        summaries: list = [None] * env.world
+        dist.all_gather_object(summaries, plan.summary)
+        if owner:
+            plan.summary = _merge(summaries)
+            finish_run(cfg, plan)
+        dist.destroy_process_group()
+    return plan.summary
+
+
+def _merge(parts: list[Summary]) -> Summary:
+    total = Summary(skipped=parts[0].skipped, already_done=parts[0].already_done)
+    for s in parts:
+        for rank, n in s.per_worker.items():
+            total.add(rank, n, 0, 0)
+        total.rows_ok += s.rows_ok
+        total.rows_error += s.rows_error
+        total.seconds = max(total.seconds, s.seconds)
+    return total
+

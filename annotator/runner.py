@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -24,7 +24,7 @@ from .store import ERROR, MANIFEST, OK, Manifest, PartWriter, drop_error_rows, p
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE, EXIT_CANNOT_START, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE, EXIT_CANNOT_START, EXIT_WORKER_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
 class RunError(RuntimeError):
@@ -39,12 +39,22 @@ class Summary:
     already_done: int = 0  # (image, task) pairs skipped because a previous run wrote them
     skipped: dict = field(default_factory=dict)
     seconds: float = 0.0
+    per_worker: dict = field(default_factory=dict)  # rank -> images annotated
+    failed_workers: list = field(default_factory=list)  # "rank 1 (cuda:1): why"
+
+    def add(self, rank: int, images: int, ok: int, err: int) -> None:
+        self.images += images
+        self.rows_ok += ok
+        self.rows_error += err
+        self.per_worker[rank] = self.per_worker.get(rank, 0) + images
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def exit_code(self) -> int:
+        if self.failed_workers:
+            return EXIT_WORKER_FAILED
         return EXIT_ROW_ERRORS if self.rows_error else EXIT_OK
 
     def lines(self) -> list[str]:
@@ -54,6 +64,10 @@ class Summary:
             out.append(f"resumed: {self.already_done} rows were already done")
         for reason, n in self.skipped.items():
             out.append(f"skipped {n}: {reason}")
+        if len(self.per_worker) > 1:
+            out.append("images per worker: " + ", ".join(f"{r}: {n}" for r, n in sorted(self.per_worker.items())))
+        for failure in self.failed_workers:
+            out.append(f"worker failed: {failure} -- run the same command again to finish its work")
         return out
 
 
@@ -122,41 +136,76 @@ class Progress(Protocol):
     def update(self, n: int) -> None: ...
 
 
-def run(cfg: RunConfig, lm: LoadedModel | None = None, progress: Progress | None = None, rank: int = 0) -> Summary:
-    """Annotate everything pending in cfg on one device, reporting images done to `progress`."""
-    start = time.monotonic()
+@dataclass
+class Plan:
+    """What a run has to do, decided once before any model is loaded."""
+
+    manifest: Manifest
+    work: list[WorkItem]
+    summary: Summary
+    n_images: int  # every image discovered, done or not
+
+
+def plan_run(cfg: RunConfig, owner: bool = True) -> Plan:
+    """Discover, check the folder, and list the pending (image, tasks). Only the `owner` (the one
+    process of a run, or rank 0 under torchrun) may create, clean or rewrite the folder."""
     found = discover(list(cfg.inputs), cfg.follow_symlinks)
-    manifest = prepare_out(cfg)
     summary = Summary(skipped=dict(found.skipped))
-    work = pending_work(cfg, found, summary)
+    if owner:
+        manifest = prepare_out(cfg)
+        work = pending_work(cfg, found, summary)
+        manifest.save(cfg.out)
+    else:
+        manifest = Manifest.load(cfg.out)
+        work = pending_work(replace(cfg, retry_errors=False), found, summary)
+    return Plan(manifest, work, summary, len(found.refs))
+
+
+def annotate_work(cfg: RunConfig, lm: LoadedModel, work: list[WorkItem], writer: PartWriter,
+                  on_batch: Callable[[int, int, int], None]) -> None:
+    """The device loop: decode in DataLoader workers, annotate, hand rows to the writer.
+    `on_batch(images, rows_ok, rows_error)` is called after every batch."""
+    engine = Engine(lm, list(cfg.tasks), cfg.task_inputs, cfg.generation, max_prompts=cfg.batch_size)
+    for batch in make_loader(work, lm, cfg):
+        rows = engine.annotate(batch)
+        writer.add(rows)
+        on_batch(len(batch), sum(r.status == OK for r in rows), sum(r.status == ERROR for r in rows))
+
+
+def new_writer(cfg: RunConfig, rank: int) -> PartWriter:
+    return PartWriter(cfg.out, rank=rank, every_rows=cfg.flush_every_rows, every_seconds=cfg.flush_every_seconds)
+
+
+def finish_run(cfg: RunConfig, plan: Plan) -> None:
+    manifest = plan.manifest
+    manifest.finished = now()
+    manifest.counts = {"images": plan.n_images, "rows_ok_this_run": plan.summary.rows_ok,
+                       "rows_error_this_run": plan.summary.rows_error,
+                       "images_per_worker": plan.summary.per_worker}
     manifest.save(cfg.out)
+
+
+def run(cfg: RunConfig, device: str = "cpu", lm: LoadedModel | None = None,
+        progress: Progress | None = None, rank: int = 0) -> Summary:
+    """Annotate everything pending in cfg in this process, on one device."""
+    start = time.monotonic()
+    plan = plan_run(cfg)
+    summary = plan.summary
     if progress:
-        progress.start(len(work))
-    writer = PartWriter(cfg.out, rank=rank, every_rows=cfg.flush_every_rows, every_seconds=cfg.flush_every_seconds)
+        progress.start(len(plan.work))
+
+    def on_batch(images: int, ok: int, err: int) -> None:
+        summary.add(rank, images, ok, err)
+        if progress:
+            progress.update(images)
+
+    writer = new_writer(cfg, rank)
     try:
-        if work:
-            lm = lm or load_model(cfg.model, cfg.device if cfg.device != "auto" else default_device())
-            engine = Engine(lm, list(cfg.tasks), cfg.task_inputs, cfg.generation, max_prompts=cfg.batch_size)
-            for batch in make_loader(work, lm, cfg):
-                rows = engine.annotate(batch)
-                writer.add(rows)
-                summary.images += len(batch)
-                summary.rows_ok += sum(r.status == OK for r in rows)
-                summary.rows_error += sum(r.status == ERROR for r in rows)
-                if progress:
-                    progress.update(len(batch))
+        if plan.work:
+            lm = lm or load_model(cfg.model, device)
+            annotate_work(cfg, lm, plan.work, writer, on_batch)
     finally:
         writer.flush()  # also on Ctrl-C: what is finished is kept
         summary.seconds = time.monotonic() - start
-    manifest.finished = now()
-    manifest.counts = {"images": len(found.refs), "rows_ok_this_run": summary.rows_ok,
-                       "rows_error_this_run": summary.rows_error}
-    manifest.save(cfg.out)
+    finish_run(cfg, plan)
     return summary
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-__all__ = ["run", "Summary", "RunError", "prepare_out"]
