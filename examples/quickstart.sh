@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# run -> export in every format, on the sample images, with the random model (meaningless
+# outputs, no download). Swap --model for florence-community/Florence-2-large for real labels.
+set -euo pipefail
+cd "$(dirname "$0")"
+MODEL=${MODEL:-random:tiny}
+python make_samples.py images
+annotate run images --tasks caption,od,ocr,ocr_with_region --model "$MODEL" --out out/annotations --num-beams 1 --max-new-tokens 64
+annotate info out/annotations
+for fmt in coco yolo docvqa florence; do
+  annotate export out/annotations --format "$fmt" --out "out/$fmt" --overwrite
+done
