@@ -105,16 +105,18 @@ def run_cmd(inputs, tasks_spec, out, model, revision, dtype, attention, allow_pi
     except USAGE_ERRORS as exc:
         _fail(str(exc), 2)
     from .launch import launch  # heavy imports (torch, transformers) only once the flags are sound
+    from .stopping import exit_now, stop_on_signals
 
     try:
-        summary = launch(cfg)
+        with stop_on_signals(EXIT_INTERRUPTED):  # SIGTERM stops as cleanly as Ctrl-C; a second one at once
+            summary = launch(cfg)
     except USAGE_ERRORS as exc:
         _fail(str(exc), 2)
     except START_ERRORS as exc:
         _fail(str(exc), EXIT_CANNOT_START)
     except KeyboardInterrupt:
         click.echo("interrupted: finished rows are saved; run the same command again to resume", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        exit_now(EXIT_INTERRUPTED)
     for line in summary.lines():
         click.echo(line)
     sys.exit(summary.exit_code())

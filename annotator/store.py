@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc  # not loaded by `import pyarrow` alone
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
@@ -124,12 +125,19 @@ class PartWriter:
         self._last_flush = time.monotonic()
         if not self._rows:
             return
-        name = f"part-r{self.rank:04d}-{self._run_id}-{self._seq:06d}.parquet"
-        write_table_atomic(rows_to_table(self._rows), self.out_dir / name)
+        dest = self.out_dir / f"part-r{self.rank:04d}-{self._run_id}-{self._seq:06d}.parquet"
+        # Take the rows out of the buffer before writing: a Ctrl-C that lands after the rename
+        # must not leave them buffered for the `finally: flush()` to write a second time.
+        rows, self._rows = self._rows, []
+        try:
+            write_table_atomic(rows_to_table(rows), dest)
+        except BaseException:
+            if not dest.exists():  # not written (names are never reused): keep them for the next flush
+                self._rows = rows + self._rows
+            raise
         self._seq += 1
         self.parts_written += 1
-        self.rows_written += len(self._rows)
-        self._rows = []
+        self.rows_written += len(rows)
 
 
 def part_files(out_dir: Path) -> list[Path]:
@@ -148,18 +156,25 @@ def read_status(out_dir: Path) -> dict[tuple[str, str], str]:
     return done
 
 
-def drop_error_rows(out_dir: Path) -> int:
+def drop_error_rows(out_dir: Path, keys: set[tuple[str, str]] | None = None) -> int:
     """For --retry-errors: rewrite each part without its error rows (atomically), so the
-    retried rows replace them instead of sitting next to them. Returns rows dropped."""
+    retried rows replace them instead of sitting next to them. Only rows whose (image, task)
+    is in `keys` are dropped (all when None): errors of tasks or images this run will not
+    redo stay. Returns rows dropped."""
     dropped = 0
     for part in part_files(out_dir):
         t = pq.read_table(part)
-        keep = pa.compute.equal(t.column("status"), OK)
-        n_err = t.num_rows - pa.compute.sum(keep).as_py() if t.num_rows else 0
+        if not t.num_rows:
+            continue
+        is_error = pc.not_equal(t.column("status"), OK)
+        if keys is not None:
+            pairs = zip(t.column("image").to_pylist(), t.column("task").to_pylist())
+            is_error = pc.and_(is_error, pa.array([p in keys for p in pairs], pa.bool_()))
+        n_err = pc.sum(is_error).as_py() or 0
         if not n_err:
             continue
         dropped += n_err
-        kept = t.filter(keep)
+        kept = t.filter(pc.invert(is_error))
         if kept.num_rows:
             write_table_atomic(kept.cast(SCHEMA), part)
         else:
