@@ -122,6 +122,23 @@ def run_cmd(inputs, tasks_spec, out, model, revision, dtype, attention, allow_pi
     sys.exit(summary.exit_code())
 
 
+@cli.command("info")
+@click.argument("annotations", type=click.Path(path_type=Path, file_okay=False), default=Path("annotations"))
+@click.option("--top", default=10, show_default=True, help="How many errors and labels to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def info_cmd(annotations: Path, top: int, as_json: bool) -> None:
+    """Summarize a run folder: images, rows by task and status, errors, labels, completeness."""
+    import json
+
+    from .info import InfoError, summarize
+
+    try:
+        info = summarize(annotations, top=top)
+    except InfoError as exc:
+        _fail(str(exc), 2)
+    click.echo(json.dumps(info.to_dict(), indent=2) if as_json else "\n".join(info.lines()))
+
+
 def _register_optional() -> None:
     """Commands that live in other packages join the group here."""
     try:

@@ -1,0 +1,153 @@
+"""`annotate info`: what a run folder holds, and whether it is complete.
+
+Reads the part files lazily with polars (a folder may hold hundreds of millions of rows);
+completeness re-discovers the manifest's inputs and anti-joins every image x task with the
+rows present."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from .sources import SourceError, discover
+from .store import ERROR, MANIFEST, OK, Manifest, part_files
+from .tasks import TASKS
+
+
+class InfoError(ValueError):
+    """The folder is not an annotations folder."""
+
+
+@dataclass
+class Completeness:
+    expected: int  # images discovered now x tasks in the manifest
+    missing: int  # of those, pairs without any row
+    examples: list[str]  # a few missing pairs, "image task"
+    stale: int  # rows of images no longer found under the inputs
+
+
+@dataclass
+class RunInfo:
+    folder: str
+    parts: int
+    rows: int
+    images: int
+    by_task: dict[str, dict[str, int]]  # task -> status -> rows
+    top_errors: list[tuple[str, int]]  # message (paths elided) -> rows
+    labels: dict[str, list[tuple[str, int]]]  # detection task -> most common labels
+    duplicates: int  # (image, task) keys with more than one row
+    temp_files: int  # hidden .tmp files a killed run left behind
+    model: str | None = None
+    tasks: list[str] = field(default_factory=list)
+    started: str | None = None
+    finished: str | None = None  # None: the last run was interrupted or is still going
+    completeness: Completeness | None = None
+    not_checked: str | None = None  # why completeness is unknown
+
+    @property
+    def errors(self) -> int:
+        return sum(s.get(ERROR, 0) for s in self.by_task.values())
+
+    @property
+    def complete(self) -> bool | None:
+        return None if self.completeness is None else self.completeness.missing == 0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "errors": self.errors, "complete": self.complete}
+
+    def lines(self) -> list[str]:
+        out = [f"{self.folder}: {self.parts} parts, {self.rows} rows, {self.images} images"]
+        if self.model:
+            state = f"finished {self.finished}" if self.finished else "did not finish (interrupted, or still running)"
+            out.append(f"model: {self.model}  tasks: {', '.join(self.tasks)}  last run: {state}")
+        out.append("rows by task:")
+        width = max((len(t) for t in self.by_task), default=0)
+        for task, counts in sorted(self.by_task.items()):
+            out.append(f"  {task:<{width}}  ok {counts.get(OK, 0)}  error {counts.get(ERROR, 0)}")
+        if self.top_errors:
+            out.append("most common errors:")
+            out.extend(f"  {n:>6}  {message}" for message, n in self.top_errors)
+        for task, labels in sorted(self.labels.items()):
+            out.append(f"labels ({task}): " + (", ".join(f"{label} {n}" for label, n in labels) or "none"))
+        c = self.completeness
+        if c is None:
+            out.append(f"complete: unknown ({self.not_checked})")
+        elif c.missing == 0:
+            out.append(f"complete: yes, all {c.expected} image x task rows are present")
+        else:
+            out.append(f"complete: no, {c.missing} of {c.expected} image x task rows missing "
+                       f"(e.g. {'; '.join(c.examples)}); run the same command again to finish")
+        if c is not None and c.stale:
+            out.append(f"{c.stale} rows are of images no longer found under the inputs")
+        if self.errors:
+            out.append(f"{self.errors} rows failed; `annotate run ... --retry-errors` redoes them")
+        if self.duplicates:
+            out.append(f"warning: {self.duplicates} (image, task) keys have more than one row")
+        if self.temp_files:
+            out.append(f"{self.temp_files} .tmp files left by killed runs are safe to delete")
+        return out
+
+
+def _counts(df: pl.DataFrame, *keys: str) -> list[tuple]:
+    return [tuple(r) for r in df.select(*keys, "len").iter_rows()]
+
+
+def summarize(folder: Path, top: int = 10, check_complete: bool = True) -> RunInfo:
+    folder = Path(folder)
+    parts = part_files(folder)
+    manifest = Manifest.load(folder)
+    if not parts and manifest is None:
+        raise InfoError(f"{folder} holds no part files and no {MANIFEST}: not an annotations folder")
+    # Columns listed explicitly so an empty folder still has a schema.
+    lf = pl.scan_parquet([str(p) for p in parts]) if parts else pl.LazyFrame(
+        schema={"image": pl.String, "task": pl.String, "status": pl.String, "error": pl.String,
+                "labels": pl.List(pl.String)})
+    keys = lf.group_by("image", "task").len().collect()
+    by_task: dict[str, dict[str, int]] = {}
+    for task, status, n in _counts(lf.group_by("task", "status").len().collect(), "task", "status"):
+        by_task.setdefault(task, {})[status] = n
+    # Errors quote file paths; elide them so one cause is one line.
+    errors = (lf.filter(pl.col("status") != OK)
+              .select(pl.col("error").fill_null("(no message)").str.replace_all(r"'[^']*/[^']*'", "<path>"))
+              .group_by("error").len().sort(["len", "error"], descending=[True, False]).head(top).collect())
+    detection = [t for t in by_task if t in TASKS and TASKS[t].is_detection]
+    labels: dict[str, list[tuple[str, int]]] = {t: [] for t in detection}
+    if detection:
+        hist = (lf.filter(pl.col("task").is_in(detection) & (pl.col("status") == OK))
+                .select("task", "labels").explode("labels").drop_nulls("labels")
+                .group_by("task", "labels").len()
+                .sort(["task", "len", "labels"], descending=[False, True, False]).collect())
+        for task, label, n in _counts(hist, "task", "labels"):
+            if len(labels[task]) < top:
+                labels[task].append((label, n))
+    info = RunInfo(
+        folder=str(folder), parts=len(parts), rows=int(keys["len"].sum() or 0), images=keys["image"].n_unique(),
+        by_task=by_task, top_errors=_counts(errors, "error"), labels=labels,
+        duplicates=keys.filter(pl.col("len") > 1).height, temp_files=len(list(folder.glob(".tmp-*"))),
+    )
+    if manifest is None:
+        info.not_checked = f"no {MANIFEST}"
+        return info
+    info.model, info.tasks = manifest.identity.get("model"), manifest.tasks
+    info.started, info.finished = manifest.started, manifest.finished
+    if check_complete:
+        try:
+            found = discover([Path(p) for p in manifest.inputs])
+        except (SourceError, OSError) as exc:
+            info.not_checked = f"cannot re-discover the inputs: {exc}"
+            return info
+        info.completeness = _completeness([r.key for r in found.refs], manifest.tasks, keys.select("image", "task"))
+    else:
+        info.not_checked = "not checked"
+    return info
+
+
+def _completeness(images: list[str], tasks: list[str], present: pl.DataFrame) -> Completeness:
+    found = pl.DataFrame({"image": images}, schema={"image": pl.String})
+    expected = found.join(pl.DataFrame({"task": tasks}, schema={"task": pl.String}), how="cross")
+    missing = expected.join(present, on=["image", "task"], how="anti")
+    stale = present.join(found, on="image", how="anti").height
+    examples = [f"{i} {t}" for i, t in missing.head(3).iter_rows()]
+    return Completeness(expected=expected.height, missing=missing.height, examples=examples, stale=stale)
