@@ -271,3 +271,26 @@ def test_all_of_them_at_once_through_the_cli(tmp_path):
     assert {k: r["status"] for (k, _), r in got.items()} == {**expected, "img00.png": "ok", "img01.png": "ok"}
     n_err = sum(s == "error" for s in expected.values())
     assert f"rows error: {n_err}" in proc.stdout and "skipped 1: not a regular file" in proc.stdout
+
+
+def test_checkpoint_code_never_runs_unless_trusted(tiny_checkpoint, tmp_path):
+    """A checkpoint folder that asks for its own Python code (auto_map) is untrusted input too."""
+    import json
+    import shutil
+
+    from annotator.config import ModelSpec
+    from annotator.model import ModelLoadError, load_model
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    sentinel = tmp_path / "code-ran"
+    (ckpt / "evil.py").write_text(f"open({str(sentinel)!r}, 'w').close()\n"
+                                  "from transformers import PretrainedConfig as EvilConfig, PreTrainedModel as EvilModel\n")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    try:
+        load_model(ModelSpec(str(ckpt)), "cpu")  # the native class may load it; its code must not run
+    except ModelLoadError:
+        pass
+    assert not sentinel.exists()
