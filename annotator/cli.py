@@ -72,7 +72,9 @@ def model_options(f):
 @click.option("--workers", default=2, show_default=True, help="DataLoader worker processes for decoding.")
 @click.option("--num-beams", default=3, show_default=True, help="Beam search width (1 = greedy).")
 @click.option("--max-new-tokens", default=1024, show_default=True, help="Generation limit; rows that hit it get truncated=true.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--no-scores", is_flag=True, help="Skip the per-instance confidence scores (one extra decoder pass).")
+@click.option("--devices", default="auto", show_default=True,
+              help="auto (every GPU, else cpu), cpu, cuda, cuda:0,1, or cpu:0,cpu:1 (one worker process each).")
 @click.option("--limit", type=int, default=None, help="Only the first N pending images (a quick look).")
 @click.option("--flush-every", default=1000, show_default=True, help="Write a part file every N rows ...")
 @click.option("--flush-seconds", default=60.0, show_default=True, help="... or every N seconds, whichever comes first.")
@@ -84,7 +86,7 @@ def model_options(f):
 @click.option("--force", is_flag=True, help="Resume even if the model or settings differ from the manifest.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def run_cmd(inputs, tasks_spec, out, model, revision, dtype, attention, allow_pickle, trust_remote_code, text,
-            classes, batch_size, workers, num_beams, max_new_tokens, device, limit, flush_every, flush_seconds,
+            classes, batch_size, workers, num_beams, max_new_tokens, no_scores, devices, limit, flush_every, flush_seconds,
             max_image_pixels, follow_symlinks, retry_errors, overwrite, force, no_progress) -> None:
     """Annotate images: one Parquet row per image and task.
 
@@ -95,9 +97,9 @@ def run_cmd(inputs, tasks_spec, out, model, revision, dtype, attention, allow_pi
         cfg = RunConfig(
             inputs=tuple(inputs), tasks=tuple(tasks), out=out,
             model=ModelSpec(model, revision, dtype, attention, allow_pickle, trust_remote_code),
-            generation=GenerationSettings(num_beams=num_beams, max_new_tokens=max_new_tokens),
+            generation=GenerationSettings(num_beams=num_beams, max_new_tokens=max_new_tokens, scores=not no_scores),
             task_inputs=TaskInputs(text=text, classes=_csv(classes)),
-            batch_size=batch_size, workers=workers, limit=limit, device=device,
+            batch_size=batch_size, workers=workers, limit=limit, devices=devices,
             flush_every_rows=flush_every, flush_every_seconds=flush_seconds, max_image_pixels=max_image_pixels,
             follow_symlinks=follow_symlinks, retry_errors=retry_errors, overwrite=overwrite, force=force,
             progress=not no_progress,
@@ -137,6 +139,28 @@ def info_cmd(annotations: Path, top: int, as_json: bool) -> None:
     except InfoError as exc:
         _fail(str(exc), 2)
     click.echo(json.dumps(info.to_dict(), indent=2) if as_json else "\n".join(info.lines()))
+
+
+@cli.command("eval")
+@click.argument("prediction", type=click.Path(path_type=Path, exists=True), default=Path("export/coco"))
+@click.option("--gt", "gt", type=click.Path(path_type=Path, exists=True, dir_okay=False), required=True,
+              help="Ground-truth COCO JSON.")
+@click.option("--iou", type=click.FloatRange(0.05, 0.95), default=None,
+              help="Evaluate at this IoU only (default: COCO's 0.50:0.95).")
+@click.option("--segm", is_flag=True, help="Evaluate masks instead of boxes.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def eval_cmd(prediction: Path, gt: Path, iou: float | None, segm: bool, as_json: bool) -> None:
+    """mAP of a COCO export (PREDICTION: its folder or annotations.json) against ground truth."""
+    import json
+    from dataclasses import asdict
+
+    from .evaluate import EvalError, evaluate
+
+    try:
+        report = evaluate(prediction, gt, iou=iou, iou_type="segm" if segm else "bbox")
+    except EvalError as exc:
+        _fail(str(exc), 2)
+    click.echo(json.dumps(asdict(report), indent=2) if as_json else "\n".join(report.lines()))
 
 
 def _register_optional() -> None:

@@ -35,6 +35,7 @@ class ModelSpec:
 class GenerationSettings:
     num_beams: int = 3
     max_new_tokens: int = 1024
+    scores: bool = True  # per-instance confidence from token probabilities (scores.py)
     # Forced output length per task (bench: equal work on both sides). Empty in real runs.
     min_new_tokens: dict = field(default_factory=dict)
 

@@ -9,12 +9,14 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutput
 
 from .config import GenerationSettings, TaskInputs
 from .images import Batch, ImageItem, describe_error
 from .model import LoadedModel
-from .parse import Parsed, clean_raw, parse_generation, plain_text
+from .parse import Parsed, clean_raw, parse_generation, plain_text, refine
+from .scores import instance_scores, text_score, token_text
+from .speed import use_onednn_linear
 from .store import OK, Annotation
 from .tasks import Input, Output, Task, plan_sources
 
@@ -35,6 +37,8 @@ class Request:
 class Generation:
     text: str  # decoded, special and location tokens kept
     truncated: bool  # stopped by max_new_tokens, not by </s>
+    ids: tuple[int, ...] = ()  # generated token ids after the decoder start token
+    logprobs: tuple[float, ...] | None = None  # log p of each of `ids` (None: scoring off)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -52,9 +56,12 @@ class Engine:
         self.max_images: int | None = None  # images per vision forward; set (halved) on OOM
         self.sources = plan_sources(tasks, bool(task_inputs.text), bool(task_inputs.classes))
         self._prompt_ids: dict[str, list[int]] = {}
+        self.stats: dict[str, int] = {}  # quality counters (duplicates removed, ...), see parse.refine
         tok = lm.processor.tokenizer
         self._image_prefix = tok.image_token * lm.processor.num_image_tokens + tok.bos_token
         self._eos = tok.eos_token
+        if lm.device.type == "cpu":
+            use_onednn_linear(lm.model)  # fp32 Linear through oneDNN: 2x the GFLOP/s on AMD CPUs (speed.py)
 
     # ------------------------------------------------------------------ batch -> rows
     @torch.inference_mode()
@@ -200,18 +207,51 @@ class Engine:
         for row, seq in enumerate(ids):
             input_ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
+        input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
         index = torch.tensor([r.image for r in chunk], device=features.device)
-        image = BaseModelOutputWithPooling(pooler_output=features.index_select(0, index))  # [P, N, D]
+        encoded = self.encode(input_ids, mask, features.index_select(0, index))  # [P, L, D]
         task_token = chunk[0].prompt.split(">", 1)[0] + ">"
         min_new = gen.min_new_tokens.get(task_token, 0)
         sequences = lm.model.generate(
-            input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device),
-            mm_encoder_outputs={"image": image}, max_new_tokens=gen.max_new_tokens,
+            # input_ids only tell generate the batch size (and observers the prompt): the encoder
+            # is not re-run. A fresh wrapper, because beam search expands it in place.
+            input_ids=input_ids, encoder_outputs=BaseModelOutput(last_hidden_state=encoded), attention_mask=mask,
+            max_new_tokens=min_new or gen.max_new_tokens,  # forced: exact length
             min_new_tokens=min_new or None, num_beams=gen.num_beams, do_sample=False,
         )  # [P, 1 + T]: decoder start token, then the generated tokens
         texts = tok.batch_decode(sequences, skip_special_tokens=False)
-        finished = (sequences[:, 1:] == tok.eos_token_id).any(dim=1).tolist()
-        return [Generation(text, not fin) for text, fin in zip(texts, finished)]
+        logprobs = self.token_logprobs(encoded, mask, sequences) if gen.scores else [None] * len(chunk)
+        out = []
+        for row, text in enumerate(texts):
+            ids = sequences[row, 1:].tolist()
+            n = next((i + 1 for i, t in enumerate(ids) if t == tok.eos_token_id), None)
+            ids = ids[:n] if n else ids  # what follows </s> is padding
+            lps = None if logprobs[row] is None else tuple(logprobs[row][:len(ids)])
+            out.append(Generation(text, truncated=n is None, ids=tuple(ids), logprobs=lps))
+        return out
+
+    def encode(self, input_ids: torch.Tensor, mask: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """The text encoder over `<image>*N` + prompt, the image placeholders replaced by the
+        (already computed) image features: what Florence-2's generate does, done here so the
+        result can be reused for scoring."""
+        model = self.lm.model
+        embeds = model.get_input_embeddings()(input_ids)  # [P, L, D]
+        placeholders = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(placeholders, image_features.to(embeds.dtype))
+        return model.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True).last_hidden_state
+
+    def token_logprobs(self, encoded: torch.Tensor, mask: torch.Tensor, sequences: torch.Tensor) -> list[list[float]]:
+        """log p of each generated token under the model, by one teacher-forced decoder pass
+        (cheap next to generation: all positions at once). See scores.py for why."""
+        model = self.lm.model
+        hidden = model.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoded), attention_mask=mask,
+                             decoder_input_ids=sequences[:, :-1], use_cache=False).last_hidden_state  # [P, T, D]
+        out = []
+        for row in range(hidden.shape[0]):  # one row at a time: [T, vocab] logits stay small
+            logits = model.lm_head(hidden[row]).float()
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, sequences[row, 1:, None])[:, 0]
+            out.append(lp.tolist())
+        return out
 
     # ------------------------------------------------------------------ rows
     def assemble(self, task: Task, key: str, width: int, height: int,
@@ -232,39 +272,62 @@ class Engine:
             return row
         row.text, row.bboxes, row.labels = parsed.text, parsed.bboxes, parsed.labels
         row.polygons, row.quad_boxes = parsed.polygons, parsed.quad_boxes
+        row.scores, row.text_score = parsed.scores, parsed.text_score
         return row
+
+    def parse_one(self, task: Task, gen: Generation, size: tuple[int, int]) -> Parsed:
+        """One generation -> columns with aligned scores, after the quality rules."""
+        parsed = parse_generation(self.lm.processor, task, gen.text, size)
+        tt = token_text(self.lm.processor.tokenizer, list(gen.ids), list(gen.logprobs)) if gen.logprobs else None
+        if tt is not None:
+            if task.output is Output.TEXT:
+                parsed.text_score = text_score(tt)
+            else:
+                found = instance_scores(task, tt)
+                n = len(parsed.bboxes or parsed.polygons or parsed.quad_boxes or [])
+                parsed.scores = found if len(found) == n and None not in found else None
+        if task.output is not Output.TEXT:
+            parsed = refine(parsed, gen.truncated, size[0], size[1], self.stats)
+        return parsed
 
     def _parse(self, task: Task, width: int, height: int, results) -> Parsed:
         size = (width, height)
-        proc = self.lm.processor
         if task.input is Input.REGION:
             return self._parse_regions(task, size, results)
         if task.input is Input.CLASSES and self.inputs.classes:
-            merged = Parsed(labels=[])
-            for req, gen in results:  # one prompt per class: the label is the class asked for
-                part = parse_generation(proc, task, gen.text, size)
-                if part.polygons:
-                    merged.polygons = (merged.polygons or []) + part.polygons
-                    merged.labels += [req.label] * len(part.polygons)
-                else:
-                    merged.bboxes = (merged.bboxes or []) + (part.bboxes or [])
-                    merged.labels += [req.label] * len(part.bboxes or [])
-            if merged.bboxes is None and merged.polygons is None:
-                merged.bboxes = []
-            return merged
+            return self._merge_classes(task, size, results)
         (req, gen), = results
-        return parse_generation(proc, task, gen.text, size)
+        return self.parse_one(task, gen, size)
+
+    def _merge_classes(self, task: Task, size, results) -> Parsed:
+        """One prompt per class: the label is the class asked for, whatever the model wrote."""
+        merged = Parsed(labels=[], scores=[])
+        for req, gen in results:
+            part = self.parse_one(task, gen, size)
+            field_name = "polygons" if part.polygons else "bboxes"
+            items = getattr(part, field_name) or []
+            setattr(merged, field_name, (getattr(merged, field_name) or []) + items)
+            merged.labels += [req.label] * len(items)
+            merged.scores = None if merged.scores is None or part.scores is None else merged.scores + part.scores
+        if merged.bboxes is None and merged.polygons is None:
+            merged.bboxes = []
+        return merged
 
     def _parse_regions(self, task: Task, size, results) -> Parsed:
-        """One instance per source box: its box, and the answer for it."""
+        """One instance per source box: its box, the answer for it, and that answer's score."""
         boxes = [list(req.box) for req, _ in results]
+        scores = []
+        for _, gen in results:
+            tt = token_text(self.lm.processor.tokenizer, list(gen.ids), list(gen.logprobs)) if gen.logprobs else None
+            scores.append(text_score(tt) if tt else None)
+        scores = scores if None not in scores else None
         if task.output is Output.POLYGONS:
             polygons = []
             for _, gen in results:
                 part = parse_generation(self.lm.processor, task, gen.text, size)
                 polygons.append([p for inst in part.polygons for p in inst])  # all parts of this box's mask
-            return Parsed(bboxes=boxes, polygons=polygons, labels=[req.label or "" for req, _ in results])
-        return Parsed(bboxes=boxes, labels=[plain_text(gen.text) for _, gen in results])
+            return Parsed(bboxes=boxes, polygons=polygons, labels=[req.label or "" for req, _ in results], scores=scores)
+        return Parsed(bboxes=boxes, labels=[plain_text(gen.text) for _, gen in results], scores=scores)
 
 
 def _free_cache(device: torch.device) -> None:

@@ -189,7 +189,7 @@ def worker_main(rank: int, device: str, cfg: RunConfig, jobs, events, threads: i
     try:
         with stop_on_signals(130):
             lm = load_model(cfg.model, torch_device(device))
-            on_batch = lambda images, ok, err: events.put(("batch", rank, images, ok, err))  # noqa: E731
+            on_batch = lambda *counts: events.put(("batch", rank, *counts))  # noqa: E731
             while (chunk := jobs.get()) is not None:
                 if os.environ.get("FLORENCE_ANNOTATE_TEST_KILL_RANK") == str(rank):
                     os._exit(9)  # tests: a worker that dies mid-run without any cleanup
@@ -231,8 +231,8 @@ def launch_torchrun(cfg: RunConfig, env: DistEnv) -> Summary:
     try:
         lm = load_model(cfg.model, device) if share else None
 
-        def on_batch(images, ok, err):
-            plan.summary.add(env.rank, images, ok, err)
+        def on_batch(images, ok, err, quality):
+            plan.summary.add(env.rank, images, ok, err, quality)
             bar.update(images)
 
         if share:
@@ -254,10 +254,10 @@ def launch_torchrun(cfg: RunConfig, env: DistEnv) -> Summary:
 def _merge(parts: list[Summary]) -> Summary:
     total = Summary(skipped=parts[0].skipped, already_done=parts[0].already_done)
     for s in parts:
-        for rank, n in s.per_worker.items():
-            total.add(rank, n, 0, 0)
+        total.images += s.images
         total.rows_ok += s.rows_ok
         total.rows_error += s.rows_error
+        total.per_worker.update(s.per_worker)
+        total.add(0, 0, 0, 0, s.quality)
         total.seconds = max(total.seconds, s.seconds)
     return total
-

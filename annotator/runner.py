@@ -40,13 +40,16 @@ class Summary:
     skipped: dict = field(default_factory=dict)
     seconds: float = 0.0
     per_worker: dict = field(default_factory=dict)  # rank -> images annotated
+    quality: dict = field(default_factory=dict)  # parse.refine counters: duplicates removed, ...
     failed_workers: list = field(default_factory=list)  # "rank 1 (cuda:1): why"
 
-    def add(self, rank: int, images: int, ok: int, err: int) -> None:
+    def add(self, rank: int, images: int, ok: int, err: int, quality: dict | None = None) -> None:
         self.images += images
         self.rows_ok += ok
         self.rows_error += err
         self.per_worker[rank] = self.per_worker.get(rank, 0) + images
+        for name, n in (quality or {}).items():
+            self.quality[name] = self.quality.get(name, 0) + n
 
     @property
     def images_per_s(self) -> float:
@@ -64,6 +67,8 @@ class Summary:
             out.append(f"resumed: {self.already_done} rows were already done")
         for reason, n in self.skipped.items():
             out.append(f"skipped {n}: {reason}")
+        if any(self.quality.values()):
+            out.append("quality: " + ", ".join(f"{k.replace('_', ' ')}: {n}" for k, n in sorted(self.quality.items()) if n))
         if len(self.per_worker) > 1:
             out.append("images per worker: " + ", ".join(f"{r}: {n}" for r, n in sorted(self.per_worker.items())))
         for failure in self.failed_workers:
@@ -162,14 +167,15 @@ def plan_run(cfg: RunConfig, owner: bool = True) -> Plan:
 
 
 def annotate_work(cfg: RunConfig, lm: LoadedModel, work: list[WorkItem], writer: PartWriter,
-                  on_batch: Callable[[int, int, int], None]) -> None:
+                  on_batch: Callable[[int, int, int, dict], None]) -> None:
     """The device loop: decode in DataLoader workers, annotate, hand rows to the writer.
-    `on_batch(images, rows_ok, rows_error)` is called after every batch."""
+    `on_batch(images, rows_ok, rows_error, quality_counts)` is called after every batch."""
     engine = Engine(lm, list(cfg.tasks), cfg.task_inputs, cfg.generation, max_prompts=cfg.batch_size)
     for batch in make_loader(work, lm, cfg):
         rows = engine.annotate(batch)
         writer.add(rows)
-        on_batch(len(batch), sum(r.status == OK for r in rows), sum(r.status == ERROR for r in rows))
+        quality, engine.stats = engine.stats, {}
+        on_batch(len(batch), sum(r.status == OK for r in rows), sum(r.status == ERROR for r in rows), quality)
 
 
 def new_writer(cfg: RunConfig, rank: int) -> PartWriter:
@@ -181,7 +187,7 @@ def finish_run(cfg: RunConfig, plan: Plan) -> None:
     manifest.finished = now()
     manifest.counts = {"images": plan.n_images, "rows_ok_this_run": plan.summary.rows_ok,
                        "rows_error_this_run": plan.summary.rows_error,
-                       "images_per_worker": plan.summary.per_worker}
+                       "images_per_worker": plan.summary.per_worker, "quality": plan.summary.quality}
     manifest.save(cfg.out)
 
 
@@ -194,8 +200,8 @@ def run(cfg: RunConfig, device: str = "cpu", lm: LoadedModel | None = None,
     if progress:
         progress.start(len(plan.work))
 
-    def on_batch(images: int, ok: int, err: int) -> None:
-        summary.add(rank, images, ok, err)
+    def on_batch(images: int, ok: int, err: int, quality: dict) -> None:
+        summary.add(rank, images, ok, err, quality)
         if progress:
             progress.update(images)
 

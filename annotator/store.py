@@ -36,6 +36,7 @@ SCHEMA = pa.schema(
         pa.field("polygons", pa.list_(pa.list_(_box))),
         pa.field("quad_boxes", pa.list_(_box)),
         pa.field("scores", pa.list_(pa.float32())),
+        pa.field("text_score", pa.float32()),
         pa.field("truncated", pa.bool_()),
     ],
     metadata={"florence_annotate_schema": str(SCHEMA_VERSION)},
@@ -62,6 +63,7 @@ class Annotation:
     polygons: list[list[list[float]]] | None = None
     quad_boxes: list[list[float]] | None = None
     scores: list[float] | None = None
+    text_score: float | None = None
     truncated: bool = False
 
     @classmethod

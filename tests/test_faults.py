@@ -72,15 +72,16 @@ def test_a_fault_in_one_image_errors_only_that_image(tiny_lm, tmp_path, monkeypa
     bad = _features_of(tiny_lm, paths[2])  # the model "crashes" whenever it sees this image
 
     if stage == "generate":
-        real = tiny_lm.model.generate
+        from annotator.engine import Engine
 
-        def faulty(*args, **kw):
-            seen = kw["mm_encoder_outputs"]["image"].pooler_output  # [P, N, D]
-            if any(torch.allclose(row, bad, atol=1e-4) for row in seen):
+        real = Engine.encode  # the first step of every generate call, given the image features
+
+        def faulty(self, input_ids, mask, image_features):  # image_features: [P, N, D]
+            if any(torch.allclose(row, bad, atol=1e-4) for row in image_features):
                 raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
-            return real(*args, **kw)
+            return real(self, input_ids, mask, image_features)
 
-        monkeypatch.setattr(tiny_lm.model, "generate", faulty)
+        monkeypatch.setattr(Engine, "encode", faulty)
     else:
         real = tiny_lm.model.get_image_features
 

@@ -52,3 +52,40 @@ def test_text_tasks(tiny_lm, task):
 
 def test_plain_text_strips_specials():
     assert plain_text("</s><s> a cat <loc_5></s>") == "a cat"
+
+
+from annotator.parse import Parsed, iou, refine  # noqa: E402
+
+
+def test_generation_loops_are_removed_and_counted():
+    box = [10.0, 10.0, 50.0, 50.0]
+    p = Parsed(bboxes=[box, box, [11.0, 10.0, 50.0, 50.0], box], labels=["car", "car", "car", "dog"],
+               scores=[0.9, 0.8, 0.7, 0.6])
+    stats = {}
+    out = refine(p, truncated=False, width=100, height=100, stats=stats)
+    assert out.labels == ["car", "dog"] and out.scores == [0.9, 0.6] and stats["duplicates_removed"] == 2
+
+
+def test_truncated_outputs_lose_only_their_incomplete_tail():
+    p = Parsed(bboxes=[[0, 0, 5, 5], [10, 10, 20, 20], [30, 30, 31, 31]], labels=["a", "b", "c"], scores=[1, 1, 0.1])
+    stats = {}
+    out = refine(p, truncated=True, width=100, height=100, stats=stats)
+    assert out.labels == ["a", "b"] and stats["truncated_instances_dropped"] == 1
+
+
+def test_boxes_polygons_quads_are_clipped_to_the_image():
+    stats = {}
+    out = refine(Parsed(bboxes=[[-5, 2, 120, 40]], labels=["x"]), False, 100, 50, stats)
+    assert out.bboxes == [[0, 2, 100, 40]] and stats["coordinates_clipped"] == 1
+    out = refine(Parsed(polygons=[[[-1, -1, 200, 3, 5, 60]]], labels=["x"]), False, 100, 50, {})
+    assert out.polygons == [[[0, 0, 100, 3, 5, 50]]]
+    out = refine(Parsed(quad_boxes=[[0, 0, 150, 0, 150, 10, 0, 10]], labels=["t"]), False, 100, 50, {})
+    assert out.quad_boxes == [[0, 0, 100, 0, 100, 10, 0, 10]]
+
+
+@pytest.mark.parametrize("a,b,expected", [
+    ([0, 0, 10, 10], [0, 0, 10, 10], 1.0), ([0, 0, 10, 10], [10, 10, 20, 20], 0.0),
+    ([0, 0, 10, 10], [5, 0, 15, 10], 1 / 3), ([3, 3, 3, 3], [3, 3, 3, 3], 1.0),
+])
+def test_iou(a, b, expected):
+    assert iou(a, b) == pytest.approx(expected)
