@@ -141,6 +141,67 @@ def info_cmd(annotations: Path, top: int, as_json: bool) -> None:
     click.echo(json.dumps(info.to_dict(), indent=2) if as_json else "\n".join(info.lines()))
 
 
+@cli.command("finetune")
+@click.argument("data", type=click.Path(path_type=Path, exists=True))
+@click.option("--model", default="florence-community/Florence-2-large", show_default=True,
+              help="Starting weights: hub id, local checkpoint dir, or random:tiny|base|large.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) weights. Only for checkpoints you trust.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Checkpoint folder: the best epoch at the top (annotate run --model OUT), epoch-<n>/ inside.")
+@click.option("--epochs", default=7, show_default=True)
+@click.option("--lr", default=1e-6, show_default=True, help="AdamW learning rate (linear decay to 0).")
+@click.option("--batch-size", default=6, show_default=True, help="Pairs per batch and process.")
+@click.option("--grad-accum", default=1, show_default=True, help="Batches per optimizer step.")
+@click.option("--warmup", default=0, show_default=True, help="Optimizer steps of linear warmup.")
+@click.option("--weight-decay", default=0.0, show_default=True)
+@click.option("--max-grad-norm", default=1.0, show_default=True, help="Gradient clipping (0: off).")
+@click.option("--freeze-vision/--no-freeze-vision", default=True, show_default=True,
+              help="Freeze the DaViT vision tower (the projector and language model train).")
+@click.option("--val-fraction", default=0.1, show_default=True,
+              help="Images held out for validation when DATA has no validation split.")
+@click.option("--devices", default="auto", show_default=True,
+              help="auto, cpu, cuda, cuda:0,1 (one DDP process each), or cpu:0,cpu:1. Under torchrun: its ranks.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward: less memory, slower.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: bf16 autocast on GPUs that have it, else fp16; CPU trains in fp32.")
+@click.option("--resume", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Go on from a checkpoint folder (its newest epoch) or an epoch-<n> folder.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier `annotate finetune` checkpoint in --out.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def finetune_cmd(data, model, revision, allow_pickle, out, epochs, lr, batch_size, grad_accum, warmup, weight_decay,
+                 max_grad_norm, freeze_vision, val_fraction, devices, gradient_checkpointing, precision, resume, seed,
+                 workers, overwrite, no_progress) -> None:
+    """Fine-tune Florence-2 on an `annotate export` (florence JSONL or docvqa Parquet) folder."""
+    try:
+        from .finetune import FinetuneConfig
+
+        cfg = FinetuneConfig(
+            data=data, out=out, model=model, revision=revision, allow_pickle=allow_pickle, epochs=epochs, lr=lr,
+            batch_size=batch_size, grad_accum=grad_accum, warmup=warmup, weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm, freeze_vision=freeze_vision, val_fraction=val_fraction, devices=devices,
+            gradient_checkpointing=gradient_checkpointing, precision=precision, resume=resume, seed=seed,
+            workers=workers, overwrite=overwrite, progress=not no_progress,
+        )
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    from .finetune import FinetuneError, finetune
+
+    try:
+        result = finetune(cfg)
+    except (ConfigError, FinetuneError) as exc:
+        _fail(str(exc), 2)
+    except ModelLoadError as exc:
+        _fail(str(exc), EXIT_CANNOT_START)
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished epochs are saved; go on with --resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    for line in result.lines():
+        click.echo(line)
+
+
 @cli.command("eval")
 @click.argument("prediction", type=click.Path(path_type=Path, exists=True), default=Path("export/coco"))
 @click.option("--gt", "gt", type=click.Path(path_type=Path, exists=True, dir_okay=False), required=True,
@@ -165,6 +226,9 @@ def eval_cmd(prediction: Path, gt: Path, iou: float | None, segm: bool, as_json:
 
 def _register_optional() -> None:
     """Commands that live in other packages join the group here."""
+    from .bench import bench  # light: torch is imported when it runs
+
+    cli.add_command(bench)
     try:
         from exporters.cli import export
     except ImportError:  # exporters not built yet
