@@ -40,8 +40,10 @@ def test_counts_errors_and_completeness_of_a_real_run(tiny_lm, tmp_path):
     info = summarize(out)
     assert (info.images, info.rows, info.errors) == (4, 8, 4)
     assert info.by_task == {"caption": {"ok": 2, "error": 2}, "od": {"ok": 2, "error": 2}}
-    # two files, one cause: the paths are elided so they count as one error
-    assert info.top_errors == [("decode failed: UnidentifiedImageError: cannot identify image file <path>", 4)]
+    # two files, one cause: the paths are elided so they count as one error (the wording is
+    # PIL's, and changes when a library such as ultralytics has patched Image.open in this process)
+    (message, n), = info.top_errors
+    assert n == 4 and message.startswith("decode failed: ") and "empty" not in message
     assert info.complete is False and info.completeness.missing == 2
     assert info.completeness.examples == ["img02.png caption", "img02.png od"]
     text = "\n".join(info.lines())
