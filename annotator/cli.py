@@ -198,7 +198,7 @@ def finetune_cmd(data, model, revision, allow_pickle, out, epochs, lr, batch_siz
     except KeyboardInterrupt:
         click.echo("interrupted: finished epochs are saved; go on with --resume", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    for line in result.lines():
+    for line in result.lines() if result.owner else []:  # under torchrun, rank 0 reports
         click.echo(line)
 
 

@@ -424,6 +424,16 @@ def configure_trainable(model, freeze_vision: bool) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def enable_checkpointing(model) -> None:
+    """Non-reentrant: works with a frozen vision tower (no input needs grad) and keeps dropout's
+    RNG, so gradients equal those without checkpointing."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def train_mode(net, model, freeze_vision: bool) -> None:
     net.train()  # net: the model, or its DDP wrapper
     if freeze_vision:
@@ -536,7 +546,7 @@ def model_card(cfg: FinetuneConfig, data: dict, progress: Progress, base_model: 
     lines += ["- the labels are pseudo-labels when they come from `annotate run`: the model also learns their mistakes",
               "", "## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in cfg.settings().items() if k != "data"]
-    lines += ["", "## Results", "", "| epoch | train loss | val loss | val similarity |", "|---|---|---|---|"]
+    lines += ["", "## Results", "", "| epoch | train loss | val loss | val similarity (%) |", "|---|---|---|---|"]
 
     def fmt(v, pct=False):
         return "-" if v is None else (f"{100 * v:.1f}" if pct else f"{v:.4f}")
@@ -569,6 +579,7 @@ class FinetuneResult:
     best_epoch: int | None
     best_metric: str
     seconds: float = 0.0
+    owner: bool = True  # rank 0: the one that reports
 
     def lines(self) -> list[str]:
         best = f"best epoch {self.best_epoch} by {self.best_metric}" if self.best_epoch else "no epoch trained"
@@ -680,7 +691,7 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
         model, processor = lm.model, lm.processor
         params = configure_trainable(model, cfg.freeze_vision)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         text_config = model.config.text_config
         net = model
         if distributed:
@@ -770,7 +781,7 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
                 _save_epoch(cfg, model, processor, data, progress, base_model, better, optimizer, scheduler, scaler)
             _barrier(distributed)
         return FinetuneResult(cfg.out, data.kind, data.describe(), progress.history, progress.best_epoch,
-                              progress.best_metric, time.monotonic() - start)
+                              progress.best_metric, time.monotonic() - start, owner)
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()

@@ -186,6 +186,24 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert all(p.grad is None for p in model.model.vision_tower.parameters())
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from annotator.finetune import enable_checkpointing, train_mode
+
+    grads = []
+    for checkpointing in (False, True):
+        lm = load_model(ModelSpec("random:tiny"), "cpu")
+        params = configure_trainable(lm.model, freeze_vision=True)
+        if checkpointing:
+            enable_checkpointing(lm.model)
+        train_mode(lm.model, lm.model, freeze_vision=True)  # dropout on: recomputation must replay its RNG
+        a, b = two_samples(lm.processor)
+        torch.manual_seed(0)
+        backward_window(lm.model, [Collator(lm.processor.tokenizer.pad_token_id)([a, b])], lm.model.config.text_config)
+        grads.append([p.grad for p in params])
+    for g1, g2 in zip(*grads):
+        torch.testing.assert_close(g1, g2)
+
+
 def test_prompts_tokenize_as_annotate_run_and_the_model_card_snippet_do(tiny_lm):
     from PIL import Image
 
