@@ -127,6 +127,7 @@ def launch_local(cfg: RunConfig, devices: list[str]) -> Summary:
     threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else 0
     procs = [ctx.Process(target=worker_main, args=(rank, dev, cfg, jobs, events, threads))
              for rank, dev in enumerate(devices)]
+    summary.per_worker = {rank: 0 for rank in range(len(devices))}  # a worker that got no chunk shows 0
     bar = Bar(cfg.progress)
     bar.start(len(work))
     try:

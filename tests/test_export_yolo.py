@@ -34,6 +34,9 @@ def ultra(tmp_path_factory):
         minor = int(torch.__version__.split(".")[1])
         importlib.metadata.version = lambda name: f"0.{min(minor + 15, 29)}.0" if name == "torchvision" else real(name)
         patched = True
+    from PIL import Image
+
+    pil_open = Image.open  # ultralytics replaces it process-wide (HEIF support): put it back afterwards
     try:
         pytest.importorskip("ultralytics")
         from ultralytics.data import YOLODataset
@@ -41,7 +44,8 @@ def ultra(tmp_path_factory):
     finally:
         if patched:
             importlib.metadata.version = real
-    return verify_image_label, YOLODataset, check_det_dataset
+    yield verify_image_label, YOLODataset, check_det_dataset
+    Image.open = pil_open
 
 
 def _pairs(out: Path):
