@@ -39,6 +39,7 @@ class RunInfo:
     labels: dict[str, list[tuple[str, int]]]  # detection task -> most common labels
     duplicates: int  # (image, task) keys with more than one row
     temp_files: int  # hidden .tmp files a killed run left behind
+    scores: dict[str, dict] = field(default_factory=dict)  # task -> score quantiles and per-label medians
     model: str | None = None
     tasks: list[str] = field(default_factory=list)
     started: str | None = None
@@ -71,6 +72,10 @@ class RunInfo:
             out.extend(f"  {n:>6}  {message}" for message, n in self.top_errors)
         for task, labels in sorted(self.labels.items()):
             out.append(f"labels ({task}): " + (", ".join(f"{label} {n}" for label, n in labels) or "none"))
+        for task, st in sorted(self.scores.items()):
+            q = "  ".join(f"{k} {st[k]:.2f}" for k in ("min", "p25", "median", "p75", "max"))
+            by_label = ", ".join(f"{label} {med:.2f} ({n})" for label, med, n in st["labels"])
+            out.append(f"scores ({task}): n {st['n']}  {q}" + (f"; median by label: {by_label}" if by_label else ""))
         c = self.completeness
         if c is None:
             out.append(f"complete: unknown ({self.not_checked})")
@@ -92,6 +97,35 @@ class RunInfo:
 
 def _counts(df: pl.DataFrame, *keys: str) -> list[tuple]:
     return [tuple(r) for r in df.select(*keys, "len").iter_rows()]
+
+
+def _score_stats(lf: pl.LazyFrame, top: int) -> dict[str, dict]:
+    """Per task: quantiles of instance scores (or text_score for text tasks), and the median
+    score of its most common labels: where the doubtful pseudo-labels are."""
+    names = lf.collect_schema().names()
+    if "scores" not in names:
+        return {}
+    ok = lf.filter(pl.col("status") == OK)
+    inst = (ok.filter(pl.col("scores").is_not_null() & (pl.col("scores").list.len() == pl.col("labels").list.len()))
+            .select("task", "labels", pl.col("scores").cast(pl.List(pl.Float64))).explode("labels", "scores"))
+    if "text_score" in names:
+        text = ok.filter(pl.col("text_score").is_not_null()).select(
+            "task", pl.lit(None, pl.String).alias("labels"), pl.col("text_score").cast(pl.Float64).alias("scores"))
+        inst = pl.concat([inst, text])
+    inst = inst.drop_nulls("scores")
+    col = pl.col("scores")
+    overall = inst.group_by("task").agg(
+        pl.len().alias("n"), col.min().alias("min"), col.quantile(0.25).alias("p25"), col.median().alias("median"),
+        col.quantile(0.75).alias("p75"), col.max().alias("max")).collect()
+    per_label = (inst.drop_nulls("labels").group_by("task", "labels")
+                 .agg(col.median().alias("median"), pl.len().alias("n"))
+                 .sort(["task", "n", "labels"], descending=[False, True, False]).collect())
+    out = {row["task"]: {**{k: row[k] for k in ("n", "min", "p25", "median", "p75", "max")}, "labels": []}
+           for row in overall.iter_rows(named=True)}
+    for task, label, median, n in per_label.select("task", "labels", "median", "n").iter_rows():
+        if len(out[task]["labels"]) < top:
+            out[task]["labels"].append((label, median, n))
+    return out
 
 
 def summarize(folder: Path, top: int = 10, check_complete: bool = True) -> RunInfo:
@@ -124,7 +158,7 @@ def summarize(folder: Path, top: int = 10, check_complete: bool = True) -> RunIn
                 labels[task].append((label, n))
     info = RunInfo(
         folder=str(folder), parts=len(parts), rows=int(keys["len"].sum() or 0), images=keys["image"].n_unique(),
-        by_task=by_task, top_errors=_counts(errors, "error"), labels=labels,
+        by_task=by_task, top_errors=_counts(errors, "error"), labels=labels, scores=_score_stats(lf, top),
         duplicates=keys.filter(pl.col("len") > 1).height, temp_files=len(list(folder.glob(".tmp-*"))),
     )
     if manifest is None:

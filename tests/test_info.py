@@ -3,6 +3,7 @@ against the manifest's inputs, duplicates and leftovers."""
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from annotator.cli import cli
@@ -88,3 +89,25 @@ def test_unknown_completeness_is_said_not_guessed(tmp_path):
     info = summarize(out)
     assert info.complete is None and "cannot re-discover" in info.not_checked
     assert "complete: unknown" in "\n".join(info.lines())
+
+
+def test_score_distribution_per_task_and_label(tmp_path):
+    from annotator.info import summarize
+    from annotator.store import Annotation, PartWriter
+
+    w = PartWriter(tmp_path)
+    w.add([
+        Annotation(image="a.png", task="od", status="ok", width=10, height=10, bboxes=[[0, 0, 1, 1]] * 3,
+                   labels=["car", "car", "dog"], scores=[0.9, 0.5, 0.2]),
+        Annotation(image="b.png", task="od", status="ok", width=10, height=10, bboxes=[[0, 0, 1, 1]],
+                   labels=["car"], scores=[0.7]),
+        Annotation(image="a.png", task="caption", status="ok", width=10, height=10, text="x", text_score=0.4),
+        Annotation(image="c.png", task="od", status="ok", width=10, height=10, bboxes=[], labels=[]),  # no scores
+    ])
+    w.flush()
+    info = summarize(tmp_path, check_complete=False)
+    od = info.scores["od"]
+    assert od["n"] == 4 and od["min"] == pytest.approx(0.2) and od["max"] == pytest.approx(0.9)
+    assert od["labels"][0] == ("car", pytest.approx(0.7), 3)
+    assert info.scores["caption"]["median"] == pytest.approx(0.4)
+    assert any(line.startswith("scores (od): n 4") for line in info.lines())
