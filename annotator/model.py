@@ -122,6 +122,11 @@ def _pretrained(spec: ModelSpec, dtype: torch.dtype, attention: str):
         )
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(_explain_load_failure(spec, exc)) from exc
+    if not hasattr(model, "get_image_features"):
+        # The engine computes vision features once and reuses them per prompt, which needs the
+        # native class's get_image_features/get_encoder; old remote code has neither.
+        raise ModelLoadError(f"{spec.name!r} loaded as {type(model).__name__}, which the batched engine cannot "
+                             "drive; use its native conversion (florence-community/Florence-2-base|large)")
     return model, processor
 
 
