@@ -1,0 +1,56 @@
+"""`annotate bench` on the tiny random model: output structure and equal work on both sides.
+No timing assertions: timed tests flake; the speed figures live in the README's bench table."""
+
+import json
+import re
+
+from click.testing import CliRunner
+
+from annotator.cli import cli
+
+TOKENS = {"caption": 3, "od": 5, "dense_region_caption": 7, "ocr": 4}
+LAST_LINE = re.compile(r"^speedup=(\d+\.\d+|n/a) ceiling=\d+\.\d+$")
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, ["bench", "--model", "random:tiny", "--images", "2", "--batch-size", "2",
+                                    "--matmul-size", "512",
+                                    "--tokens", ",".join(f"{k}={v}" for k, v in TOKENS.items()), *args])
+
+
+def test_bench_with_baseline(tmp_path):
+    out = tmp_path / "bench.json"
+    result = invoke("--num-beams", "2", "--baseline", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert LAST_LINE.match(last) and not last.startswith("speedup=n/a"), last
+
+    data = json.loads(out.read_text())
+    for key in ("model", "dtype", "device", "threads", "tasks", "num_beams", "images", "batch_size", "forced_tokens",
+                "matmul_gflops", "ceiling_gflops", "engine", "baseline", "tokens_equal", "speedup", "ceiling"):
+        assert key in data, key
+    for side in ("engine", "baseline"):
+        for key in ("images", "seconds", "images_per_s", "gflops", "flops_per_image", "tokens"):
+            assert key in data[side], (side, key)
+        assert data[side]["images"] == 2
+        assert data[side]["flops_per_image"] > 0
+    assert "peak_memory_bytes" in data["engine"] and data["engine"]["peak_memory_bytes"] > 0
+    # Forced lengths: exactly n new tokens per task and image, the same on both sides.
+    expected = {task: 2 * n for task, n in TOKENS.items()}
+    assert data["engine"]["tokens"] == expected
+    assert data["baseline"]["tokens"] == expected
+    assert data["tokens_equal"] is True
+    assert last == f"speedup={data['speedup']:.2f} ceiling={data['ceiling']:.3f}"
+
+
+def test_bench_without_baseline_says_na():
+    result = invoke("--num-beams", "1")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1].startswith("speedup=n/a ceiling=")
+
+
+def test_bench_rejects_bad_tokens_and_input_tasks():
+    bad = CliRunner().invoke(cli, ["bench", "--model", "random:tiny", "--tokens", "od=zero"])
+    assert bad.exit_code == 2 and "--tokens" in bad.output
+    region = CliRunner().invoke(cli, ["bench", "--model", "random:tiny", "--tasks", "od,region_to_category"])
+    assert region.exit_code == 2 and "region_to_category" in region.output
