@@ -264,7 +264,7 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
          "forced tokens " + " ".join(f"{k}={v}" for k, v in tokens.items()))
     echo("matmul ceiling: " + "  ".join(f"{k} {v:.0f}" for k, v in rates.items()) + " GFLOP/s")
 
-    runner = Engine(lm, tasks, TaskInputs(), generation, max_prompts=batch_size)  # patches Linear on CPU
+    runner = Engine(lm, tasks, TaskInputs(), generation, max_prompts=batch_size * len(tasks))  # patches Linear on CPU
     engine_kernels = (lambda: stock_linear(lm.model)) if kernels == "stock" else contextlib.nullcontext
     engine, ref = Side(), Side()
     ref_flops = None

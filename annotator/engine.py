@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutput
 
 from .config import GenerationSettings, TaskInputs
@@ -18,7 +19,7 @@ from .parse import Parsed, clean_raw, parse_generation, plain_text, refine
 from .scores import instance_scores, text_score, token_text
 from .speed import use_onednn_linear
 from .store import OK, Annotation
-from .tasks import Input, Output, Task, plan_sources
+from .tasks import TASKS, Input, Output, Task, plan_sources, task_waves
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class Request:
     """One prompt to generate for one image of the batch."""
 
     image: int  # index into Batch.items
+    task: str  # task name
     prompt: str  # task token plus its input, e.g. "<REGION_TO_SEGMENTATION><loc_1><loc_2><loc_8><loc_9>"
     box: tuple[float, ...] | None = None  # region tasks: the source box, in pixels
     label: str | None = None  # region tasks: the source label; OVD with --classes: the class
@@ -55,6 +57,7 @@ class Engine:
         self.max_prompts = max_prompts  # prompts per generate call; halved on OOM
         self.max_images: int | None = None  # images per vision forward; set (halved) on OOM
         self.sources = plan_sources(tasks, bool(task_inputs.text), bool(task_inputs.classes))
+        self.waves = task_waves(tasks, self.sources)
         self._prompt_ids: dict[str, list[int]] = {}
         self.stats: dict[str, int] = {}  # quality counters (duplicates removed, ...), see parse.refine
         tok = lm.processor.tokenizer
@@ -92,10 +95,8 @@ class Engine:
             return [row for i in range(len(items)) for row in self._annotate_items(items[i:i + 1], pixel_values[i:i + 1])]
         needed = [self._needed(item.tasks) for item in items]
         done: dict[tuple[int, str], Annotation] = {}
-        for task in self.tasks:
-            todo = [i for i, need in enumerate(needed) if task.name in need]
-            if todo:
-                self._run_task(task, todo, items, features, done)
+        for wave in self.waves:
+            self._run_wave(wave, needed, items, features, done)
         return [done[(i, t)] for i, item in enumerate(items) for t in item.tasks]
 
     def _needed(self, pending: tuple[str, ...]) -> set[str]:
@@ -112,41 +113,46 @@ class Engine:
         pixel_values = pixel_values.to(lm.device, lm.dtype, non_blocking=True)
         return lm.model.get_image_features(pixel_values, return_dict=True).pooler_output
 
-    def _run_task(self, task: Task, todo: list[int], items: list[ImageItem], features: torch.Tensor,
+    def _run_wave(self, wave: list[Task], needed: list[set[str]], items: list[ImageItem], features: torch.Tensor,
                   done: dict[tuple[int, str], Annotation]) -> None:
+        """Every task of the wave for every image that needs it, in shared generate calls:
+        decoding is memory-bound, so a step costs about the same for 8 prompts as for 32, and
+        the number of steps is the longest answer instead of the sum over tasks."""
         requests: list[Request] = []
-        source_failed: dict[int, str] = {}
-        for i in todo:
+        failed: dict[tuple[int, str], str] = {}
+        for task in wave:
             src = self.sources.get(task.name)
-            if src and done[(i, src)].status != OK:
-                source_failed[i] = f"needs {src}, which failed: {done[(i, src)].error}"
-                continue
-            requests.extend(self.requests(task, i, items[i].width, items[i].height,
-                                          done.get((i, src)) if src else None))
+            for i in (i for i, need in enumerate(needed) if task.name in need):
+                if src and done[(i, src)].status != OK:
+                    failed[(i, task.name)] = f"needs {src}, which failed: {done[(i, src)].error}"
+                    continue
+                requests.extend(self.requests(task, i, items[i].width, items[i].height, done.get((i, src)) if src else None))
         results = self.generate(requests, features)
-        per_image: dict[int, list[tuple[Request, Generation | BaseException]]] = {i: [] for i in todo}
+        answers: dict[tuple[int, str], list[tuple[Request, Generation | BaseException]]] = {}
         for req, res in zip(requests, results):
-            per_image[req.image].append((req, res))
-        for i in todo:
-            item = items[i]
-            if i in source_failed:
-                done[(i, task.name)] = Annotation.failed(item.key, task.name, source_failed[i], item.width, item.height)
-            else:
-                done[(i, task.name)] = self.assemble(task, item.key, item.width, item.height, per_image[i])
+            answers.setdefault((req.image, req.task), []).append((req, res))
+        for task in wave:
+            for i in (i for i, need in enumerate(needed) if task.name in need):
+                item = items[i]
+                if (i, task.name) in failed:
+                    row = Annotation.failed(item.key, task.name, failed[(i, task.name)], item.width, item.height)
+                else:
+                    row = self.assemble(task, item.key, item.width, item.height, answers.get((i, task.name), []))
+                done[(i, task.name)] = row
 
     # ------------------------------------------------------------------ prompts
     def requests(self, task: Task, i: int, width: int, height: int, source: Annotation | None) -> list[Request]:
         if task.input is Input.NONE:
-            return [Request(i, task.token)]
+            return [Request(i, task.name, task.token)]
         if task.input is Input.REGION:
             boxes = source.bboxes or []
             labels = source.labels or [""] * len(boxes)
-            return [Request(i, task.token + self._loc_box(box, width, height), tuple(box), label)
+            return [Request(i, task.name, task.token + self._loc_box(box, width, height), tuple(box), label)
                     for box, label in zip(boxes, labels)]
         if task.input is Input.CLASSES and self.inputs.classes:
-            return [Request(i, task.token + c, label=c) for c in self.inputs.classes]
+            return [Request(i, task.name, task.token + c, label=c) for c in self.inputs.classes]
         text = self.inputs.text if self.inputs.text else (source.text if source else "") or ""
-        return [Request(i, task.token + text)]
+        return [Request(i, task.name, task.token + text)]
 
     def _loc_box(self, box, width: int, height: int) -> str:
         bins = self.lm.processor.post_processor.quantize(torch.tensor([box], dtype=torch.float32), (width, height))
@@ -168,20 +174,32 @@ class Engine:
         """Generate every request, `max_prompts` at a time. A failing chunk is retried prompt by
         prompt so that only the offending image gets an error; OOM halves the chunk size."""
         out: list[Generation | BaseException] = []
-        pos = 0
-        while pos < len(requests):
-            chunk = requests[pos:pos + self.max_prompts]
-            try:
-                out.extend(self._generate_chunk(chunk, features))
-            except Exception as exc:  # noqa: BLE001 - sorted out below
-                if is_oom(exc) and len(chunk) > 1:
-                    self.max_prompts = max(1, len(chunk) // 2)
-                    log.warning("out of memory with %d prompts; going on with %d", len(chunk), self.max_prompts)
-                    _free_cache(self.lm.device)
-                    continue  # same position, smaller chunk
-                out.extend(self._one_by_one(chunk, features, exc))
-            pos += len(chunk)
+        for group in self._groups(requests):
+            pos = 0
+            while pos < len(group):
+                chunk = group[pos:pos + self.max_prompts]
+                try:
+                    out.extend(self._generate_chunk(chunk, features))
+                except Exception as exc:  # noqa: BLE001 - sorted out below
+                    if is_oom(exc) and len(chunk) > 1:
+                        self.max_prompts = max(1, len(chunk) // 2)
+                        log.warning("out of memory with %d prompts; going on with %d", len(chunk), self.max_prompts)
+                        _free_cache(self.lm.device)
+                        continue  # same position, smaller chunk
+                    out.extend(self._one_by_one(chunk, features, exc))
+                pos += len(chunk)
         return out
+
+    def _groups(self, requests: list[Request]) -> list[list[Request]]:
+        """Requests come grouped by task (similar answer lengths side by side). Tasks share a
+        generate call, except when lengths are forced per task (bench) under beam search,
+        where generate has no per-row length limit."""
+        if not (self.generation.min_new_tokens and self.generation.num_beams > 1):
+            return [requests] if requests else []
+        groups: dict[str, list[Request]] = {}
+        for req in requests:
+            groups.setdefault(req.task, []).append(req)
+        return list(groups.values())
 
     def _one_by_one(self, chunk: list[Request], features, exc: BaseException) -> list[Generation | BaseException]:
         if len(chunk) == 1:
@@ -210,14 +228,11 @@ class Engine:
         input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
         index = torch.tensor([r.image for r in chunk], device=features.device)
         encoded = self.encode(input_ids, mask, features.index_select(0, index))  # [P, L, D]
-        task_token = chunk[0].prompt.split(">", 1)[0] + ">"
-        min_new = gen.min_new_tokens.get(task_token, 0)
         sequences = lm.model.generate(
             # input_ids only tell generate the batch size (and observers the prompt): the encoder
             # is not re-run. A fresh wrapper, because beam search expands it in place.
             input_ids=input_ids, encoder_outputs=BaseModelOutput(last_hidden_state=encoded), attention_mask=mask,
-            max_new_tokens=min_new or gen.max_new_tokens,  # forced: exact length
-            min_new_tokens=min_new or None, num_beams=gen.num_beams, do_sample=False,
+            num_beams=gen.num_beams, do_sample=False, **self._lengths(chunk),
         )  # [P, 1 + T]: decoder start token, then the generated tokens
         texts = tok.batch_decode(sequences, skip_special_tokens=False)
         logprobs = self.token_logprobs(encoded, mask, sequences) if gen.scores else [None] * len(chunk)
@@ -229,6 +244,19 @@ class Engine:
             lps = None if logprobs[row] is None else tuple(logprobs[row][:len(ids)])
             out.append(Generation(text, truncated=n is None, ids=tuple(ids), logprobs=lps))
         return out
+
+    def _lengths(self, chunk: list[Request]) -> dict:
+        """Length arguments for generate. Forced lengths (bench: equal work on both sides) are
+        exact per row: one value for the chunk, or per-row limits when tasks share the call."""
+        gen = self.generation
+        forced = [gen.min_new_tokens.get(TASKS[r.task].token, 0) for r in chunk]
+        if not any(forced):
+            return {"max_new_tokens": gen.max_new_tokens}
+        if len(set(forced)) == 1:
+            return {"max_new_tokens": forced[0], "min_new_tokens": forced[0]}
+        limits = torch.tensor(forced, device=self.lm.device)
+        return {"max_new_tokens": max(forced), "logits_processor": LogitsProcessorList([RowMinNewTokens(limits, self.lm.processor.tokenizer.eos_token_id)]),
+                "stopping_criteria": StoppingCriteriaList([RowMaxNewTokens(limits)])}
 
     def encode(self, input_ids: torch.Tensor, mask: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """The text encoder over `<image>*N` + prompt, the image placeholders replaced by the
@@ -328,6 +356,29 @@ class Engine:
                 polygons.append([p for inst in part.polygons for p in inst])  # all parts of this box's mask
             return Parsed(bboxes=boxes, polygons=polygons, labels=[req.label or "" for req, _ in results], scores=scores)
         return Parsed(bboxes=boxes, labels=[plain_text(gen.text) for _, gen in results], scores=scores)
+
+
+class RowMinNewTokens(LogitsProcessor):
+    """No </s> before each row's own minimum (greedy: rows are the prompts)."""
+
+    def __init__(self, limits: torch.Tensor, eos_token_id: int):
+        self.limits, self.eos = limits, eos_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids.shape[1] - 1  # after the decoder start token
+        early = self.limits > generated  # [P]
+        scores[early, self.eos] = -float("inf")
+        return scores
+
+
+class RowMaxNewTokens(StoppingCriteria):
+    """Stop each row at its own maximum (greedy: rows are the prompts)."""
+
+    def __init__(self, limits: torch.Tensor):
+        self.limits = limits
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return self.limits <= input_ids.shape[1] - 1
 
 
 def _free_cache(device: torch.device) -> None:

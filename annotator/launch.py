@@ -191,9 +191,12 @@ def worker_main(rank: int, device: str, cfg: RunConfig, jobs, events, threads: i
         with stop_on_signals(130):
             lm = load_model(cfg.model, torch_device(device))
             on_batch = lambda *counts: events.put(("batch", rank, *counts))  # noqa: E731
-            while (chunk := jobs.get()) is not None:
+            while True:
+                chunk = jobs.get()
                 if os.environ.get("FLORENCE_ANNOTATE_TEST_KILL_RANK") == str(rank):
-                    os._exit(9)  # tests: a worker that dies mid-run without any cleanup
+                    os._exit(9)  # tests: a worker that dies holding its chunk, without any cleanup
+                if chunk is None:
+                    break
                 annotate_work(cfg, lm, chunk, writer, on_batch)
     except KeyboardInterrupt:
         raise SystemExit(130)

@@ -170,7 +170,8 @@ def annotate_work(cfg: RunConfig, lm: LoadedModel, work: list[WorkItem], writer:
                   on_batch: Callable[[int, int, int, dict], None]) -> None:
     """The device loop: decode in DataLoader workers, annotate, hand rows to the writer.
     `on_batch(images, rows_ok, rows_error, quality_counts)` is called after every batch."""
-    engine = Engine(lm, list(cfg.tasks), cfg.task_inputs, cfg.generation, max_prompts=cfg.batch_size)
+    # prompts per generate call: every task of a batch together (see Engine._run_wave)
+    engine = Engine(lm, list(cfg.tasks), cfg.task_inputs, cfg.generation, max_prompts=cfg.batch_size * len(cfg.tasks))
     for batch in make_loader(work, lm, cfg):
         rows = engine.annotate(batch)
         writer.add(rows)

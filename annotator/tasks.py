@@ -131,3 +131,11 @@ def plan_sources(tasks: list[Task], has_text: bool, has_classes: bool) -> dict[s
                 raise PlanError(f"{task.name} needs a phrase: --text 'a red car' {hint}".strip())
             sources[task.name] = producer.name
     return sources
+
+
+def task_waves(tasks: list[Task], sources: dict[str, str]) -> list[list[Task]]:
+    """Group tasks that can be generated together: a task joins the wave after its producer's."""
+    level: dict[str, int] = {}
+    for task in tasks:  # producers come earlier in the list (plan_sources checked it)
+        level[task.name] = level[sources[task.name]] + 1 if task.name in sources else 0
+    return [[t for t in tasks if level[t.name] == n] for n in range(max(level.values(), default=-1) + 1)]

@@ -32,8 +32,9 @@ def test_oom_halves_the_chunk_and_loses_nothing(tiny_lm, tmp_path, monkeypatch):
     got = by_key(out)
     assert summary.rows_error == 0 and got.keys() == expected.keys()
     assert {k: r["raw"] for k, r in got.items()} == {k: r["raw"] for k, r in expected.items()}
-    assert sizes[0] == 5 and max(sizes[1:]) <= 2  # halved once, then stays small
-    assert sizes.count(5) == 1  # the engine remembers the smaller size
+    # 5 images x 2 tasks share one call: 10 prompts, halved to 5, then 2, which fits
+    assert sizes[:2] == [10, 5] and max(sizes[2:]) <= 2
+    assert sizes.count(10) == 1 and sizes.count(5) == 1  # the engine remembers the smaller size
 
 
 def test_vision_oom_halves_the_image_batch(tiny_lm, tmp_path, monkeypatch):

@@ -70,7 +70,7 @@ def test_engine_logprobs_are_the_models_own(tiny_lm):
     inputs = tiny_lm.processor(text="<CAPTION>", images=im, return_tensors="pt")
     with torch.inference_mode():
         feats = engine.image_features(inputs["pixel_values"])
-        (gen,) = engine._generate_chunk([Request(0, "<CAPTION>")], feats)
+        (gen,) = engine._generate_chunk([Request(0, "caption", "<CAPTION>")], feats)
         seq = torch.tensor([[2, *gen.ids]])
         logits = tiny_lm.model(**inputs, decoder_input_ids=seq[:, :-1]).logits[0]
     best = torch.log_softmax(logits.float(), -1).max(-1).values.tolist()
