@@ -95,9 +95,12 @@ class GenerateRecorder:
             out = original(*args, **kwargs)
             if self.side is not None:
                 seqs = out if hasattr(out, "shape") else out.sequences  # [rows, 1 + T]
-                words = self.lm.processor.tokenizer.decode(kwargs["input_ids"][0], skip_special_tokens=True).strip()
-                task = self.by_words.get(words, words)
-                self.side.tokens[task] = self.side.tokens.get(task, 0) + seqs.shape[0] * (seqs.shape[1] - 1)
+                tok = self.lm.processor.tokenizer
+                for prompt, seq in zip(kwargs["input_ids"], seqs):  # tasks may share a call: count per row
+                    task = self.by_words.get(tok.decode(prompt, skip_special_tokens=True).strip(), "?")
+                    # rows that stopped early are padded to the longest: padding is not output
+                    n = int((seq[1:] != tok.pad_token_id).sum())
+                    self.side.tokens[task] = self.side.tokens.get(task, 0) + n
                 self.side.generate_calls += 1
             return out
 
