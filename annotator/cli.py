@@ -141,6 +141,34 @@ def info_cmd(annotations: Path, top: int, as_json: bool) -> None:
     click.echo(json.dumps(info.to_dict(), indent=2) if as_json else "\n".join(info.lines()))
 
 
+@cli.command("preview")
+@click.argument("annotations", type=click.Path(path_type=Path, file_okay=False), default=Path("annotations"))
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("preview"), show_default=True,
+              help="Folder for index.html, the drawn images and one page per image.")
+@click.option("--task", "task_spec", default=None, help="Only these tasks (comma-separated), e.g. od.")
+@click.option("--limit", default=200, show_default=True, help="How many images to draw.")
+@click.option("--sample", type=click.Choice(["random", "first", "errors", "low-score"]), default="random",
+              show_default=True, help="Which images: a random sample, the first by key, those with error rows, "
+              "or the lowest-scored first.")
+@click.option("--seed", default=0, show_default=True, help="Seed of --sample random.")
+@click.option("--images", "image_roots", multiple=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Where the images are, if not at the manifest's inputs (repeatable).")
+@click.option("--max-size", default=1600, show_default=True, help="Longer side of the full-size drawings, in pixels.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier preview in --out.")
+def preview_cmd(annotations, out, task_spec, limit, sample, seed, image_roots, max_size, overwrite) -> None:
+    """Draw annotations on their images and write a static HTML gallery (OUT/index.html)."""
+    from .preview import PreviewError, preview
+
+    try:
+        tasks = [t.name for t in parse_task_list(task_spec)] if task_spec else None
+        result = preview(annotations, out, tasks=tasks, limit=limit, sample=sample, seed=seed,
+                         images=list(image_roots) or None, max_size=max_size, overwrite=overwrite)
+    except (PreviewError, UnknownTask) as exc:
+        _fail(str(exc), 2)
+    for line in result.lines():
+        click.echo(line)
+
+
 @cli.command("finetune")
 @click.argument("data", type=click.Path(path_type=Path, exists=True))
 @click.option("--model", default="florence-community/Florence-2-large", show_default=True,
