@@ -235,7 +235,8 @@ def timed(fn) -> float:
 def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_region_caption,ocr", images: int = 8,
           batch_size: int = 8, num_beams: int = 3, baseline: bool = False, tokens_spec: str | None = None,
           dtype: str = "auto", attention: str = "auto", device: str = "auto", kernels: str = "onednn",
-          seed: int = 0, threads: int | None = None, matmul_size: int | None = None, echo=print) -> dict:
+          seed: int = 0, threads: int | None = None, matmul_size: int | None = None, scores: bool = True,
+          echo=print) -> dict:
     """Run the benchmark; prints a human report through `echo`, returns every figure."""
     import torch
 
@@ -254,7 +255,7 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
     if images < 1 or batch_size < 1:
         raise ConfigError("--images and --batch-size must be >= 1")
     tokens = parse_tokens(tokens_spec, tasks)
-    generation = GenerationSettings(num_beams=num_beams, max_new_tokens=max(tokens.values()),
+    generation = GenerationSettings(num_beams=num_beams, max_new_tokens=max(tokens.values()), scores=scores,
                                     min_new_tokens={t.token: tokens[t.name] for t in tasks})
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -263,8 +264,8 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
     rates = matmul_rates(lm.dtype, dev, matmul_size)
     echo(f"model {model}  dtype {str(lm.dtype).replace('torch.', '')}  attention {lm.attention}  device {dev}  "
          f"threads {torch.get_num_threads()}  kernels {kernels}")
-    echo(f"tasks {','.join(t.name for t in tasks)}  beams {num_beams}  images {images}  batch {batch_size}  "
-         "forced tokens " + " ".join(f"{k}={v}" for k, v in tokens.items()))
+    echo(f"scores {'on' if scores else 'off'}  tasks {','.join(t.name for t in tasks)}  beams {num_beams}  "
+         f"images {images}  batch {batch_size}  forced tokens " + " ".join(f"{k}={v}" for k, v in tokens.items()))
     echo("matmul ceiling: " + "  ".join(f"{k} {v:.0f}" for k, v in rates.items()) + " GFLOP/s")
 
     runner = Engine(lm, tasks, TaskInputs(), generation, max_prompts=batch_size * len(tasks))  # patches Linear on CPU
@@ -318,7 +319,7 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
     speedup = engine.images_per_s / ref.images_per_s if baseline and ref.images_per_s > 0 else None
     result = {
         "model": model, "dtype": str(lm.dtype).replace("torch.", ""), "attention": lm.attention, "device": str(dev),
-        "threads": torch.get_num_threads(), "kernels": kernels, "tasks": [t.name for t in tasks],
+        "threads": torch.get_num_threads(), "kernels": kernels, "scores": scores, "tasks": [t.name for t in tasks],
         "num_beams": num_beams, "images": images, "batch_size": batch_size, "forced_tokens": tokens,
         "matmul_gflops": rates, "ceiling_gflops": ceiling_rate,
         "engine": dict(asdict(engine), images_per_s=engine.images_per_s, gflops=engine_gflops,
@@ -354,10 +355,11 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
 @click.option("--matmul-size", type=int, default=None,
               help="n of the n x n x n matmul that sets the ceiling (default 3072 on CPU, 8192 on GPU).")
 @click.option("--seed", default=0, show_default=True, help="Synthetic image seed.")
+@click.option("--no-scores", is_flag=True, help="Time the engine without its confidence-score pass (as `run --no-scores`).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write every figure to this JSON file.")
 def bench(model, tasks_spec, images, batch_size, num_beams, baseline, tokens_spec, dtype, attention, device,
-              kernels, threads, matmul_size, seed, json_path) -> None:
+              kernels, threads, matmul_size, seed, no_scores, json_path) -> None:
     """Images/s of the engine vs the one-image-one-prompt loop, FLOPs, and the matmul ceiling.
 
     Last line: speedup=<engine/reference images/s or n/a> ceiling=<achieved / matmul GFLOP/s>."""
@@ -367,7 +369,7 @@ def bench(model, tasks_spec, images, batch_size, num_beams, baseline, tokens_spe
 
     try:
         result = run_bench(model, tasks_spec, images, batch_size, num_beams, baseline, tokens_spec, dtype,
-                           attention, device, kernels, seed, threads, matmul_size,
+                           attention, device, kernels, seed, threads, matmul_size, scores=not no_scores,
                            echo=click.echo)
     except (ConfigError, UnknownTask) as exc:
         raise click.UsageError(str(exc)) from None
