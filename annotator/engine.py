@@ -235,15 +235,11 @@ class Engine:
             num_beams=gen.num_beams, do_sample=False, **self._lengths(chunk),
         )  # [P, 1 + T]: decoder start token, then the generated tokens
         texts = tok.batch_decode(sequences, skip_special_tokens=False)
-        logprobs = self.token_logprobs(encoded, mask, sequences) if gen.scores else [None] * len(chunk)
-        out = []
-        for row, text in enumerate(texts):
-            ids = sequences[row, 1:].tolist()
-            n = next((i + 1 for i, t in enumerate(ids) if t == tok.eos_token_id), None)
-            ids = ids[:n] if n else ids  # what follows </s> is padding
-            lps = None if logprobs[row] is None else tuple(logprobs[row][:len(ids)])
-            out.append(Generation(text, truncated=n is None, ids=tuple(ids), logprobs=lps))
-        return out
+        rows = [_answer_ids(seq[1:].tolist(), tok.eos_token_id, tok.pad_token_id) for seq in sequences]
+        logprobs = self.token_logprobs(encoded, mask, sequences, [len(ids) for ids, _ in rows]) if gen.scores \
+            else [None] * len(rows)
+        return [Generation(text, truncated=not ended, ids=tuple(ids), logprobs=None if lps is None else tuple(lps))
+                for text, (ids, ended), lps in zip(texts, rows, logprobs)]
 
     def _lengths(self, chunk: list[Request]) -> dict:
         """Length arguments for generate. Forced lengths (bench: equal work on both sides) are
@@ -268,18 +264,20 @@ class Engine:
         embeds = embeds.masked_scatter(placeholders, image_features.to(embeds.dtype))
         return model.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True).last_hidden_state
 
-    def token_logprobs(self, encoded: torch.Tensor, mask: torch.Tensor, sequences: torch.Tensor) -> list[list[float]]:
+    def token_logprobs(self, encoded: torch.Tensor, mask: torch.Tensor, sequences: torch.Tensor,
+                       lengths: list[int]) -> list[list[float]]:
         """log p of each generated token under the model, by one teacher-forced decoder pass
         (cheap next to generation: all positions at once). See scores.py for why."""
         model = self.lm.model
         hidden = model.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoded), attention_mask=mask,
                              decoder_input_ids=sequences[:, :-1], use_cache=False).last_hidden_state  # [P, T, D]
         out = []
-        for row in range(hidden.shape[0]):  # one row at a time: [T, vocab] logits stay small
-            logits = model.lm_head(hidden[row]).float()
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, sequences[row, 1:, None])[:, 0]
+        for row, n in enumerate(lengths):  # a row at a time, its own length: [n, vocab] logits stay small
+            logits = model.lm_head(hidden[row, :n]).float()
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, sequences[row, 1:n + 1, None])[:, 0]
             out.append(lp.tolist())
         return out
+
 
     # ------------------------------------------------------------------ rows
     def assemble(self, task: Task, key: str, width: int, height: int,
@@ -356,6 +354,16 @@ class Engine:
                 polygons.append([p for inst in part.polygons for p in inst])  # all parts of this box's mask
             return Parsed(bboxes=boxes, polygons=polygons, labels=[req.label or "" for req, _ in results], scores=scores)
         return Parsed(bboxes=boxes, labels=[plain_text(gen.text) for _, gen in results], scores=scores)
+
+
+def _answer_ids(ids: list[int], eos: int, pad: int) -> tuple[list[int], bool]:
+    """A row's generated ids up to and including </s> (True), or, for a row stopped by its
+    length limit, without the padding generate appends once it is done (False)."""
+    if eos in ids:
+        return ids[:ids.index(eos) + 1], True
+    while ids and ids[-1] == pad:
+        ids = ids[:-1]
+    return ids, False
 
 
 class RowMinNewTokens(LogitsProcessor):
