@@ -6,6 +6,8 @@ the summary and the exit code."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -84,10 +86,20 @@ def prepare_out(cfg: RunConfig) -> Manifest:
     """Create or check the output folder; returns the manifest to write. Nothing is deleted
     unless --overwrite."""
     out = cfg.out
-    if cfg.overwrite and out.exists():
+    out.mkdir(parents=True, exist_ok=True)
+    take_lock(out)  # before --overwrite deletes anything another run may be writing
+    try:
+        return _check_out(cfg)
+    except BaseException:
+        release_lock(out)
+        raise
+
+
+def _check_out(cfg: RunConfig) -> Manifest:
+    out = cfg.out
+    if cfg.overwrite:
         for path in part_files(out) + [out / MANIFEST]:
             path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(identity=cfg.identity(), package_version=__version__,
                         inputs=[str(p.absolute()) for p in cfg.inputs], tasks=[t.name for t in cfg.tasks],
                         started=now())
@@ -183,6 +195,45 @@ def new_writer(cfg: RunConfig, rank: int) -> PartWriter:
     return PartWriter(cfg.out, rank=rank, every_rows=cfg.flush_every_rows, every_seconds=cfg.flush_every_seconds)
 
 
+LOCK = ".annotate.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def take_lock(out: Path) -> None:
+    """One `annotate run` per folder: two writers would both redo the same pending rows.
+    The lock names host and pid; a lock whose process is gone (killed run) is taken over."""
+    path, me = out / LOCK, f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = path.read_text().partition(" ")
+            mine = host == socket.gethostname()
+            if mine and pid.strip().isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+                path.unlink(missing_ok=True)  # stale, or ours from an earlier call in this process
+                continue
+            raise RunError(f"{out} is being written by another annotate run ({host} pid {pid.strip()}); "
+                           f"wait for it, or delete {path} if that run is gone")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(me)
+        return
+
+
+def release_lock(out: Path) -> None:
+    path = out / LOCK
+    if path.exists() and path.read_text() == f"{socket.gethostname()} {os.getpid()}":
+        path.unlink(missing_ok=True)
+
+
 def finish_run(cfg: RunConfig, plan: Plan) -> None:
     manifest = plan.manifest
     manifest.finished = now()
@@ -190,6 +241,7 @@ def finish_run(cfg: RunConfig, plan: Plan) -> None:
                        "rows_error_this_run": plan.summary.rows_error,
                        "images_per_worker": plan.summary.per_worker, "quality": plan.summary.quality}
     manifest.save(cfg.out)
+    release_lock(cfg.out)
 
 
 def run(cfg: RunConfig, device: str = "cpu", lm: LoadedModel | None = None,
@@ -211,6 +263,9 @@ def run(cfg: RunConfig, device: str = "cpu", lm: LoadedModel | None = None,
         if plan.work:
             lm = lm or load_model(cfg.model, device)
             annotate_work(cfg, lm, plan.work, writer, on_batch)
+    except BaseException:
+        release_lock(cfg.out)  # the folder is free again, even for a caller that goes on living
+        raise
     finally:
         writer.flush()  # also on Ctrl-C: what is finished is kept
         summary.seconds = time.monotonic() - start
