@@ -10,3 +10,5 @@ annotate info out/annotations
 for fmt in coco yolo docvqa florence; do
   annotate export out/annotations --format "$fmt" --out "out/$fmt" --overwrite
 done
+annotate preview out/annotations --out out/preview --limit 20 --overwrite
+echo "open examples/out/preview/index.html to look at the annotations"
