@@ -304,7 +304,7 @@ class Engine:
     def parse_one(self, task: Task, gen: Generation, size: tuple[int, int]) -> Parsed:
         """One generation -> columns with aligned scores, after the quality rules."""
         parsed = parse_generation(self.lm.processor, task, gen.text, size)
-        tt = token_text(self.lm.processor.tokenizer, list(gen.ids), list(gen.logprobs)) if gen.logprobs else None
+        tt = self._token_text(gen)
         if tt is not None:
             if task.output is Output.TEXT:
                 parsed.text_score = text_score(tt)
@@ -315,6 +315,10 @@ class Engine:
         if task.output is not Output.TEXT:
             parsed = refine(parsed, gen.truncated, size[0], size[1], self.stats)
         return parsed
+
+    def _token_text(self, gen: Generation):
+        """The generation's tokens with their log p, as scores.py aligns them (None: scoring off)."""
+        return token_text(self.lm.processor.tokenizer, list(gen.ids), list(gen.logprobs)) if gen.logprobs else None
 
     def _parse(self, task: Task, width: int, height: int, results) -> Parsed:
         size = (width, height)
@@ -342,10 +346,7 @@ class Engine:
     def _parse_regions(self, task: Task, size, results) -> Parsed:
         """One instance per source box: its box, the answer for it, and that answer's score."""
         boxes = [list(req.box) for req, _ in results]
-        scores = []
-        for _, gen in results:
-            tt = token_text(self.lm.processor.tokenizer, list(gen.ids), list(gen.logprobs)) if gen.logprobs else None
-            scores.append(text_score(tt) if tt else None)
+        scores = [text_score(tt) if (tt := self._token_text(gen)) else None for _, gen in results]
         scores = scores if None not in scores else None
         if task.output is Output.POLYGONS:
             polygons = []

@@ -154,26 +154,26 @@ def launch_local(cfg: RunConfig, devices: list[str]) -> Summary:
 def _supervise(procs, devices, events, summary: Summary, bar: Bar) -> None:
     """Relay progress until every worker has exited; note those that died or failed."""
     reported: set[int] = set()
-    while True:
-        try:
-            kind, rank, *data = events.get(timeout=0.5)
-        except queue.Empty:
-            if not any(p.is_alive() for p in procs):
-                break
-            continue
+
+    def handle(event) -> None:
+        kind, rank, *data = event
         if kind == "batch":
             summary.add(rank, *data)
             bar.update(data[0])
         elif kind == "failed":
             reported.add(rank)
             summary.failed_workers.append(f"rank {rank} ({devices[rank]}): {data[0]}")
-    while True:  # drain what arrived between the last get and the exits
+
+    while any(p.is_alive() for p in procs):
         try:
-            kind, rank, *data = events.get_nowait()
+            handle(events.get(timeout=0.5))
+        except queue.Empty:
+            pass
+    while True:  # what the workers sent just before they exited
+        try:
+            handle(events.get(timeout=0.1))
         except queue.Empty:
             break
-        if kind == "batch":
-            summary.add(rank, *data)
     for rank, p in enumerate(procs):
         p.join()
         if p.exitcode != 0 and rank not in reported:

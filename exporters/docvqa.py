@@ -178,9 +178,8 @@ def export_docvqa(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
             qa = qa_pairs(img, vocab, common, summary.dropped, opts.min_score)
             if not qa:
                 continue
-            src = run.find_image(img.key)
+            src = run.find_image(img.key, summary.dropped)
             if src is None:
-                summary.dropped["image file not found"] += 1
                 continue
             split = split_of[img.key]
             image = image_struct(src, names[img.key])

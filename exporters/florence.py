@@ -86,16 +86,10 @@ def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
                 parts.append(text + loc_tokens(q, w, h))
         return [(token, "".join(parts))] if parts else _empty(drops)
     if region_task:  # one training pair per source box
-        for i, box in enumerate(row.bboxes or []):
-            b = clip_box(box, w, h)
-            if b is None:
-                drops["degenerate box"] += 1
-                continue
-            if not keep(i):
-                continue
+        for i, b in _kept_boxes(row, w, h, keep, drops):
             region = token + loc_tokens(b, w, h)
             if row.task == "region_to_segmentation":
-                polys = [p for p in (clip_polygon(x, w, h) for x in (_at(row.polygons, i) or [])) if p]
+                polys = _clipped_polygons(_at(row.polygons, i), w, h)
                 if not polys:
                     drops["degenerate polygon"] += 1
                     continue
@@ -111,7 +105,7 @@ def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
     if row.polygons:  # referring_expression_segmentation, open_vocabulary_detection with masks
         instances = []
         for i, inst in enumerate(row.polygons):
-            polys = [p for p in (clip_polygon(x, w, h) for x in (inst or [])) if p]
+            polys = _clipped_polygons(inst, w, h)
             if not polys:
                 drops["degenerate polygon"] += 1
                 continue
@@ -130,13 +124,7 @@ def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
         return [(prefix, "".join(f"<poly>{locs}</poly>" for _, locs in instances))]
     # boxes: od, dense_region_caption, region_proposal, caption_to_phrase_grounding, open_vocabulary_detection
     parts = []
-    for i, box in enumerate(row.bboxes or []):
-        b = clip_box(box, w, h)
-        if b is None:
-            drops["degenerate box"] += 1
-            continue
-        if not keep(i):
-            continue
+    for i, b in _kept_boxes(row, w, h, keep, drops):
         label = "" if row.task == "region_proposal" else label_of(i)
         if label is None:
             continue
@@ -145,6 +133,21 @@ def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
             continue
         parts.append(label + loc_tokens(b, w, h))
     return [(prefix, "".join(parts))] if parts else _empty(drops)
+
+
+def _kept_boxes(row, w: int, h: int, keep, drops: Counter):
+    """(index, clipped box) of the row's boxes that have an area and pass `keep` (--min-score)."""
+    for i, box in enumerate(row.bboxes or []):
+        b = clip_box(box, w, h)
+        if b is None:
+            drops["degenerate box"] += 1
+        elif keep(i):
+            yield i, b
+
+
+def _clipped_polygons(instance, w: int, h: int) -> list:
+    """An instance's polygons clipped to the image; the ones with no area left are dropped."""
+    return [p for p in (clip_polygon(x, w, h) for x in (instance or [])) if p]
 
 
 def _empty(drops: Counter) -> list:
@@ -179,9 +182,8 @@ def export_florence(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary
                      for p in florence_pairs(img.rows[t], summary.dropped, opts.min_score, vocab)]
             if not pairs:
                 continue
-            src = run.find_image(img.key)
+            src = run.find_image(img.key, summary.dropped)
             if src is None:
-                summary.dropped["image file not found"] += 1
                 continue
             split, name = split_of[img.key], names[img.key]
             place_image(src, out.path(SPLIT_DIRS[split], name), opts.copy_images)

@@ -159,13 +159,15 @@ class Run:
             yield current
 
     # --- image files --------------------------------------------------------------------------
-    def find_image(self, key: str) -> Path | None:
-        """The image file of a key: the first input root that holds it. Unsafe keys find nothing."""
-        if not is_safe_key(key):
-            return None
-        rel = check_key(key)
-        for root in self.roots:
-            p = root / rel
-            if p.is_file():
-                return p
+    def find_image(self, key: str, dropped: Counter | None = None) -> Path | None:
+        """The image file of a key: the first input root that holds it. Unsafe keys find nothing.
+        A miss is counted in `dropped` (an export's summary) when one is given."""
+        if is_safe_key(key):
+            rel = check_key(key)
+            for root in self.roots:
+                p = root / rel
+                if p.is_file():
+                    return p
+        if dropped is not None:
+            dropped["image file not found"] += 1
         return None

@@ -74,9 +74,8 @@ def export_yolo(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
         if not kept and opts.skip_empty:
             summary.dropped["empty images skipped"] += 1
             continue
-        src = run.find_image(img.key)
+        src = run.find_image(img.key, summary.dropped)
         if src is None:
-            summary.dropped["image file not found"] += 1
             continue
         split, name = split_of[img.key], names[img.key]
         place_image(src, out.path("images", split, name), opts.copy_images)

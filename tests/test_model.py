@@ -66,7 +66,10 @@ def test_random_model_is_the_same_in_every_process(tiny_lm):
 
 
 def test_random_base_has_the_published_shape():
-    from annotator.model import RANDOM_ARCHS
+    """random:base must cost what Florence-2-base costs: 768 px images -> 577 image tokens, 768-wide text."""
+    from annotator.model import RANDOM_ARCHS, build_random_processor
 
-    assert RANDOM_ARCHS["base"].image_size == 768 and RANDOM_ARCHS["base"].text["d_model"] == 768
-    assert (768 // 32) ** 2 + 1 == 577  # image tokens per image, as the seeds say
+    arch = RANDOM_ARCHS["base"]
+    assert build_random_processor(arch.image_size).num_image_tokens == 577
+    assert arch.text["d_model"] == arch.vision["projection_dim"] == 768
+    assert (arch.text["encoder_layers"], arch.text["decoder_layers"]) == (6, 6)
