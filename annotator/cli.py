@@ -46,7 +46,8 @@ def tasks_cmd() -> None:
 def model_options(f):
     for opt in reversed([
         click.option("--model", default="florence-community/Florence-2-large", show_default=True,
-                     help="Hub id, local checkpoint dir, or random:tiny|base|large (random weights: meaningless output)."),
+                     help="Hub id, local checkpoint dir, demo (the small shipped model, offline), or "
+                          "random:tiny|base|large (random weights: meaningless output)."),
         click.option("--revision", default=None, help="Hub branch, tag or commit."),
         click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
                      help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."),
@@ -250,6 +251,22 @@ def eval_cmd(prediction: Path, gt: Path, iou: float | None, segm: bool, as_json:
     except EvalError as exc:
         _fail(str(exc), 2)
     click.echo(json.dumps(asdict(report), indent=2) if as_json else "\n".join(report.lines()))
+
+
+@cli.command("samples")
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--n", default=50, show_default=True, type=click.IntRange(1), help="How many images.")
+@click.option("--seed", default=0, show_default=True, help="Same seed, same files.")
+@click.option("--kind", type=click.Choice(["scenes", "documents", "mixed"]), default="mixed", show_default=True,
+              help="Coloured shapes, pages of text, or both.")
+def samples_cmd(out: Path, n: int, seed: int, kind: str) -> None:
+    """Draw synthetic images with their ground truth (the demo model's world): OUT/*.png,
+    OUT/ground_truth.json (COCO) and OUT/texts.jsonl (caption, ocr, ocr_regions)."""
+    from .samples import write
+
+    counts = write(out, n=n, seed=seed, kind=kind)
+    click.echo(f"samples: wrote {counts['images']} images, {counts['objects']} objects, "
+               f"{counts['text_lines']} text lines -> {out}")
 
 
 def _register_optional() -> None:

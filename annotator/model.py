@@ -7,6 +7,7 @@ A random model's outputs are meaningless; it exists for dry runs, tests and benc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -20,6 +21,7 @@ from .config import ModelSpec
 log = logging.getLogger(__name__)
 
 RANDOM_PREFIX = "random:"
+DEMO_NAME = "demo"  # the project's own small model, shipped inside the package (annotator/demo_model)
 RANDOM_FORMAT = 1  # bump when the random tokenizer/processor recipe changes (invalidates the cache)
 
 
@@ -98,11 +100,22 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> LoadedMod
     if spec.name.startswith(RANDOM_PREFIX):
         model, processor = _random_model(spec.name[len(RANDOM_PREFIX):], attention)
         model = model.to(dtype)
+    elif spec.name == DEMO_NAME:
+        model, processor = _pretrained(dataclasses.replace(spec, name=str(demo_dir()), revision=None), dtype, attention)
     else:
         model, processor = _pretrained(spec, dtype, attention)
     model = model.to(device).eval()
     model.requires_grad_(False)
     return LoadedModel(model, processor, spec.name, spec.revision, dtype, attention, device)
+
+
+def demo_dir() -> Path:
+    """The shipped demo checkpoint; trained by examples/train_demo.py (see its model card)."""
+    path = Path(__file__).parent / "demo_model"
+    if not (path / "model.safetensors").is_file():
+        raise ModelLoadError(f"the demo model is missing from this installation ({path}); reinstall "
+                             f"florence-annotate, or train it with `python examples/train_demo.py --out {path}`")
+    return path
 
 
 def _pretrained(spec: ModelSpec, dtype: torch.dtype, attention: str):

@@ -1,0 +1,174 @@
+"""How good a model's annotations are on a folder written by `annotate samples`, measured through the
+tool's own path: `annotate run` -> Parquet -> `annotate export --format coco` -> pycocotools.
+
+    python -m annotator.quality --model demo --n 100 --seed 1000
+
+It answers the questions a user of pseudo-labels asks: are the boxes right (COCO AP, AP50, small
+objects), do the scores rank right above wrong (AP with the scores vs with every score 1.0, the
+precision of what --min-score keeps, a calibration table), and is the text right (OCR character
+error rate, caption exact match)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+THRESHOLDS = (0.3, 0.5, 0.7)
+BINS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.01)
+
+
+@dataclass
+class Quality:
+    od: dict[str, float] = field(default_factory=dict)  # AP, AP50, AP_small, ... with the model's scores
+    od_scores_one: dict[str, float] = field(default_factory=dict)  # the same with every score set to 1.0
+    precision: dict[float, dict[str, float]] = field(default_factory=dict)  # min score -> precision, recall, kept
+    calibration: list[dict] = field(default_factory=list)  # score bin -> boxes, share matched at IoU 0.5
+    ocr_cer: float | None = None
+    caption_exact: float | None = None
+    images: int = 0
+
+    def lines(self) -> list[str]:
+        out = [f"images: {self.images}"]
+        if self.od:
+            out.append("od: " + ", ".join(f"{k} {self.od[k]:.3f}" for k in ("AP", "AP50", "AP_small", "AP_medium", "AP_large")))
+            out.append("od, every score 1.0: " + ", ".join(f"{k} {self.od_scores_one[k]:.3f}" for k in ("AP", "AP50")))
+            for t, p in self.precision.items():
+                out.append(f"--min-score {t}: precision {p['precision']:.3f}, recall {p['recall']:.3f}, boxes kept {p['kept']}")
+            out.append("calibration (score bin: boxes, share matching a ground-truth box at IoU 0.5):")
+            out += [f"  {c['bin']}: {c['boxes']}, {c['matched']:.3f}" for c in self.calibration]
+        if self.ocr_cer is not None:
+            out.append(f"ocr: character error rate {self.ocr_cer:.3f}")
+        if self.caption_exact is not None:
+            out.append(f"caption: exact match {self.caption_exact:.3f}")
+        return out
+
+    def to_json(self) -> dict:
+        d = self.__dict__.copy()
+        d["precision"] = {str(k): v for k, v in self.precision.items()}
+        return d
+
+
+def iou(a, b) -> float:
+    """IoU of two COCO xywh boxes."""
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / max(1e-9, a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def match(pred: dict, gt: dict, threshold: float = 0.5) -> list[tuple[float, bool]]:
+    """(score, matched) for every predicted box: greedy by score, same image (by file name) and
+    category (by name), IoU >= threshold, each ground-truth box matched at most once."""
+    gt_file = {im["id"]: im["file_name"] for im in gt["images"]}
+    gt_cat = {c["id"]: c["name"] for c in gt["categories"]}
+    truth: dict[tuple[str, str], list] = {}
+    for a in gt["annotations"]:
+        truth.setdefault((gt_file[a["image_id"]], gt_cat[a["category_id"]]), []).append([a["bbox"], False])
+    pred_file = {im["id"]: im["file_name"] for im in pred["images"]}
+    pred_cat = {c["id"]: c["name"] for c in pred["categories"]}
+    out = []
+    for a in sorted(pred["annotations"], key=lambda a: -a.get("score", 1.0)):
+        cands = truth.get((pred_file[a["image_id"]], pred_cat[a["category_id"]]), [])
+        best = max((c for c in cands if not c[1]), key=lambda c: iou(a["bbox"], c[0]), default=None)
+        ok = best is not None and iou(a["bbox"], best[0]) >= threshold
+        if ok:
+            best[1] = True
+        out.append((float(a.get("score", 1.0)), ok))
+    return out
+
+
+def box_quality(pred_path: Path, gt_path: Path, q: Quality) -> None:
+    from .evaluate import evaluate
+
+    q.od = evaluate(pred_path, gt_path, thresholds=()).stats
+    pred, gt = json.loads(pred_path.read_text()), json.loads(gt_path.read_text())
+    flat = dict(pred, annotations=[dict(a, score=1.0) for a in pred["annotations"]])
+    flat_path = pred_path.with_name("scores_one.json")
+    flat_path.write_text(json.dumps(flat))
+    q.od_scores_one = evaluate(flat_path, gt_path, thresholds=()).stats
+    matched = match(pred, gt)
+    n_gt = len(gt["annotations"])
+    for t in THRESHOLDS:
+        kept = [ok for s, ok in matched if s >= t]
+        q.precision[t] = {"precision": sum(kept) / max(1, len(kept)), "recall": sum(kept) / max(1, n_gt), "kept": len(kept)}
+    for lo, hi in zip(BINS, BINS[1:]):
+        inside = [ok for s, ok in matched if lo <= s < hi]
+        q.calibration.append({"bin": f"{lo:.1f}-{min(hi, 1.0):.1f}", "boxes": len(inside),
+                              "matched": sum(inside) / len(inside) if inside else float("nan")})
+
+
+def text_quality(annotations: Path, texts_path: Path, q: Quality) -> None:
+    from .finetune import levenshtein
+    from .store import part_files
+
+    truth = {t["image"]: t for t in map(json.loads, texts_path.read_text().splitlines())}
+    rows = pl.read_parquet([str(p) for p in part_files(annotations)]).filter(pl.col("status") == "ok")
+    errors = chars = exact = captions = 0
+    for r in rows.select("image", "task", "text").iter_rows(named=True):
+        t = truth.get(Path(r["image"]).name)
+        if t is None:
+            continue
+        if r["task"] == "ocr" and t["ocr"]:
+            errors += levenshtein(r["text"] or "", t["ocr"])
+            chars += len(t["ocr"])
+        elif r["task"] == "caption":
+            captions += 1
+            exact += (r["text"] or "").strip() == t["caption"]
+    q.ocr_cer = errors / chars if chars else None
+    q.caption_exact = exact / captions if captions else None
+
+
+def measure(model: str, folder: Path, work: Path, tasks: str = "od,ocr,caption", batch_size: int = 8,
+            num_beams: int = 3, workers: int = 0) -> Quality:
+    """Annotate `folder` (made by `annotate samples`) with `model`, export, and score against its truth."""
+    from exporters.options import ExportOptions
+    from exporters.read import Run
+    from exporters.registry import get_exporter
+    from exporters.safety import OutDir
+
+    from .config import GenerationSettings, ModelSpec, RunConfig
+    from .runner import run
+    from .tasks import parse_task_list
+
+    out = work / "annotations"
+    cfg = RunConfig(inputs=(folder,), tasks=tuple(parse_task_list(tasks)), out=out, model=ModelSpec(model),
+                    generation=GenerationSettings(num_beams=num_beams), batch_size=batch_size, workers=workers,
+                    progress=False)
+    run(cfg)
+    q = Quality(images=len(json.loads((folder / "ground_truth.json").read_text())["images"]))
+    if "od" in tasks.split(","):
+        coco_dir = work / "coco"
+        get_exporter("coco")(Run(out), OutDir.prepare(coco_dir, overwrite=True), ExportOptions(tasks=("od",), val_fraction=0.0))
+        box_quality(coco_dir / "annotations.json", folder / "ground_truth.json", q)
+    text_quality(out, folder / "texts.jsonl", q)
+    return q
+
+
+def main(argv=None) -> None:
+    from . import samples
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=1000, help="held out: the demo model trains on seed 0's stream")
+    ap.add_argument("--kind", default="mixed", choices=samples.KINDS)
+    ap.add_argument("--tasks", default="od,ocr,caption")
+    ap.add_argument("--num-beams", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "samples"
+        samples.write(folder, n=args.n, seed=args.seed, kind=args.kind)
+        q = measure(args.model, folder, Path(tmp), tasks=args.tasks, num_beams=args.num_beams)
+    print("\n".join(q.lines()))
+    if args.json:
+        args.json.write_text(json.dumps(q.to_json(), indent=1))
+
+
+if __name__ == "__main__":
+    main()
