@@ -160,10 +160,12 @@ def document(rng: np.random.Generator, max_lines: int = 6) -> Drawn:
     lines: list[tuple[str, list[float]]] = []
     for _ in range(int(rng.integers(2, max_lines + 1))):
         size = int(max(w, h) * rng.uniform(0.045, 0.08))
-        font = ImageFont.load_default(size=size)
         text = " ".join(str(rng.choice(WORDS)) for _ in range(int(rng.integers(1, 5))))
-        x0, y0, x1, y1 = font.getbbox(text)
         x = float(rng.uniform(0.03, 0.2) * w)
+        width = ImageFont.load_default(size=size).getlength(text)
+        size = max(10, min(size, int(size * (w - x - 8) / width)))  # a line always fits the page's width
+        font = ImageFont.load_default(size=size)
+        x0, y0, x1, y1 = font.getbbox(text)
         if x + x1 > w - 4 or y + y1 > h - 4:
             break
         draw.text((x, y), text, fill=ink, font=font)
