@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# run -> export in every format, on the sample images, with the random model (meaningless
-# outputs, no download). Swap --model for florence-community/Florence-2-large for real labels.
+# samples -> run -> info -> every export -> preview. Uses Florence-2-base from the hub when the hub
+# answers, else the small demo model that ships with the package (offline, real boxes and text on
+# the drawn samples). MODEL=... overrides (random:tiny: a dry run with meaningless outputs).
 set -euo pipefail
 cd "$(dirname "$0")"
-MODEL=${MODEL:-random:tiny}
+if [ -z "${MODEL:-}" ]; then
+  if [ "${HF_HUB_OFFLINE:-0}" = "0" ] && python -c "import urllib.request; urllib.request.urlopen('https://huggingface.co', timeout=5)" 2>/dev/null; then
+    MODEL=florence-community/Florence-2-base
+  else
+    MODEL=demo
+    echo "the hub is not reachable: using the demo model (knows shapes and printed words only)"
+  fi
+fi
 python make_samples.py images
-annotate run images --tasks caption,od,ocr,ocr_with_region --model "$MODEL" --out out/annotations --num-beams 1 --max-new-tokens 64
+annotate run images --tasks caption,od,ocr,ocr_with_region --model "$MODEL" --out out/annotations --overwrite
 annotate info out/annotations
 for fmt in coco yolo docvqa florence; do
   annotate export out/annotations --format "$fmt" --out "out/$fmt" --overwrite
 done
+annotate eval out/coco --gt images/street/ground_truth.json --iou 0.5 || true  # the drawn scenes' truth
 annotate preview out/annotations --out out/preview --limit 20 --overwrite
 echo "open examples/out/preview/index.html to look at the annotations"
