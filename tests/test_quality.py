@@ -1,0 +1,50 @@
+"""The quality figures the README's demo-model table comes from: box matching, precision at a
+score threshold and calibration, on hand-made predictions whose answers are known."""
+
+from __future__ import annotations
+
+import json
+
+from annotator.quality import Quality, box_quality, iou, match
+
+
+def _coco(boxes, names=("red circle", "blue square")):
+    cats = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
+    anns = [{"id": k + 1, "image_id": 1, "category_id": c, "bbox": b, "area": b[2] * b[3], "iscrowd": 0,
+             **({"score": s} if s is not None else {})} for k, (c, b, s) in enumerate(boxes)]
+    return {"images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 100}], "annotations": anns,
+            "categories": cats}
+
+
+GT = _coco([(1, [10, 10, 20, 20], None), (2, [50, 50, 30, 30], None)])
+
+
+def test_iou():
+    assert iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert abs(iou([0, 0, 10, 10], [5, 0, 10, 10]) - 1 / 3) < 1e-9
+    assert iou([0, 0, 10, 10], [20, 20, 5, 5]) == 0.0
+
+
+def test_match_is_greedy_by_score_one_truth_once_and_class_aware():
+    pred = _coco([(1, [10, 10, 20, 20], 0.9),  # right
+                  (1, [11, 11, 20, 20], 0.8),  # a duplicate of the same object: the truth is taken
+                  (1, [50, 50, 30, 30], 0.7),  # right place, wrong class
+                  (2, [52, 52, 30, 30], 0.2)])  # right, low score
+    assert match(pred, GT) == [(0.9, True), (0.8, False), (0.7, False), (0.2, True)]
+
+
+def test_scores_that_rank_right_above_wrong_raise_ap_over_scores_of_one(tmp_path):
+    pred = _coco([(1, [70, 0, 20, 20], 0.1), (1, [10, 10, 20, 20], 0.9), (2, [0, 70, 20, 20], 0.2),
+                  (2, [50, 50, 30, 30], 0.8)])
+    pred_path, gt_path = tmp_path / "pred.json", tmp_path / "gt.json"
+    pred_path.write_text(json.dumps(pred))
+    gt_path.write_text(json.dumps(GT))
+    q = Quality()
+    box_quality(pred_path, gt_path, q)
+    assert q.od["AP50"] > 0.99  # the wrong boxes come last: they cost nothing
+    assert q.od_scores_one["AP50"] < q.od["AP50"]  # in file order, a false positive comes first
+    assert q.precision[0.5] == {"precision": 1.0, "recall": 1.0, "kept": 2}
+    assert q.precision[0.3]["kept"] == 2 and q.precision[0.7]["kept"] == 2
+    by_bin = {c["bin"]: c for c in q.calibration}
+    assert by_bin["0.0-0.3"] == {"bin": "0.0-0.3", "boxes": 2, "matched": 0.0}
+    assert by_bin["0.7-0.9"]["matched"] == 1.0
