@@ -88,7 +88,7 @@ def build_model(processor, seed: int = 0):
     small Florence-2 trained from scratch does not learn to localise in minutes):
     - the 2-D position embedding of the image features starts as sinusoids as strong as the
       features themselves (at the default 0.02 scale the decoder cannot tell where a token is);
-    - the `<loc_i>` embeddings (tied to the output layer) start as sinusoids of i, so
+    - the `<loc_i>` embeddings (tied to the output layer) start as a tent code of i, so
       neighbouring bins start similar and a nearly right box is nearly right to the loss too."""
     from transformers import Florence2Config, Florence2ForConditionalGeneration, GenerationConfig
 
@@ -124,7 +124,19 @@ def _init_position_embedding(model) -> None:
 
 @torch.no_grad()
 def _init_location_embeddings(model, tokenizer) -> None:
+    """`<loc_i>` as a tent code: 128 overlapping hat functions 8 bins apart in the first 128
+    dimensions, zero elsewhere. Through the tied output layer, a decoder state that holds the hat code
+    of a coordinate gives logits peaked at that coordinate, and a hat code is what a ReLU network
+    computes easily from a coordinate it holds as one number. Sinusoids (periods 4 to 4000 bins)
+    learned far slower: their fine periods are not smooth functions of an object's position."""
     emb = model.get_input_embeddings().weight  # [V, d], tied to lm_head
     ids = tokenizer.convert_tokens_to_ids([f"<loc_{i}>" for i in range(1000)])
-    table = sinusoids(torch.arange(1000), emb.shape[1], longest=4000.0)
-    emb[ids] = table * (emb[ids].norm(dim=1).mean() / table.norm(dim=1).mean())
+    emb[ids] = tent_code(torch.arange(1000).float(), emb.shape[1])
+
+
+def tent_code(bins: torch.Tensor, dim: int, hats: int = 128) -> torch.Tensor:
+    centres = torch.linspace(0, 999, hats)
+    width = centres[1] - centres[0]
+    code = torch.zeros(len(bins), dim)
+    code[:, :hats] = (1 - (bins[:, None] - centres[None]).abs() / width).clamp(min=0)
+    return code
