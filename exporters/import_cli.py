@@ -48,7 +48,7 @@ def import_group():
               "when a task has no data.key.")
 @_common
 def import_labelstudio(export_json, image_root, out, target, images, val_fraction, copy_images, overwrite):
-    """EXPORT_JSON: Label Studio's JSON export (Export -> JSON) of the reviewed project."""
+    """Label Studio's JSON export (Export -> JSON) of a reviewed project -> COCO or florence pairs."""
     _run("labelstudio", export_json, out, target, images, val_fraction, copy_images, overwrite, image_root)
 
 
@@ -56,5 +56,5 @@ def import_labelstudio(export_json, image_root, out, target, images, val_fractio
 @click.argument("annotations_xml", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_common
 def import_cvat(annotations_xml, out, target, images, val_fraction, copy_images, overwrite):
-    """ANNOTATIONS_XML: CVAT's task export in the "CVAT for images 1.1" format (annotations.xml)."""
+    """CVAT's task export in the "CVAT for images 1.1" format (annotations.xml) -> COCO or florence pairs."""
     _run("cvat", annotations_xml, out, target, images, val_fraction, copy_images, overwrite)

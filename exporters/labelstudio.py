@@ -96,7 +96,7 @@ def image_url(key: str, root: str | None) -> str:
     """data.image: --image-root + the key, URL-quoted when the root is a URL or a query (`?d=`)."""
     if not root:
         return key
-    is_url = "://" in root or "?" in root or root.startswith("/data/")
+    is_url = "://" in root or "?" in root
     return root + (quote(key, safe="/") if is_url else key)
 
 
@@ -117,7 +117,6 @@ def export_labelstudio(run: Run, out: OutDir, opts: ExportOptions) -> ExportSumm
     out.path("labeling.xml").write_text(config, encoding="utf-8")
     if config_out is not None:
         config_out.write_text(config, encoding="utf-8")
-    summary.records = len(payload)
     return summary
 
 
