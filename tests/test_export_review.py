@@ -169,6 +169,20 @@ def test_cvat_export_loads_in_datumaro(tmp_path):
     assert sorted(groups) == [0, 1, 1]
 
 
+def test_cvat_import_agrees_with_datumaros_coco_conversion(tmp_path):
+    dm = pytest.importorskip("datumaro")
+    ann, _ = _run(tmp_path)
+    run_export(ann, "cvat", tmp_path / "cv", ExportOptions(include_ocr=True))
+    dm.Dataset.import_from(str(tmp_path / "cv" / "annotations.xml"), "cvat").export(
+        str(tmp_path / "dm"), "coco_instances", save_media=False)
+    theirs = json.loads((tmp_path / "dm" / "annotations" / "instances_annotations.json").read_text(encoding="utf-8"))
+    run_import("cvat", tmp_path / "cv" / "annotations.xml", tmp_path / "gt")
+    ours = json.loads((tmp_path / "gt" / "annotations.json").read_text(encoding="utf-8"))
+    strip = lambda boxes: {k: [b[:5] + (None,) for b in v] for k, v in boxes.items()}  # noqa: E731 (no text in theirs)
+    _same_boxes(strip(_boxes(ours)), strip(_boxes(theirs)))
+    assert len(ours["annotations"]) == len(theirs["annotations"]) == 10  # both join the two-part mask
+
+
 def test_cvat_round_trip_gives_back_the_boxes(tmp_path):
     ann, _ = _run(tmp_path)
     opts = ExportOptions(include_ocr=True, classes=parse_classes_arg("cat,dog,car"))
