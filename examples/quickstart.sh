@@ -7,7 +7,7 @@ MODEL=${MODEL:-random:tiny}
 python make_samples.py images
 annotate run images --tasks caption,od,ocr,ocr_with_region --model "$MODEL" --out out/annotations --num-beams 1 --max-new-tokens 64
 annotate info out/annotations
-for fmt in coco yolo docvqa florence; do
+for fmt in coco yolo docvqa florence labelstudio cvat; do
   annotate export out/annotations --format "$fmt" --out "out/$fmt" --overwrite
 done
 annotate preview out/annotations --out out/preview --limit 20 --overwrite

@@ -110,7 +110,9 @@ def export_labelstudio(run: Run, out: OutDir, opts: ExportOptions) -> ExportSumm
     ocr = "ocr_with_region" in tasks
     polygons = any(inst.polygons for img in images for _, inst in img.instances)
     text_tasks = [t for t in tasks if t in TEXT_TASKS]
-    config = labeling_config(summary.classes, polygons, ocr, text_tasks)
+    # OCR lines are drawn as `text` polygons even when the run found none yet: reviewers add them
+    labels = summary.classes + (["text"] if ocr and "text" not in summary.classes else [])
+    config = labeling_config(labels, polygons, ocr, text_tasks)
     payload = [ls_task(img, image_url(img.key, opts.image_root), version) for img in images]
     with open(out.path("tasks.json"), "w", encoding="utf-8") as fh:
         json.dump(payload, fh, ensure_ascii=False)
