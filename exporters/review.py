@@ -6,7 +6,6 @@ safety rules as the training formats apply, so what is reviewed is what would ha
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from annotator.preview import label_color
 from annotator.tasks import TASKS, Input, Output
