@@ -279,6 +279,9 @@ def _register_optional() -> None:
     except ImportError:  # exporters not built yet
         return
     cli.add_command(export)
+    from exporters.import_cli import import_group
+
+    cli.add_command(import_group)
 
 
 _register_optional()

@@ -15,7 +15,7 @@ fi
 python make_samples.py images
 annotate run images --tasks caption,od,ocr,ocr_with_region --model "$MODEL" --out out/annotations --overwrite
 annotate info out/annotations
-for fmt in coco yolo docvqa florence; do
+for fmt in coco yolo docvqa florence labelstudio cvat; do
   annotate export out/annotations --format "$fmt" --out "out/$fmt" --overwrite
 done
 annotate eval out/coco --gt images/street/ground_truth.json --iou 0.5 || true  # the drawn scenes' truth

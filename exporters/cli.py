@@ -32,9 +32,15 @@ from exporters.options import ExportOptions
 @click.option("--include-ocr", is_flag=True, help="coco/yolo: add OCR_WITH_REGION lines as class `text`.")
 @click.option("--images", "image_roots", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Image root folder(s), if not the run's input folders.")
+@click.option("--image-root", default=None,
+              help="labelstudio: prefix of each task's data.image, e.g. /data/local-files/?d=photos/ [default: the key].")
+@click.option("--config-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="labelstudio: also write the labeling config here (it is always in --out/labeling.xml).")
+@click.option("--order", type=click.Choice(["key", "score"]), default="key", show_default=True,
+              help="labelstudio: task order; score puts the images with the least confident instance first.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out.")
 def export(annotations, fmt, out, tasks, classes, classes_file, min_count, min_score, val_fraction, copy_images,
-           segments, skip_empty, include_ocr, image_roots, overwrite):
+           segments, skip_empty, include_ocr, image_roots, image_root, config_out, order, overwrite):
     """Turn the annotation table in ANNOTATIONS [default: ./annotations] into a training set."""
     try:
         if classes and classes_file:
@@ -48,7 +54,7 @@ def export(annotations, fmt, out, tasks, classes, classes_file, min_count, min_s
             tasks=tuple(t.strip() for spec_ in tasks for t in spec_.split(",") if t.strip()),
             classes=spec, min_count=min_count, min_score=min_score, val_fraction=val_fraction,
             copy_images=copy_images, segments=segments, skip_empty=skip_empty, include_ocr=include_ocr,
-            image_roots=tuple(image_roots),
+            image_roots=tuple(image_roots), image_root=image_root, config_out=config_out, order=order,
         )
         summary = run_export(annotations, fmt.lower(), out or Path("export") / fmt.lower(), opts, overwrite)
     except ExportError as e:

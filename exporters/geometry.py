@@ -95,6 +95,7 @@ class Instance:
     score: float | None = None
     text: str | None = None
     source_box: tuple[float, float, float, float] | None = None  # region tasks: the box the answer is for
+    task: str | None = None  # the task that produced it (review formats show it to the reviewer)
 
 
 def prompt_input(task: str, prompt: str | None) -> str:
@@ -137,7 +138,7 @@ def row_instances(row, drops: Counter, min_score: float | None = None) -> list[I
             if poly is None:
                 drops["degenerate box"] += 1
                 continue
-            out.append(Instance("text", polygons_extent([poly]), [poly], score, label))
+            out.append(Instance("text", polygons_extent([poly]), [poly], score, label, task=row.task))
             continue
         if kind == "polygon":
             polys = [p for p in (clip_polygon(part, w, h) for part in (row.polygons[i] or [])) if p]
@@ -156,5 +157,5 @@ def row_instances(row, drops: Counter, min_score: float | None = None) -> list[I
         if not label:
             drops["empty label"] += 1
             continue
-        out.append(Instance(label, bbox, polys, score, source_box=source))
+        out.append(Instance(label, bbox, polys, score, source_box=source, task=row.task))
     return out

@@ -21,6 +21,10 @@ class ExportOptions:
     skip_empty: bool = False
     include_ocr: bool = False
     image_roots: tuple[Path, ...] = ()  # override the manifest's input roots
+    # review formats (labelstudio, cvat)
+    image_root: str | None = None  # labelstudio: prefix of data.image, e.g. /data/local-files/?d=photos/
+    config_out: Path | None = None  # labelstudio: also write the labeling config here
+    order: str = "key"  # key | score (lowest-confidence images first)
 
 
 @dataclass

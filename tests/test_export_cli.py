@@ -38,7 +38,7 @@ def one_line_error(res, *words):
 
 def test_format_choices_come_from_the_registry():
     opt = next(p for p in export.params if p.name == "fmt")
-    assert sorted(opt.type.choices) == sorted(EXPORTERS) == ["coco", "docvqa", "florence", "yolo"]
+    assert sorted(opt.type.choices) == sorted(EXPORTERS) == ["coco", "cvat", "docvqa", "florence", "labelstudio", "yolo"]
 
 
 def test_defaults_annotations_folder_and_out_and_prints_summary(tmp_path):
@@ -132,7 +132,7 @@ def test_never_writes_outside_out(tmp_path, fmt):
     (work / "escape.jpg").write_bytes((root / "doc.png").read_bytes())
     before = {p for p in tmp_path.rglob("*")}
     out = work / "out"
-    res = invoke(ann, "--format", fmt, "--out", out, "--task", "od" if fmt in ("coco", "yolo") else "od,ocr")
+    res = invoke(ann, "--format", fmt, "--out", out, "--task", "od" if fmt in ("coco", "yolo", "cvat") else "od,ocr")
     assert res.exit_code == 0, res.output
     created = {p for p in tmp_path.rglob("*")} - before
     assert created and all(p == out or out in p.parents for p in created), sorted(created)
