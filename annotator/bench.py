@@ -157,9 +157,10 @@ def peak_memory_bytes(device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def run_engine(engine, images, batch_size: int, side: Side) -> None:
+def run_engine(engine, images, batch_size: int, side: Side, first: int = 0) -> None:
     """What `annotate run` does per batch, minus the DataLoader and Parquet: preprocess
-    (in this thread, so it is counted), vision once, batched generate per task, parse."""
+    (in this thread, so it is counted), vision once, batched generate per task, parse.
+    Image keys are bench<first + i>.png (they select the image's lengths)."""
 
     from .images import ImageItem, collate
 
@@ -169,7 +170,7 @@ def run_engine(engine, images, batch_size: int, side: Side) -> None:
         items = []
         for k, im in enumerate(images[start:start + batch_size]):
             pixels = lm.processor.image_processor(images=im, return_tensors="pt")["pixel_values"][0]
-            items.append(ImageItem(f"bench{start + k}.png", im.width, im.height, pixels, names))
+            items.append(ImageItem(f"bench{first + start + k}.png", im.width, im.height, pixels, names))
         rows = engine.annotate(collate(items))
         side.rows_error += sum(r.status != "ok" for r in rows)
         side.images += len(items)
@@ -303,7 +304,7 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
             chunk = pictures[start:start + batch_size]
             rec.side = engine
             with engine_kernels():
-                engine.seconds += timed(lambda: run_engine(runner, chunk, batch_size, engine))
+                engine.seconds += timed(lambda: run_engine(runner, chunk, batch_size, engine, start))
             if baseline:
                 rec.side = ref
                 with stock_linear(lm.model):  # the published loop runs torch's own kernels
