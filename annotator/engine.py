@@ -183,12 +183,18 @@ class Engine:
     def generate(self, requests: list[Request], features: torch.Tensor) -> list[Generation | BaseException]:
         """Generate every request, `max_prompts` at a time. A failing chunk is retried prompt by
         prompt so that only the offending image gets an error; OOM halves the chunk size."""
-        if self.use_scheduler and requests:
+        while self.use_scheduler and requests:
             try:
                 return self._schedule(requests, features)
-            except Exception as exc:  # noqa: BLE001 - the generate path below sorts out OOM and bad rows
+            except Exception as exc:  # noqa: BLE001 - OOM: fewer slots; else generate sorts out the bad rows
                 _free_cache(self.lm.device)
+                slots = min(self.max_prompts, len(requests))
+                if is_oom(exc) and slots > 1:
+                    self.max_prompts = slots // 2
+                    log.warning("out of memory with %d rows in flight; going on with %d", slots, self.max_prompts)
+                    continue
                 log.warning("decode scheduler failed (%s); using generate for these prompts", describe_error(exc))
+                break
         out: list[Generation | BaseException] = []
         for group in self._groups(requests):
             pos = 0

@@ -109,3 +109,23 @@ def test_beams_batched_equal_one_at_a_time_with_mixed_lengths(eos_lm, num_beams)
     single, _ = annotate(eos_lm, items, replace(gen), max_prompts=1, scheduler=False, batch_size=1)
     assert key(batched) == key(single)
     assert any(not r.truncated for r in batched) and any(r.truncated for r in batched)
+
+
+def test_oom_halves_the_rows_in_flight_and_changes_nothing(eos_lm, monkeypatch):
+    from annotator.scheduler import DecodeScheduler
+
+    gen = GenerationSettings(num_beams=1, max_new_tokens=MAX_NEW, scores=False)
+    items = make_items(eos_lm, SPEC.split(","))
+    expected, _ = annotate(eos_lm, items, gen, max_prompts=15, scheduler=True)
+    real, caps = DecodeScheduler.run, []
+
+    def run(self, jobs, encode, stats=None):
+        caps.append(self.max_rows)
+        if self.max_rows > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, jobs, encode, stats)
+
+    monkeypatch.setattr(DecodeScheduler, "run", run)
+    got, _ = annotate(eos_lm, items, gen, max_prompts=15, scheduler=True)
+    assert key(got) == key(expected)
+    assert caps == [15, 7, 3]  # then it fits, and the engine keeps 3
