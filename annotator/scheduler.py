@@ -23,12 +23,13 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-# generation_config fields this module does not implement: each must keep its no-op value.
-# (It implements decoder_start/bos/eos/pad ids and forced_bos/forced_eos.)
-UNSUPPORTED = {"num_beams": 1, "do_sample": False, "temperature": 1.0, "top_k": 50,
-                    "top_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "length_penalty": 1.0,
-                    "min_length": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
-                    "suppress_tokens": None, "begin_suppress_tokens": None}
+# generation_config rules that shape greedy logits and that this module does not implement: each
+# must keep its no-op value. (It implements decoder_start/bos/eos/pad ids and forced_bos/forced_eos;
+# num_beams and do_sample are the engine's own settings, passed explicitly, so they do not count.)
+UNSUPPORTED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+               "min_length": 0, "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+               "encoder_repetition_penalty": 1.0, "exponential_decay_length_penalty": None,
+               "sequence_bias": None, "renormalize_logits": False}
 
 
 @dataclass

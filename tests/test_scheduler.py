@@ -96,6 +96,7 @@ def test_beams_and_unknown_rules_keep_generate(tiny_lm):
     assert not Engine(tiny_lm, parse_task_list("od"), TaskInputs(), GenerationSettings(num_beams=3)).use_scheduler
     assert Engine(tiny_lm, parse_task_list("od"), TaskInputs(), GenerationSettings(num_beams=1)).use_scheduler
     config = copy.deepcopy(tiny_lm.model.generation_config)
+    config.num_beams = 3  # the checkpoints' default; the engine passes its own num_beams
     assert supports(config)
     config.no_repeat_ngram_size = 3
     assert not supports(config)
