@@ -1,8 +1,10 @@
 """`annotate bench`: the engine against the loop people write, on the same synthetic images, in
 one process, reported as ratios (absolute times drift on shared machines; ratios much less).
 
-Both sides generate exactly the same number of tokens per task (min = max new tokens), so they
-do the same decoding work; the engine saves work only where it is truly redundant (vision once
+Both sides generate exactly the same number of tokens per answer (min = max new tokens), so they
+do the same decoding work: `--lengths fixed` forces one length per task (`--tokens`), `realistic`
+draws a length per (image, task) from lengths.py's distributions, with `--seed`. The engine's
+slot efficiency (useful tokens / (decode steps x rows in flight)) shows what uneven lengths cost; the engine saves work only where it is truly redundant (vision once
 per image, batched prompts) and runs it faster (batching, oneDNN Linear kernels on CPU).
 
 The reference loop, as in the published examples, per image and per task:
@@ -155,9 +157,10 @@ def peak_memory_bytes(device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def run_engine(engine, images, batch_size: int, side: Side) -> None:
+def run_engine(engine, images, batch_size: int, side: Side, first: int = 0) -> None:
     """What `annotate run` does per batch, minus the DataLoader and Parquet: preprocess
-    (in this thread, so it is counted), vision once, batched generate per task, parse."""
+    (in this thread, so it is counted), vision once, batched generate per task, parse.
+    Image keys are bench<first + i>.png (they select the image's lengths)."""
 
     from .images import ImageItem, collate
 
@@ -167,20 +170,21 @@ def run_engine(engine, images, batch_size: int, side: Side) -> None:
         items = []
         for k, im in enumerate(images[start:start + batch_size]):
             pixels = lm.processor.image_processor(images=im, return_tensors="pt")["pixel_values"][0]
-            items.append(ImageItem(f"bench{start + k}.png", im.width, im.height, pixels, names))
+            items.append(ImageItem(f"bench{first + start + k}.png", im.width, im.height, pixels, names))
         rows = engine.annotate(collate(items))
         side.rows_error += sum(r.status != "ok" for r in rows)
         side.images += len(items)
     _sync(lm.device)
 
 
-def run_reference(lm, tasks, tokens, num_beams: int, images, side: Side) -> None:
-    """The loop of the published examples, one image and one prompt at a time."""
+def run_reference(lm, tasks, lengths: list[dict[str, int]], num_beams: int, images, side: Side) -> None:
+    """The loop of the published examples, one image and one prompt at a time.
+    lengths[i][task]: the exact answer length for images[i]."""
     proc, model = lm.processor, lm.model
-    for im in images:
+    for im, exact in zip(images, lengths):
         for task in tasks:
             inputs = proc(text=task.token, images=im, return_tensors="pt").to(lm.device)
-            n = tokens[task.name]
+            n = exact[task.name]
             ids = model.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"].to(lm.dtype),
                                  max_new_tokens=n, min_new_tokens=n, num_beams=num_beams, do_sample=False)
             text = proc.batch_decode(ids, skip_special_tokens=False)[0]
@@ -236,12 +240,14 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
           batch_size: int = 8, num_beams: int = 3, baseline: bool = False, tokens_spec: str | None = None,
           dtype: str = "auto", attention: str = "auto", device: str = "auto", kernels: str = "onednn",
           seed: int = 0, threads: int | None = None, matmul_size: int | None = None, scores: bool = True,
-          echo=print) -> dict:
+          lengths: str = "fixed", scheduler: bool = True, echo=print) -> dict:
     """Run the benchmark; prints a human report through `echo`, returns every figure."""
     import torch
 
     from .config import ConfigError, GenerationSettings, ModelSpec, TaskInputs
     from .engine import Engine
+    from .lengths import REALISTIC, draw_lengths
+    from .scheduler import DecodeStats
     from .model import load_model
     from .speed import stock_linear
     from .tasks import Input, parse_task_list
@@ -255,8 +261,12 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
     if images < 1 or batch_size < 1:
         raise ConfigError("--images and --batch-size must be >= 1")
     tokens = parse_tokens(tokens_spec, tasks)
-    generation = GenerationSettings(num_beams=num_beams, max_new_tokens=max(tokens.values()), scores=scores,
-                                    min_new_tokens={t.token: tokens[t.name] for t in tasks})
+    if lengths not in ("fixed", "realistic"):
+        raise ConfigError(f"--lengths must be fixed or realistic, not {lengths!r}")
+    exact = draw_lengths(lengths, [t.name for t in tasks], images, tokens, seed)  # [image][task] -> new tokens
+    by_key = {f"bench{i}.png": row for i, row in enumerate(exact)}  # run_engine's image keys
+    generation = GenerationSettings(num_beams=num_beams, max_new_tokens=max(max(r.values()) for r in exact),
+                                    scores=scores)
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
     lm = load_model(ModelSpec(model, dtype=dtype, attention=attention), dev)
@@ -265,10 +275,15 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
     echo(f"model {model}  dtype {str(lm.dtype).replace('torch.', '')}  attention {lm.attention}  device {dev}  "
          f"threads {torch.get_num_threads()}  kernels {kernels}")
     echo(f"scores {'on' if scores else 'off'}  tasks {','.join(t.name for t in tasks)}  beams {num_beams}  "
-         f"images {images}  batch {batch_size}  forced tokens " + " ".join(f"{k}={v}" for k, v in tokens.items()))
+         f"images {images}  batch {batch_size}  lengths {lengths}: " + (
+             " ".join(f"{k}={v}" for k, v in tokens.items()) if lengths == "fixed" else
+             " ".join(f"{t.name}={REALISTIC[t.name].describe() if t.name in REALISTIC else 'other'}" for t in tasks)
+             + f" (seed {seed}, mean {sum(map(sum, (r.values() for r in exact))) / images:.0f} tokens per image)"))
     echo("matmul ceiling: " + "  ".join(f"{k} {v:.0f}" for k, v in rates.items()) + " GFLOP/s")
 
     runner = Engine(lm, tasks, TaskInputs(), generation, max_prompts=batch_size * len(tasks))  # patches Linear on CPU
+    runner.forced_lengths = lambda key, task: by_key[key][task]
+    runner.use_scheduler = runner.use_scheduler and scheduler  # --no-scheduler: the generate path, for A/B
     engine_kernels = (lambda: stock_linear(lm.model)) if kernels == "stock" else contextlib.nullcontext
     engine, ref = Side(), Side()
     ref_flops = None
@@ -279,23 +294,27 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
         echo(f"engine FLOPs per image: {engine_flops / 1e9:.1f} GFLOP")
         if baseline:
             with stock_linear(lm.model):
-                ref_flops = count_flops(lambda: run_reference(lm, tasks, tokens, num_beams, pictures[:1], Side()))
+                ref_flops = count_flops(lambda: run_reference(lm, tasks, exact[:1], num_beams, pictures[:1], Side()))
             echo(f"reference FLOPs per image: {ref_flops / 1e9:.1f} GFLOP")
         if lm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(lm.device)
+        runner.decode_stats = DecodeStats()  # the engine counts its own decoding work (scheduler or generate)
         # A batch at a time, the two sides in turn: on a shared machine both see the same load.
         for start in range(0, len(pictures), batch_size):
             chunk = pictures[start:start + batch_size]
             rec.side = engine
             with engine_kernels():
-                engine.seconds += timed(lambda: run_engine(runner, chunk, batch_size, engine))
+                engine.seconds += timed(lambda: run_engine(runner, chunk, batch_size, engine, start))
             if baseline:
                 rec.side = ref
                 with stock_linear(lm.model):  # the published loop runs torch's own kernels
-                    ref.seconds += timed(lambda: run_reference(lm, tasks, tokens, num_beams, chunk, ref))
+                    ref.seconds += timed(lambda: run_reference(lm, tasks, exact[start:start + batch_size], num_beams,
+                                                               chunk, ref))
             echo(f"  {engine.images}/{images} images: engine {engine.seconds:.1f} s"
                  + (f", reference {ref.seconds:.1f} s" if baseline else ""))
         rec.side = None
+    decode = runner.decode_stats
+    engine.tokens, engine.generate_calls = dict(decode.tokens), decode.calls
     peak = peak_memory_bytes(lm.device)  # the engine's batches set the peak: the reference runs batch 1
     # Again at the end, keeping the best: on a shared machine a busy moment must not lower the ceiling.
     end = matmul_rates(lm.dtype, dev, matmul_size)
@@ -309,6 +328,10 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
          f"{engine_gflops:.0f} GFLOP/s = {ceiling:.0%} of the matmul ceiling  "
          f"peak {'GPU memory' if lm.device.type == 'cuda' else 'RSS'} {peak / 2**30:.2f} GiB  "
          f"tokens {sum(engine.tokens.values())}")
+    echo(f"engine decoding: {'scheduler (continuous batching)' if runner.use_scheduler else 'generate'}  "
+         f"{decode.steps} steps  {decode.row_steps / max(decode.steps, 1):.1f} rows in flight per step  "
+         f"slot efficiency {decode.efficiency:.0%} (useful tokens / (steps x rows in flight))  "
+         f"occupancy {decode.occupancy:.0%} of {runner.max_prompts} slots")
     if baseline:
         echo(f"reference: {ref.images} images in {ref.seconds:.1f} s = {ref.images_per_s:.3f} images/s  "
              f"{ref_flops * ref.images_per_s / 1e9:.0f} GFLOP/s  tokens {sum(ref.tokens.values())}")
@@ -320,7 +343,10 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
     result = {
         "model": model, "dtype": str(lm.dtype).replace("torch.", ""), "attention": lm.attention, "device": str(dev),
         "threads": torch.get_num_threads(), "kernels": kernels, "scores": scores, "tasks": [t.name for t in tasks],
-        "num_beams": num_beams, "images": images, "batch_size": batch_size, "forced_tokens": tokens,
+        "num_beams": num_beams, "images": images, "batch_size": batch_size, "lengths": lengths,
+        "forced_tokens": tokens if lengths == "fixed" else None, "seed": seed,
+        "decode": dict(asdict(decode), efficiency=decode.efficiency, occupancy=decode.occupancy,
+                       scheduler=runner.use_scheduler, slots=runner.max_prompts),
         "matmul_gflops": rates, "ceiling_gflops": ceiling_rate,
         "engine": dict(asdict(engine), images_per_s=engine.images_per_s, gflops=engine_gflops,
                        flops_per_image=engine_flops, peak_memory_bytes=peak),
@@ -345,6 +371,11 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
 @click.option("--tokens", "tokens_spec", default=None,
               help="Forced new tokens per task, e.g. od=50,caption=10 "
                    f"(default {','.join(f'{k}={v}' for k, v in DEFAULT_TOKENS.items())}, others {OTHER_TASK_TOKENS}).")
+@click.option("--lengths", type=click.Choice(["fixed", "realistic"]), default="fixed", show_default=True,
+              help="Answer lengths: fixed per task (--tokens), or drawn per image and task from "
+                   "realistic per-task distributions (annotator/lengths.py; --seed).")
+@click.option("--scheduler/--no-scheduler", default=True, show_default=True,
+              help="Greedy engine decoding through the continuous-batching scheduler (off: one generate per chunk).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--attention", type=click.Choice(["auto", "sdpa", "eager", "flash_attention_2"]), default="auto",
               show_default=True)
@@ -354,11 +385,11 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's, one per core).")
 @click.option("--matmul-size", type=int, default=None,
               help="n of the n x n x n matmul that sets the ceiling (default 3072 on CPU, 8192 on GPU).")
-@click.option("--seed", default=0, show_default=True, help="Synthetic image seed.")
+@click.option("--seed", default=0, show_default=True, help="Synthetic image and realistic-length seed.")
 @click.option("--no-scores", is_flag=True, help="Time the engine without its confidence-score pass (as `run --no-scores`).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write every figure to this JSON file.")
-def bench(model, tasks_spec, images, batch_size, num_beams, baseline, tokens_spec, dtype, attention, device,
+def bench(model, tasks_spec, images, batch_size, num_beams, baseline, tokens_spec, lengths, scheduler, dtype, attention, device,
               kernels, threads, matmul_size, seed, no_scores, json_path) -> None:
     """Images/s of the engine vs the one-image-one-prompt loop, FLOPs, and the matmul ceiling.
 
@@ -370,7 +401,7 @@ def bench(model, tasks_spec, images, batch_size, num_beams, baseline, tokens_spe
     try:
         result = run_bench(model, tasks_spec, images, batch_size, num_beams, baseline, tokens_spec, dtype,
                            attention, device, kernels, seed, threads, matmul_size, scores=not no_scores,
-                           echo=click.echo)
+                           lengths=lengths, scheduler=scheduler, echo=click.echo)
     except (ConfigError, UnknownTask) as exc:
         raise click.UsageError(str(exc)) from None
     except ModelLoadError as exc:

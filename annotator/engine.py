@@ -6,7 +6,8 @@ Shapes: B images per batch, N image tokens (577 at 768px), D model width, P prom
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -15,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from .config import GenerationSettings, TaskInputs
 from .images import Batch, ImageItem, describe_error
 from .model import LoadedModel
+from .scheduler import DecodeScheduler, DecodeStats, Job, rows_for_memory, supports
 from .parse import Parsed, clean_raw, parse_generation, plain_text, refine
 from .scores import instance_scores, text_score, token_text
 from .speed import use_onednn_linear
@@ -33,6 +35,7 @@ class Request:
     prompt: str  # task token plus its input, e.g. "<REGION_TO_SEGMENTATION><loc_1><loc_2><loc_8><loc_9>"
     box: tuple[float, ...] | None = None  # region tasks: the source box, in pixels
     label: str | None = None  # region tasks: the source label; OVD with --classes: the class
+    forced: int = 0  # bench only: the answer has exactly this many new tokens (0: the model decides)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,11 @@ class Engine:
         tok = lm.processor.tokenizer
         self._image_prefix = tok.image_token * lm.processor.num_image_tokens + tok.bos_token
         self._eos = tok.eos_token
+        self.forced_lengths: Callable[[str, str], int] | None = None  # bench: (image key, task) -> exact length
+        self.decode_stats = DecodeStats()  # decoding work, for the bench's slot efficiency
+        # Greedy decoding goes through the continuous-batching scheduler (scheduler.py) when it
+        # does exactly what generate would; beam search keeps the generate path.
+        self.use_scheduler = generation.num_beams == 1 and supports(lm.model.generation_config)
         if lm.device.type == "cpu":
             use_onednn_linear(lm.model)  # fp32 Linear through oneDNN: 2x the GFLOP/s on AMD CPUs (speed.py)
 
@@ -127,6 +135,8 @@ class Engine:
                     failed[(i, task.name)] = f"needs {src}, which failed: {done[(i, src)].error}"
                     continue
                 requests.extend(self.requests(task, i, items[i].width, items[i].height, done.get((i, src)) if src else None))
+        if self.forced_lengths:
+            requests = [replace(r, forced=self.forced_lengths(items[r.image].key, r.task)) for r in requests]
         results = self.generate(requests, features)
         answers: dict[tuple[int, str], list[tuple[Request, Generation | BaseException]]] = {}
         for req, res in zip(requests, results):
@@ -173,6 +183,18 @@ class Engine:
     def generate(self, requests: list[Request], features: torch.Tensor) -> list[Generation | BaseException]:
         """Generate every request, `max_prompts` at a time. A failing chunk is retried prompt by
         prompt so that only the offending image gets an error; OOM halves the chunk size."""
+        while self.use_scheduler and requests:
+            try:
+                return self._schedule(requests, features)
+            except Exception as exc:  # noqa: BLE001 - OOM: fewer slots; else generate sorts out the bad rows
+                _free_cache(self.lm.device)
+                slots = min(self.max_prompts, len(requests))
+                if is_oom(exc) and slots > 1:
+                    self.max_prompts = slots // 2
+                    log.warning("out of memory with %d rows in flight; going on with %d", slots, self.max_prompts)
+                    continue
+                log.warning("decode scheduler failed (%s); using generate for these prompts", describe_error(exc))
+                break
         out: list[Generation | BaseException] = []
         for group in self._groups(requests):
             pos = 0
@@ -194,7 +216,8 @@ class Engine:
         """Requests come grouped by task (similar answer lengths side by side). Tasks share a
         generate call, except when lengths are forced per task (bench) under beam search,
         where generate has no per-row length limit."""
-        if not (self.generation.min_new_tokens and self.generation.num_beams > 1):
+        forced = self.generation.min_new_tokens or self.forced_lengths
+        if not (forced and self.generation.num_beams > 1):
             return [requests] if requests else []
         groups: dict[str, list[Request]] = {}
         for req in requests:
@@ -214,9 +237,9 @@ class Engine:
                 results.append(one)
         return results
 
-    def _generate_chunk(self, chunk: list[Request], features: torch.Tensor) -> list[Generation]:
-        lm, gen = self.lm, self.generation
-        tok = lm.processor.tokenizer
+    def _encode_requests(self, chunk: list[Request], features: torch.Tensor):
+        """Prompts of the chunk, right padded -> (input_ids [P, L], mask [P, L], encoder states [P, L, D])."""
+        lm, tok = self.lm, self.lm.processor.tokenizer
         ids = [self.prompt_ids(r.prompt) for r in chunk]
         width = max(map(len, ids))
         # Right padding: the image tokens must keep their positions (the encoder ignores the mask there).
@@ -227,7 +250,34 @@ class Engine:
             mask[row, :len(seq)] = 1
         input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
         index = torch.tensor([r.image for r in chunk], device=features.device)
-        encoded = self.encode(input_ids, mask, features.index_select(0, index))  # [P, L, D]
+        return input_ids, mask, self.encode(input_ids, mask, features.index_select(0, index))
+
+    def _schedule(self, requests: list[Request], features: torch.Tensor) -> list[Generation]:
+        """Greedy, all requests of the wave through the continuous-batching scheduler."""
+        gen, tok = self.generation, self.lm.processor.tokenizer
+        jobs = [Job(len(self.prompt_ids(r.prompt)), r.forced or gen.min_new_tokens.get(TASKS[r.task].token, 0),
+                    r.forced or gen.max_new_tokens) for r in requests]
+        sched = DecodeScheduler(self.lm.model, self.max_prompts, scores=gen.scores)
+        per_row = sched.kv_bytes_per_row(max(j.max_new for j in jobs), max(j.prompt_len for j in jobs))
+        sched.max_rows = rows_for_memory(self.lm.device, per_row, self.max_prompts)
+
+        def encode(indices: list[int]):
+            _, mask, states = self._encode_requests([requests[i] for i in indices], features)
+            return states, mask
+
+        answers = sched.run(jobs, encode, self.decode_stats)
+        out = []
+        for req, a in zip(requests, answers):
+            self.decode_stats.add_tokens(req.task, len(a.ids))
+            text = tok.decode([sched.start] + a.ids, skip_special_tokens=False)
+            out.append(Generation(text, truncated=not a.ended, ids=tuple(a.ids),
+                                  logprobs=None if a.logprobs is None else tuple(a.logprobs)))
+        return out
+
+    def _generate_chunk(self, chunk: list[Request], features: torch.Tensor) -> list[Generation]:
+        lm, gen = self.lm, self.generation
+        tok = lm.processor.tokenizer
+        input_ids, mask, encoded = self._encode_requests(chunk, features)  # encoded: [P, L, D]
         sequences = lm.model.generate(
             # input_ids only tell generate the batch size (and observers the prompt): the encoder
             # is not re-run. A fresh wrapper, because beam search expands it in place.
@@ -236,18 +286,35 @@ class Engine:
         )  # [P, 1 + T]: decoder start token, then the generated tokens
         texts = tok.batch_decode(sequences, skip_special_tokens=False)
         rows = [_answer_ids(seq[1:].tolist(), tok.eos_token_id, tok.pad_token_id) for seq in sequences]
+        if any(r.forced for r in chunk) and gen.num_beams > 1:  # bench: beams ran to the chunk's longest; cut
+            rows = [(ids[:r.forced], False) for r, (ids, _) in zip(chunk, rows)]
+            texts = [tok.decode(sequences[0, :1].tolist() + ids) for ids, _ in rows]
+        self._count(chunk, [ids for ids, _ in rows], sequences.shape[1] - 1)
         logprobs = self.token_logprobs(encoded, mask, sequences, [len(ids) for ids, _ in rows]) if gen.scores \
             else [None] * len(rows)
         return [Generation(text, truncated=not ended, ids=tuple(ids), logprobs=None if lps is None else tuple(lps))
                 for text, (ids, ended), lps in zip(texts, rows, logprobs)]
 
+    def _count(self, chunk: list[Request], answers: list[list[int]], steps: int) -> None:
+        """Decoding work of one generate call: every row is computed for every step."""
+        stats = self.decode_stats
+        stats.calls += 1
+        stats.steps += steps
+        stats.row_steps += steps * len(chunk)
+        stats.slot_steps += steps * max(self.max_prompts, len(chunk))
+        for req, ids in zip(chunk, answers):
+            stats.add_tokens(req.task, len(ids))
+
     def _lengths(self, chunk: list[Request]) -> dict:
         """Length arguments for generate. Forced lengths (bench: equal work on both sides) are
-        exact per row: one value for the chunk, or per-row limits when tasks share the call."""
+        exact per row: one value for the chunk, or per-row limits when tasks share the call
+        (greedy; beam search runs to the longest and `_generate_chunk` cuts each row)."""
         gen = self.generation
-        forced = [gen.min_new_tokens.get(TASKS[r.task].token, 0) for r in chunk]
+        forced = [r.forced or gen.min_new_tokens.get(TASKS[r.task].token, 0) for r in chunk]
         if not any(forced):
             return {"max_new_tokens": gen.max_new_tokens}
+        if gen.num_beams > 1:
+            forced = [max(forced)] * len(forced)
         if len(set(forced)) == 1:
             return {"max_new_tokens": forced[0], "min_new_tokens": forced[0]}
         limits = torch.tensor(forced, device=self.lm.device)

@@ -54,3 +54,22 @@ def test_bench_rejects_bad_tokens_and_input_tasks():
     assert bad.exit_code == 2 and "--tokens" in bad.output
     region = CliRunner().invoke(cli, ["bench", "--model", "random:tiny", "--tasks", "od,region_to_category"])
     assert region.exit_code == 2 and "region_to_category" in region.output
+
+
+def test_bench_realistic_lengths_are_drawn_per_row_and_equal_on_both_sides(tmp_path):
+    """--lengths realistic: each (image, task) gets its seeded length; the engine (greedy: the
+    scheduler) and the reference write exactly those; slot efficiency is reported."""
+    from annotator.lengths import draw_lengths
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli, ["bench", "--model", "random:tiny", "--tasks", "caption", "--images", "3",
+                                      "--batch-size", "2", "--matmul-size", "256", "--num-beams", "1",
+                                      "--lengths", "realistic", "--seed", "5", "--baseline", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "slot efficiency" in result.output
+    data = json.loads(out.read_text())
+    drawn = draw_lengths("realistic", ["caption"], 3, {}, seed=5)
+    assert len({row["caption"] for row in drawn}) > 1  # lengths differ between images
+    assert data["engine"]["tokens"] == data["baseline"]["tokens"] == {"caption": sum(r["caption"] for r in drawn)}
+    assert data["lengths"] == "realistic" and data["decode"]["scheduler"] is True
+    assert data["decode"]["efficiency"] == 1.0 and 0 < data["decode"]["occupancy"] <= 1.0

@@ -99,6 +99,7 @@ def scripted(engine, seen):
             out.append(Generation(text, truncated=False))
         return out
     engine._generate_chunk = fake
+    engine.use_scheduler = False  # greedy would go through the scheduler, which the fake does not replace
 
 
 def test_region_tasks_run_once_per_detected_box(tiny_lm):

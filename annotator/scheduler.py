@@ -1,0 +1,259 @@
+"""Continuous batching for greedy decoding: a fixed number of decoding slots, each holding one
+answer in flight; when an answer ends its slot is refilled with the next waiting prompt, so a
+20-token caption does not keep its slot while a 900-token OCR page is still being written.
+
+Why not `generate`: one `generate` call runs until its longest answer ends and keeps computing
+the finished rows (as padding). Here every step computes only the rows still in flight.
+
+The decoder step is BART's (post-LayerNorm), written out so that each row has its own position:
+  per slot s: self-attention K/V  [layers][S, H, T, hd]  (T = longest answer allowed + 1)
+              cross-attention K/V [layers][S, H, L, hd]  (L = longest prompt, computed once on admission)
+Rows in flight are kept packed in slots [0, n): a finished row's slot takes the last row's cache,
+so a step works on views of the first n slots, never on copies.
+
+Greedy only, and only with the logits rules written here (forced <s> first, forced </s> last,
+per-row min/max lengths); anything else in the model's generation config -> `supports()` is False
+and the engine keeps its `generate` path (beam search always does)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# generation_config rules that shape greedy logits and that this module does not implement: each
+# must keep its no-op value. (It implements decoder_start/bos/eos/pad ids and forced_bos/forced_eos;
+# num_beams and do_sample are the engine's own settings, passed explicitly, so they do not count.)
+UNSUPPORTED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+               "min_length": 0, "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+               "encoder_repetition_penalty": 1.0, "exponential_decay_length_penalty": None,
+               "sequence_bias": None, "renormalize_logits": False}
+
+
+@dataclass
+class DecodeStats:
+    """Decoding work, for the bench's slot efficiency. A row is one prompt (beams count once)."""
+
+    calls: int = 0  # generate calls or scheduler runs
+    steps: int = 0  # decoder steps
+    row_steps: int = 0  # sum over steps of rows computed in that step
+    slot_steps: int = 0  # sum over steps of slots available (the cap on rows in flight)
+    useful: int = 0  # answer tokens kept
+    tokens: dict = field(default_factory=dict)  # task -> answer tokens
+
+    def add_tokens(self, task: str, n: int) -> None:
+        self.useful += n
+        self.tokens[task] = self.tokens.get(task, 0) + n
+
+    @property
+    def efficiency(self) -> float:
+        """useful tokens / (decode steps x rows in flight): the work that was not padding."""
+        return self.useful / self.row_steps if self.row_steps else 0.0
+
+    @property
+    def occupancy(self) -> float:
+        """rows in flight / slots, over all steps: what a GPU (cost per step ~ flat in rows) sees."""
+        return self.row_steps / self.slot_steps if self.slot_steps else 0.0
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prompt to answer."""
+
+    prompt_len: int  # encoder length (image tokens + prompt), for sizing the cross cache
+    min_new: int = 0  # no </s> before this many tokens
+    max_new: int = 1024  # stop after this many tokens
+
+
+@dataclass
+class Answer:
+    ids: list[int]  # generated ids after the decoder start token, </s> included when it ended
+    ended: bool  # wrote </s> (False: stopped by its length limit)
+    logprobs: list[float] | None  # raw model log p of each id (None: scoring off)
+
+
+def supports(generation_config) -> bool:
+    """True when greedy decoding with this config is exactly what `DecodeScheduler` does."""
+    return all(getattr(generation_config, key, default) in (default, None) for key, default in UNSUPPORTED.items())
+
+
+class DecodeScheduler:
+    def __init__(self, model, max_rows: int, scores: bool = True):
+        self.model = model  # Florence2ForConditionalGeneration
+        self.decoder = model.model.language_model.decoder
+        self.max_rows = max_rows  # slots: the cap on rows in flight (and on KV-cache bytes, see kv_bytes_per_row)
+        self.scores = scores
+        gc = model.generation_config
+        self.start, self.eos = gc.decoder_start_token_id, gc.eos_token_id
+        self.forced_bos, self.forced_eos = gc.forced_bos_token_id, gc.forced_eos_token_id
+
+    def kv_bytes_per_row(self, max_new: int, prompt_len: int) -> int:
+        """Self (max_new + 1 positions) and cross (prompt_len) K and V, every decoder layer."""
+        cfg = self.decoder.config
+        itemsize = self.decoder.embed_tokens.weight.element_size()
+        return 2 * len(self.decoder.layers) * cfg.d_model * (max_new + 1 + prompt_len) * itemsize
+
+
+    @torch.inference_mode()
+    def run(self, jobs: Sequence[Job], encode: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
+            stats: DecodeStats | None = None) -> list[Answer]:
+        """Answer every job. `encode(job indices)` -> (encoder states [k, L, D], mask [k, L]) for
+        the jobs being admitted: encoding happens as slots free up, so memory holds at most
+        `max_rows` encoder outputs."""
+        if not jobs:
+            return []
+        slots = min(self.max_rows, len(jobs))
+        cache = _Cache(self.decoder, slots, max(j.max_new for j in jobs) + 1, max(j.prompt_len for j in jobs))
+        answers: list[Answer | None] = [None] * len(jobs)
+        rows: list[int] = []  # job index per packed slot
+        ids: list[list[int]] = []
+        lps: list[list[float]] = []
+        waiting = 0  # next job to admit (jobs are admitted in order)
+        tokens = torch.empty(0, dtype=torch.long, device=cache.device)
+        while waiting < len(jobs) or rows:
+            if waiting < len(jobs) and len(rows) < slots:  # refill free slots with waiting prompts
+                new = list(range(waiting, min(len(jobs), waiting + slots - len(rows))))
+                states, mask = encode(new)
+                cache.admit(len(rows), states, mask)
+                rows += new
+                ids += [[] for _ in new]
+                lps += [[] for _ in new]
+                tokens = torch.cat([tokens, torch.full((len(new),), self.start, dtype=torch.long, device=cache.device)])
+                waiting = new[-1] + 1
+            n = len(rows)
+            logits = self._step(cache, tokens, n)  # [n, V]
+            chosen = self._choose(logits, [jobs[j] for j in rows], [len(x) for x in ids])
+            chosen_list = chosen.tolist()
+            if self.scores:
+                lp = torch.log_softmax(logits.float(), -1).gather(-1, chosen[:, None])[:, 0].tolist()
+            if stats is not None:
+                stats.steps += 1
+                stats.row_steps += n
+                stats.slot_steps += slots
+            cache.advance(n)
+            done = []
+            for r in range(n):
+                ids[r].append(chosen_list[r])
+                if self.scores:
+                    lps[r].append(lp[r])
+                if chosen_list[r] == self.eos or len(ids[r]) >= jobs[rows[r]].max_new:
+                    done.append(r)
+            tokens = chosen
+            for r in reversed(done):  # highest first: moving the last row down never moves a finished one
+                j = rows[r]
+                answers[j] = Answer(ids[r], ids[r][-1] == self.eos, lps[r] if self.scores else None)
+                last = len(rows) - 1
+                if r != last:
+                    cache.move(last, r)
+                    rows[r], ids[r], lps[r] = rows[last], ids[last], lps[last]
+                    tokens[r] = tokens[last]
+                rows.pop(), ids.pop(), lps.pop()
+                tokens = tokens[:last]
+        if stats is not None:
+            stats.calls += 1
+        return answers  # type: ignore[return-value]
+
+    def _choose(self, logits: torch.Tensor, jobs: list[Job], generated: list[int]) -> torch.Tensor:
+        """Greedy next token per row, after the rules generate applies (see module doc)."""
+        logits = logits.clone()
+        for r, (job, g) in enumerate(zip(jobs, generated)):
+            if g < job.min_new:
+                logits[r, self.eos] = -float("inf")
+            if g == 0 and self.forced_bos is not None:
+                logits[r] = -float("inf")
+                logits[r, self.forced_bos] = 0
+            elif g == job.max_new - 1 and self.forced_eos is not None:
+                logits[r] = -float("inf")
+                logits[r, self.forced_eos] = 0
+        return logits.argmax(-1)
+
+    def _step(self, cache: "_Cache", tokens: torch.Tensor, n: int) -> torch.Tensor:
+        """One decoder step for the rows in slots [0, n): tokens [n] at positions cache.pos[:n] -> logits [n, V]."""
+        dec = self.decoder
+        pos = cache.pos[:n]
+        h = dec.embed_tokens(tokens[:, None]) + dec.embed_positions.weight[pos + dec.embed_positions.offset][:, None]
+        h = dec.layernorm_embedding(h)  # [n, 1, D]
+        t = int(pos.max()) + 1
+        self_mask = (torch.arange(t, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, t]
+        cross_mask = cache.cross_mask[:n, None, None, :]  # [n, 1, 1, L]
+        rows = torch.arange(n, device=pos.device)
+        for i, layer in enumerate(dec.layers):
+            att = layer.self_attn
+            q, k, v = (_heads(p(h), att.head_dim) for p in (att.q_proj, att.k_proj, att.v_proj))  # [n, H, 1, hd]
+            cache.k[i][rows, :, pos] = k[:, :, 0]
+            cache.v[i][rows, :, pos] = v[:, :, 0]
+            o = F.scaled_dot_product_attention(q, cache.k[i][:n, :, :t], cache.v[i][:n, :, :t], self_mask,
+                                               scale=att.scaling)
+            h = layer.self_attn_layer_norm(h + att.out_proj(_merge(o)))
+            xa = layer.encoder_attn
+            q = _heads(xa.q_proj(h), xa.head_dim)
+            o = F.scaled_dot_product_attention(q, cache.ck[i][:n], cache.cv[i][:n], cross_mask, scale=xa.scaling)
+            h = layer.encoder_attn_layer_norm(h + xa.out_proj(_merge(o)))
+            h = layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
+        return self.model.lm_head(h[:, 0])
+
+
+def rows_for_memory(device: torch.device, bytes_per_row: int, cap: int, share: float = 0.5) -> int:
+    """The cap on rows in flight, lowered on GPU so the KV cache takes at most `share` of free memory."""
+    if device.type != "cuda":
+        return cap
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(cap, int(free * share) // bytes_per_row))
+
+
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[n, T, D] -> [n, H, T, hd]"""
+    return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """[n, H, T, hd] -> [n, T, D]"""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+
+class _Cache:
+    """The static per-slot KV cache (see module doc). Allocated once per run, sized by its jobs."""
+
+    def __init__(self, decoder, slots: int, positions: int, prompt_len: int):
+        self.decoder = decoder
+        w = decoder.embed_tokens.weight
+        self.device = w.device
+        layer = decoder.layers[0].self_attn
+        heads, hd = layer.embed_dim // layer.head_dim, layer.head_dim
+        shape_self, shape_cross = (slots, heads, positions, hd), (slots, heads, prompt_len, hd)
+        n = len(decoder.layers)
+        self.k = [torch.zeros(shape_self, dtype=w.dtype, device=self.device) for _ in range(n)]
+        self.v = [torch.zeros(shape_self, dtype=w.dtype, device=self.device) for _ in range(n)]
+        self.ck = [torch.zeros(shape_cross, dtype=w.dtype, device=self.device) for _ in range(n)]
+        self.cv = [torch.zeros(shape_cross, dtype=w.dtype, device=self.device) for _ in range(n)]
+        self.cross_mask = torch.zeros((slots, prompt_len), dtype=torch.bool, device=self.device)
+        self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)  # next position to write, per slot
+
+    def admit(self, first: int, states: torch.Tensor, mask: torch.Tensor) -> None:
+        """Encoder states [k, L, D] of new rows into slots [first, first + k): their cross K/V, once."""
+        k, length = states.shape[:2]
+        end = first + k
+        self.cross_mask[first:end] = False
+        self.cross_mask[first:end, :length] = mask.bool()
+        self.pos[first:end] = 0
+        for i, layer in enumerate(self.decoder.layers):
+            xa = layer.encoder_attn
+            self.ck[i][first:end, :, :length] = _heads(xa.k_proj(states), xa.head_dim)
+            self.cv[i][first:end, :, :length] = _heads(xa.v_proj(states), xa.head_dim)
+
+    def advance(self, n: int) -> None:
+        self.pos[:n] += 1
+
+    def move(self, src: int, dst: int) -> None:
+        """Slot src's row into slot dst (dst's row has finished)."""
+        t = int(self.pos[src])
+        for caches in (self.k, self.v):
+            for c in caches:
+                c[dst, :, :t] = c[src, :, :t]
+        for caches in (self.ck, self.cv):
+            for c in caches:
+                c[dst] = c[src]
+        self.cross_mask[dst] = self.cross_mask[src]
+        self.pos[dst] = self.pos[src]

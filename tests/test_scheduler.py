@@ -1,0 +1,132 @@
+"""The continuous-batching scheduler on the tiny random model with mixed answer lengths: its
+greedy answers are token for token those of `generate` and of the one-image-one-prompt loop,
+while rows end early and their slots are refilled. Beam search keeps the generate path."""
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from annotator.config import GenerationSettings, TaskInputs
+from annotator.engine import Engine
+from annotator.scheduler import supports
+from annotator.tasks import parse_task_list
+from test_engine import batches, make_items
+
+SPEC = "caption,od,ocr"
+MAX_NEW = 30
+
+
+@pytest.fixture(scope="module")
+def eos_lm(tiny_lm):
+    """tiny_lm with a stronger </s> row in the (tied) output embedding: the random model then ends
+    about half its answers early, at different steps, instead of always running to the limit."""
+    lm = copy.copy(tiny_lm)
+    lm.model = copy.deepcopy(tiny_lm.model)
+    with torch.no_grad():
+        lm.model.lm_head.weight[lm.model.generation_config.eos_token_id] *= 14
+    return lm
+
+
+def annotate(lm, items, gen, max_prompts, scheduler, batch_size=5, forced=None):
+    engine = Engine(lm, parse_task_list(SPEC), TaskInputs(), gen, max_prompts=max_prompts)
+    engine.use_scheduler = scheduler
+    engine.forced_lengths = forced
+    rows = [r for b in batches(items, batch_size) for r in engine.annotate(b)]
+    return rows, engine.decode_stats
+
+
+def key(rows):
+    return [(r.image, r.task, r.raw, r.truncated) for r in rows]
+
+
+def test_scheduler_equals_generate_and_the_reference_loop(eos_lm):
+    gen = GenerationSettings(num_beams=1, max_new_tokens=MAX_NEW)
+    items = make_items(eos_lm, SPEC.split(","))
+    sched, stats = annotate(eos_lm, items, gen, max_prompts=4, scheduler=True)  # 15 prompts through 4 slots
+    plain, _ = annotate(eos_lm, items, gen, max_prompts=4, scheduler=False)
+    assert key(sched) == key(plain)
+    ended = [r for r in sched if not r.truncated]
+    assert 3 <= len(ended) < len(sched), "mixed lengths: some rows must end early, some run to the limit"
+    assert len({len(r.raw) for r in ended}) > 1
+    assert stats.efficiency == 1.0 and stats.useful < MAX_NEW * len(sched)  # finished rows left their slots
+    for a, b in zip(sched, plain):  # confidence from in-step log p == the teacher-forced pass, to float noise
+        assert (a.text_score is None) == (b.text_score is None)
+        if a.text_score is not None:
+            assert a.text_score == pytest.approx(b.text_score, rel=1e-4)
+
+    rng = np.random.default_rng(0)  # the images of make_items, through processor -> generate, batch 1
+    tokens = {t.name: t.token for t in parse_task_list(SPEC)}
+    for i in range(len(items)):
+        im = Image.fromarray(rng.integers(0, 255, (40 + 13 * i, 90 - 7 * i, 3), dtype=np.uint8))
+        for row in (r for r in sched if r.image == f"img{i}.png"):
+            inputs = eos_lm.processor(text=tokens[row.task], images=im, return_tensors="pt")
+            ids = eos_lm.model.generate(**inputs, max_new_tokens=MAX_NEW, num_beams=1, do_sample=False)
+            assert row.raw == eos_lm.processor.batch_decode(ids, skip_special_tokens=False)[0]
+
+
+def test_slots_do_not_change_answers(eos_lm):
+    gen = GenerationSettings(num_beams=1, max_new_tokens=MAX_NEW, scores=False)
+    items = make_items(eos_lm, SPEC.split(","))
+    one, _ = annotate(eos_lm, items, gen, max_prompts=1, scheduler=True, batch_size=1)
+    many, stats = annotate(eos_lm, items, gen, max_prompts=6, scheduler=True)
+    assert key(one) == key(many)
+    assert stats.occupancy < 1.0  # the last rows of a batch run with free slots (no next batch joins)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_forced_lengths_are_exact_per_row(tiny_lm, num_beams):
+    """The bench's per-row lengths: exactly n new tokens for every (image, task), greedy and beams."""
+    gen = GenerationSettings(num_beams=num_beams, max_new_tokens=12, scores=False)
+    items = make_items(tiny_lm, SPEC.split(","), n=3)
+    lengths = {(f"img{i}.png", t): 2 + (3 * i + len(t)) % 9 for i in range(3) for t in SPEC.split(",")}
+    rows, stats = annotate(tiny_lm, items, gen, max_prompts=4, scheduler=num_beams == 1, batch_size=3,
+                           forced=lambda k, t: lengths[(k, t)])
+    for t in SPEC.split(","):
+        assert stats.tokens[t] == sum(n for (_, task), n in lengths.items() if task == t)
+    assert all(r.truncated for r in rows)
+    if num_beams > 1:
+        assert stats.efficiency < 1.0  # beams run each task's chunk to its longest row
+
+
+def test_beams_and_unknown_rules_keep_generate(tiny_lm):
+    assert not Engine(tiny_lm, parse_task_list("od"), TaskInputs(), GenerationSettings(num_beams=3)).use_scheduler
+    assert Engine(tiny_lm, parse_task_list("od"), TaskInputs(), GenerationSettings(num_beams=1)).use_scheduler
+    config = copy.deepcopy(tiny_lm.model.generation_config)
+    config.num_beams = 3  # the checkpoints' default; the engine passes its own num_beams
+    assert supports(config)
+    config.no_repeat_ngram_size = 3
+    assert not supports(config)
+
+
+@pytest.mark.parametrize("num_beams", [2])
+def test_beams_batched_equal_one_at_a_time_with_mixed_lengths(eos_lm, num_beams):
+    gen = GenerationSettings(num_beams=num_beams, max_new_tokens=MAX_NEW, scores=False)
+    items = make_items(eos_lm, SPEC.split(","))
+    batched, _ = annotate(eos_lm, items, gen, max_prompts=5, scheduler=False)
+    single, _ = annotate(eos_lm, items, replace(gen), max_prompts=1, scheduler=False, batch_size=1)
+    assert key(batched) == key(single)
+    assert any(not r.truncated for r in batched) and any(r.truncated for r in batched)
+
+
+def test_oom_halves_the_rows_in_flight_and_changes_nothing(eos_lm, monkeypatch):
+    from annotator.scheduler import DecodeScheduler
+
+    gen = GenerationSettings(num_beams=1, max_new_tokens=MAX_NEW, scores=False)
+    items = make_items(eos_lm, SPEC.split(","))
+    expected, _ = annotate(eos_lm, items, gen, max_prompts=15, scheduler=True)
+    real, caps = DecodeScheduler.run, []
+
+    def run(self, jobs, encode, stats=None):
+        caps.append(self.max_rows)
+        if self.max_rows > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, jobs, encode, stats)
+
+    monkeypatch.setattr(DecodeScheduler, "run", run)
+    got, _ = annotate(eos_lm, items, gen, max_prompts=15, scheduler=True)
+    assert key(got) == key(expected)
+    assert caps == [15, 7, 3]  # then it fits, and the engine keeps 3
