@@ -127,7 +127,9 @@ class RunConfig:
             "group_classes": self.task_inputs.group_classes,
             "generation": asdict(self.generation),
         }
-        if self.tiling.enabled:  # only when on: folders written before tiling existed still resume
-            t = self.tiling  # JSON-shaped (a list, not a tuple) so it compares equal to the loaded manifest
-            ident["tiling"] = {"mode": t.mode, "size": list(t.size) if t.size else None, "overlap": t.overlap}
+        # None when off: a manifest written before tiling existed lacks the key, which reads as None,
+        # so old folders still resume. JSON-shaped (a list, not a tuple) to compare equal after loading.
+        t = self.tiling
+        ident["tiling"] = {"mode": t.mode, "size": list(t.size) if t.size else None, "overlap": t.overlap} \
+            if t.enabled else None
         return ident
