@@ -146,7 +146,9 @@ def make_loader(work: list[WorkItem], lm: LoadedModel, cfg: RunConfig,
     return torch.utils.data.DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
         collate_fn=collate_tiles if isinstance(dataset, TilingDataset) else collate,
-        pin_memory=lm.device.type == "cuda", prefetch_factor=4 if workers else None,
+        pin_memory=lm.device.type == "cuda",
+        # a tiled sample is up to 17 processed images: keep fewer batches in flight
+        prefetch_factor=(2 if isinstance(dataset, TilingDataset) else 4) if workers else None,
         persistent_workers=False,
     )
 

@@ -61,10 +61,10 @@ def _interval_iou(a0: float, a1: float, b0: float, b1: float) -> float:
 
 
 # --------------------------------------------------------------------------- 1. join cut parts
-def _joinable(a: Instance, b: Instance, tol: float, by_label: bool) -> bool:
+def _joinable(a: Instance, b: Instance, tol: float, by_label: bool, facing: dict[str, str]) -> bool:
     if (by_label and a.label != b.label) or not (a.tiles and b.tiles) or a.tiles & b.tiles:
         return False
-    for near, far in FACING.items():
+    for near, far in facing.items():
         for p, q in ((a, b), (b, a)):
             if near not in p.cut or far not in q.cut:
                 continue
@@ -109,13 +109,16 @@ def _union(a: Instance, b: Instance, kind: str) -> Instance:
 
 
 def join_cut(items: list[Instance], kind: str, tol: float, by_label: bool = True) -> list[Instance]:
+    # Text lines join only across vertical borders: a line cut through its glyphs by a horizontal
+    # border is unreadable in both parts, and the overlap holds it whole in one of the tiles.
+    facing = {"right": "left"} if kind == "quads" else FACING
     items = list(items)
     joined = True
     while joined:  # until nothing joins: a corner object takes three joins
         joined = False
         for i in range(len(items)):
             for j in range(i + 1, len(items)):
-                if _joinable(items[i], items[j], tol, by_label):
+                if _joinable(items[i], items[j], tol, by_label, facing):
                     items[i] = _union(items[i], items[j], kind)
                     del items[j]
                     joined = True

@@ -227,9 +227,10 @@ def merge_row(whole: Annotation, parts: list[tuple[TileBox, Annotation]]) -> Ann
     row = replace(whole, tiles=len(parts), truncated=any(r.truncated for _, r in parts))
     if whole.task == "ocr":  # text from the tiles' lines, in reading order
         lines = merge([i for n, (b, r) in enumerate(parts) for i in instances(r, "quads", b, n, w, h)], "quads", tol)
-        row.text = ocr_text(lines)
-        scores = [ln.score for ln in lines]
-        row.text_score = sum(scores) / len(scores) if scores and None not in scores else None
+        if lines:  # tiles that read nothing keep the whole image's reading
+            row.text = ocr_text(lines)
+            scores = [ln.score for ln in lines]
+            row.text_score = sum(scores) / len(scores) if None not in scores else None
         return row
     kind = row_kind(whole.task, [whole] + [r for _, r in parts])
     found = instances(whole, kind, None, -1, w, h)

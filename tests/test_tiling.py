@@ -183,5 +183,6 @@ def test_auto_tiles_an_image_whose_answer_was_truncated(tmp_path):
     cfg = make_cfg(images, tmp_path / "ann", tasks="od", tiling=TileSettings("auto"))
     summary = run(cfg)
     (r,) = rows(cfg.out).iter_rows(named=True)
-    # random weights never stop within 6 tokens: truncated, so auto tiled it (2 tiles along x)
-    assert r["status"] == "ok" and r["tiles"] == 2 and summary.quality["retiled_truncated"] == 1
+    # random weights never stop within 6 tokens: truncated, so auto tiled it, with tiles of the
+    # model's input side (64 px for random:tiny): 2 x 2
+    assert r["status"] == "ok" and r["tiles"] == 4 and summary.quality["retiled_truncated"] == 1
