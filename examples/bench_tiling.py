@@ -4,8 +4,9 @@ of large images, with and without `--tile`, through the real CLI.
     python examples/bench_tiling.py IMAGES GT.json --model demo [--tile auto] [--ocr-gt texts.json]
 
 GT.json is COCO ground truth whose images' `file_name` are the keys `annotate run` gives them
-(paths relative to IMAGES). texts.json, optional, maps the same keys to the full page text; with
-it the `ocr` task is scored by character error rate (edit distance / reference length).
+(paths relative to IMAGES). --ocr-gt, optional, maps the same keys to the full page text (a JSON
+object, or the texts.jsonl that `annotate samples` writes beside its ground_truth.json); with it
+the `ocr` task is scored by character error rate (edit distance / reference length).
 Every run goes to --work (default ./bench-tiling) and is resumed if it is already there (then
 its seconds mean nothing: delete --work for timings).
 Prints one line per setting: AP50, recall (AR100 at IoU 0.5), CER, rows truncated, seconds.
@@ -48,6 +49,14 @@ def cer(out: Path, texts: dict[str, str]) -> float:
     return errors / max(1, sum(len(norm(ref)) for ref in texts.values()))
 
 
+def load_texts(path: Path) -> dict[str, str]:
+    """{key: text} JSON, or the synthetic world's texts.jsonl (`annotate samples`: {"image", "ocr"})."""
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {r["image"]: r["ocr"] for r in rows if r.get("ocr")}
+    return json.loads(path.read_text())
+
+
 def truncated(out: Path) -> int:
     return pl.scan_parquet(str(out / "part-*.parquet")).filter(pl.col("truncated")).select(pl.len()).collect().item()
 
@@ -67,7 +76,7 @@ def main() -> None:
     from annotator.evaluate import EvalError, evaluate  # after argparse: --help stays fast
 
     tasks = "od,ocr" if args.ocr_gt else "od"
-    texts = json.loads(args.ocr_gt.read_text()) if args.ocr_gt else None
+    texts = load_texts(args.ocr_gt) if args.ocr_gt else None
     print(f"{'tile':<12}{'AP50':>8}{'recall50':>10}{'CER':>8}{'truncated':>11}{'seconds':>9}")
     for tile in ("off", args.tile):
         out = args.work / f"run-{tile}"
