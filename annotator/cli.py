@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import ConfigError, GenerationSettings, ModelSpec, RunConfig, TaskInputs, DTYPES, ATTENTIONS
+from .config import ConfigError, GenerationSettings, ModelSpec, RunConfig, TaskInputs, TileSettings, DTYPES, ATTENTIONS
 from .model import ModelLoadError
 from .runner import EXIT_CANNOT_START, EXIT_INTERRUPTED, RunError
 from .sources import SourceError
@@ -86,9 +86,12 @@ def model_options(f):
 @click.option("--overwrite", is_flag=True, help="Delete the earlier parts in --out and start fresh.")
 @click.option("--force", is_flag=True, help="Resume even if the model or settings differ from the manifest.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--tile", "tile_spec", default="off", show_default=True,
+              help="Tiled inference for large images and dense pages: auto, off, or a tile size WxH in pixels.")
+@click.option("--tile-overlap", default=0.2, show_default=True, help="Fraction of a tile shared with its neighbours.")
 def run_cmd(inputs, tasks_spec, out, model, revision, dtype, attention, allow_pickle, trust_remote_code, text,
             classes, batch_size, workers, num_beams, max_new_tokens, no_scores, devices, limit, flush_every, flush_seconds,
-            max_image_pixels, follow_symlinks, retry_errors, overwrite, force, no_progress) -> None:
+            max_image_pixels, follow_symlinks, retry_errors, overwrite, force, no_progress, tile_spec, tile_overlap) -> None:
     """Annotate images: one Parquet row per image and task.
 
     INPUTS are folders (searched recursively) or image files."""
@@ -103,7 +106,7 @@ def run_cmd(inputs, tasks_spec, out, model, revision, dtype, attention, allow_pi
             batch_size=batch_size, workers=workers, limit=limit, devices=devices,
             flush_every_rows=flush_every, flush_every_seconds=flush_seconds, max_image_pixels=max_image_pixels,
             follow_symlinks=follow_symlinks, retry_errors=retry_errors, overwrite=overwrite, force=force,
-            progress=not no_progress,
+            progress=not no_progress, tiling=TileSettings.parse(tile_spec, tile_overlap),
         )
     except USAGE_ERRORS as exc:
         _fail(str(exc), 2)

@@ -56,6 +56,37 @@ class TaskInputs:
 
 
 @dataclass(frozen=True)
+class TileSettings:
+    """--tile auto|off|WxH and --tile-overlap (tiling.py does the work)."""
+
+    mode: str = "off"  # off | auto | fixed
+    size: tuple[int, int] | None = None  # fixed: tile width, height in pixels
+    overlap: float = 0.2  # fraction of a tile shared with its neighbour
+
+    def __post_init__(self):
+        if self.mode not in ("off", "auto", "fixed"):
+            raise ConfigError(f"--tile must be auto, off or WxH, not {self.mode!r}")
+        if self.mode == "fixed" and (self.size is None or min(self.size) < 16):
+            raise ConfigError("--tile WxH needs a tile of at least 16x16 pixels, e.g. --tile 1024x1024")
+        if not 0.0 <= self.overlap < 0.5:
+            raise ConfigError("--tile-overlap must be in [0, 0.5)")
+
+    @classmethod
+    def parse(cls, spec: str, overlap: float = 0.2) -> "TileSettings":
+        spec = spec.strip().lower()
+        if spec in ("off", "auto"):
+            return cls(spec, None, overlap)
+        w, sep, h = spec.partition("x")
+        if not (sep and w.isdigit() and h.isdigit()):
+            raise ConfigError(f"--tile must be auto, off or WxH in pixels (e.g. 1024x1024), not {spec!r}")
+        return cls("fixed", (int(w), int(h)), overlap)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     inputs: tuple[Path, ...]
     tasks: tuple[Task, ...]
@@ -75,6 +106,7 @@ class RunConfig:
     overwrite: bool = False
     force: bool = False
     progress: bool = True
+    tiling: TileSettings = field(default_factory=TileSettings)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -86,7 +118,7 @@ class RunConfig:
 
     def identity(self) -> dict:
         """What must not change between a run and its resume: same model, same prompts, same decoding."""
-        return {
+        ident = {
             "model": self.model.name,
             "revision": self.model.revision,
             "dtype": self.model.dtype,
@@ -95,3 +127,9 @@ class RunConfig:
             "group_classes": self.task_inputs.group_classes,
             "generation": asdict(self.generation),
         }
+        # None when off: a manifest written before tiling existed lacks the key, which reads as None,
+        # so old folders still resume. JSON-shaped (a list, not a tuple) to compare equal after loading.
+        t = self.tiling
+        ident["tiling"] = {"mode": t.mode, "size": list(t.size) if t.size else None, "overlap": t.overlap} \
+            if t.enabled else None
+        return ident

@@ -102,6 +102,10 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.work)
 
     def __getitem__(self, i: int) -> ImageItem | DecodeFailure:
+        return self.load(i)[1]
+
+    def load(self, i: int) -> tuple[Image.Image | None, ImageItem | DecodeFailure]:
+        """The decoded image too (None on failure): tiling crops it."""
         item = self.work[i]
         # load_rgb enforces max_pixels from the header itself; PIL's fixed global limit would
         # otherwise override a limit the user raised on purpose. Set here, in the process that
@@ -109,10 +113,13 @@ class ImageDataset(torch.utils.data.Dataset):
         Image.MAX_IMAGE_PIXELS = None
         try:
             image = load_rgb(item.ref.path, self.max_pixels)
-            pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+            pixels = self.pixels(image)
         except Exception as exc:  # any decode problem is data, not a crash
-            return DecodeFailure(item.ref.key, describe_error(exc), item.tasks)
-        return ImageItem(item.ref.key, image.width, image.height, pixels, item.tasks)
+            return None, DecodeFailure(item.ref.key, describe_error(exc), item.tasks)
+        return image, ImageItem(item.ref.key, image.width, image.height, pixels, item.tasks)
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
 def collate(samples: list[ImageItem | DecodeFailure]) -> Batch:

@@ -12,7 +12,7 @@ from pathlib import Path
 import polars as pl
 
 from .sources import SourceError, discover
-from .store import ERROR, MANIFEST, OK, Manifest, part_files
+from .store import ERROR, MANIFEST, OK, Manifest, part_files, scan_parts
 from .tasks import TASKS
 
 
@@ -135,7 +135,7 @@ def summarize(folder: Path, top: int = 10, check_complete: bool = True) -> RunIn
     if not parts and manifest is None:
         raise InfoError(f"{folder} holds no part files and no {MANIFEST}: not an annotations folder")
     # Columns listed explicitly so an empty folder still has a schema.
-    lf = pl.scan_parquet([str(p) for p in parts]) if parts else pl.LazyFrame(
+    lf = scan_parts(parts) if parts else pl.LazyFrame(
         schema={"image": pl.String, "task": pl.String, "status": pl.String, "error": pl.String,
                 "labels": pl.List(pl.String)})
     keys = lf.group_by("image", "task").len().collect()

@@ -23,6 +23,7 @@ from .images import ImageDataset, WorkItem, collate
 from .model import LoadedModel, load_model
 from .sources import Discovery, discover
 from .store import ERROR, MANIFEST, OK, Manifest, PartWriter, drop_error_rows, part_files, read_status
+from .tiling import TiledAnnotator, TilingDataset, collate_tiles, engine_tasks, tileable
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +139,16 @@ def pending_work(cfg: RunConfig, found: Discovery, summary: Summary) -> list[Wor
     return work
 
 
-def make_loader(work: list[WorkItem], lm: LoadedModel, cfg: RunConfig) -> torch.utils.data.DataLoader:
-    dataset = ImageDataset(work, lm.processor.image_processor, cfg.max_image_pixels)
+def make_loader(work: list[WorkItem], lm: LoadedModel, cfg: RunConfig,
+                dataset: ImageDataset | None = None) -> torch.utils.data.DataLoader:
+    dataset = dataset or ImageDataset(work, lm.processor.image_processor, cfg.max_image_pixels)
     workers = min(cfg.workers, len(work))
     return torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate, num_workers=workers,
-        pin_memory=lm.device.type == "cuda", prefetch_factor=4 if workers else None,
+        dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
+        collate_fn=collate_tiles if isinstance(dataset, TilingDataset) else collate,
+        pin_memory=lm.device.type == "cuda",
+        # a tiled sample is up to 17 processed images: keep fewer batches in flight
+        prefetch_factor=(2 if isinstance(dataset, TilingDataset) else 4) if workers else None,
         persistent_workers=False,
     )
 
@@ -183,12 +188,19 @@ def annotate_work(cfg: RunConfig, lm: LoadedModel, work: list[WorkItem], writer:
     """The device loop: decode in DataLoader workers, annotate, hand rows to the writer.
     `on_batch(images, rows_ok, rows_error, quality_counts)` is called after every batch."""
     # prompts per generate call: every task of a batch together (see Engine._run_wave)
-    engine = Engine(lm, list(cfg.tasks), cfg.task_inputs, cfg.generation, max_prompts=cfg.batch_size * len(cfg.tasks))
-    for batch in make_loader(work, lm, cfg):
-        rows = engine.annotate(batch)
+    tasks = engine_tasks(list(cfg.tasks), cfg.tiling)
+    engine = Engine(lm, tasks, cfg.task_inputs, cfg.generation, max_prompts=cfg.batch_size * len(cfg.tasks))
+    annotator, dataset = engine, None
+    if cfg.tiling.enabled:  # tiles are images to the engine; the annotator merges them back
+        dataset = TilingDataset(work, lm.processor.image_processor, cfg.max_image_pixels, cfg.tiling,
+                                tileable(tasks, engine.sources))
+        annotator = TiledAnnotator(engine, dataset, vision_batch=cfg.batch_size)
+    for batch in make_loader(work, lm, cfg, dataset):
+        rows = annotator.annotate(batch)
         writer.add(rows)
         quality, engine.stats = engine.stats, {}
-        on_batch(len(batch), sum(r.status == OK for r in rows), sum(r.status == ERROR for r in rows), quality)
+        images = len({r.image for r in rows})  # batch items include tiles; every image has a row
+        on_batch(images, sum(r.status == OK for r in rows), sum(r.status == ERROR for r in rows), quality)
 
 
 def new_writer(cfg: RunConfig, rank: int) -> PartWriter:

@@ -38,6 +38,9 @@ SCHEMA = pa.schema(
         pa.field("scores", pa.list_(pa.float32())),
         pa.field("text_score", pa.float32()),
         pa.field("truncated", pa.bool_()),
+        # Added with tiling (tiling.py): tiles merged into the row, 0 = whole image only. Parts
+        # written before it lack the column; scan_parts reads it there as null.
+        pa.field("tiles", pa.int16()),
     ],
     metadata={"florence_annotate_schema": str(SCHEMA_VERSION)},
 )
@@ -65,6 +68,7 @@ class Annotation:
     scores: list[float] | None = None
     text_score: float | None = None
     truncated: bool = False
+    tiles: int = 0
 
     @classmethod
     def failed(cls, image: str, task: str, error: str, width=None, height=None, prompt=None) -> "Annotation":
@@ -146,6 +150,23 @@ def part_files(out_dir: Path) -> list[Path]:
     return sorted(Path(out_dir).glob(PART_GLOB))
 
 
+def scan_parts(parts: list[Path]):
+    """All parts as one polars LazyFrame with today's columns: parts written before a column was
+    added (e.g. `tiles`) read it as null instead of failing the scan."""
+    import polars as pl  # lazily: the run path does not need it
+
+    schema = pl.from_arrow(SCHEMA.empty_table()).schema
+    return pl.scan_parquet([str(p) for p in parts], schema=schema, missing_columns="insert", extra_columns="ignore")
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """A part's table in today's schema: columns it predates are added as nulls."""
+    for f in SCHEMA:
+        if f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table.select(SCHEMA.names).cast(SCHEMA)
+
+
 def read_status(out_dir: Path) -> dict[tuple[str, str], str]:
     """(image, task) -> status for every row already written in the folder."""
     done: dict[tuple[str, str], str] = {}
@@ -178,7 +199,7 @@ def drop_error_rows(out_dir: Path, keys: set[tuple[str, str]] | None = None) -> 
         dropped += n_err
         kept = t.filter(pc.invert(is_error))
         if kept.num_rows:
-            write_table_atomic(kept.cast(SCHEMA), part)
+            write_table_atomic(conform(kept), part)
         else:
             part.unlink()
     return dropped

@@ -15,7 +15,7 @@ from typing import Iterator
 import polars as pl
 import pyarrow.parquet as pq
 
-from annotator.store import MANIFEST, OK, PART_GLOB, SCHEMA_VERSION, part_files
+from annotator.store import MANIFEST, OK, PART_GLOB, SCHEMA_VERSION, part_files, scan_parts
 from exporters.errors import ExportError
 from exporters.safety import check_key, is_safe_key
 
@@ -100,7 +100,7 @@ class Run:
     # --- lazy frames -------------------------------------------------------------------------
     def scan(self) -> pl.LazyFrame:
         """All rows, one per (image, task): an ok row wins over error rows for the same key."""
-        lf = pl.scan_parquet(self.parts)
+        lf = scan_parts(self.parts)  # old parts without later columns read them as null
         return (
             lf.with_columns((pl.col("status") != OK).alias("_not_ok"))
             .sort(["image", "task", "_not_ok"])
