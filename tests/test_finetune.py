@@ -200,9 +200,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         if checkpointing:
             enable_checkpointing(lm.model)
         train_mode(lm.model, lm.model, freeze_vision=True)  # dropout on: recomputation must replay its RNG
+        # a hook on each checkpointed layer's fc1: the recomputation re-runs the layer's forward (the
+        # layer's own hook does not see it, the checkpoint wraps inside __call__)
         layers = [m for m in lm.model.model.language_model.modules() if isinstance(m, GradientCheckpointingLayer)]
         count = [0]
-        hooks = [m.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1)) for m in layers]
+        hooks = [m.fc1.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1)) for m in layers]
         a, b = two_samples(lm.processor)
         torch.manual_seed(0)
         backward_window(lm.model, [Collator(lm.processor.tokenizer.pad_token_id)([a, b])], lm.model.config.text_config)
