@@ -379,6 +379,8 @@ class Engine:
                 found = instance_scores(task, tt)
                 n = len(parsed.bboxes or parsed.polygons or parsed.quad_boxes or [])
                 parsed.scores = found if len(found) == n and None not in found else None
+                if parsed.scores is None:  # null rather than misaligned (scores.py); counted, not silent
+                    self.stats["scores_not_aligned"] = self.stats.get("scores_not_aligned", 0) + 1
         if task.output is not Output.TEXT:
             parsed = refine(parsed, gen.truncated, size[0], size[1], self.stats)
         return parsed

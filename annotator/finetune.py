@@ -768,6 +768,8 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
             train_loss = _global_mean(total, distributed)
             record = {"epoch": epoch, "step": progress.step, "train_loss": train_loss,
                       "lr": scheduler.get_last_lr()[0]}
+            if distributed:
+                record["ranks_in_sync"] = _ranks_in_sync(params, world)
             if val_loader is not None:
                 record.update(evaluate(net, model, val_loader, val_ds, data.kind, text_config, device, autocast,
                                        distributed, cfg, owner))
@@ -785,6 +787,19 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _ranks_in_sync(params: list, world: int) -> bool:
+    """DDP keeps the ranks' weights identical (same start, same averaged gradients, same steps).
+    Checked once per epoch by per-tensor sums, so a desync is an error, not a quietly worse model."""
+    import torch.distributed as dist
+
+    sums = torch.stack([p.detach().double().sum() for p in params])
+    gathered = [torch.empty_like(sums) for _ in range(world)]
+    dist.all_gather(gathered, sums)
+    if not all(torch.equal(g, sums) for g in gathered):
+        raise FinetuneError("the DDP ranks' weights differ after an epoch (they must stay identical)")
+    return True
 
 
 def _barrier(distributed: bool) -> None:

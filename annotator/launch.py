@@ -193,10 +193,9 @@ def worker_main(rank: int, device: str, cfg: RunConfig, jobs, events, threads: i
             on_batch = lambda *counts: events.put(("batch", rank, *counts))  # noqa: E731
             while True:
                 chunk = jobs.get()
-                if os.environ.get("FLORENCE_ANNOTATE_TEST_KILL_RANK") == str(rank):
-                    os._exit(9)  # tests: a worker that dies holding its chunk, without any cleanup
                 if chunk is None:
                     break
+                _test_kill_hook(chunk)
                 annotate_work(cfg, lm, chunk, writer, on_batch)
     except KeyboardInterrupt:
         raise SystemExit(130)
@@ -205,6 +204,16 @@ def worker_main(rank: int, device: str, cfg: RunConfig, jobs, events, threads: i
         raise SystemExit(1)
     finally:
         writer.flush()
+
+
+def _test_kill_hook(chunk) -> None:
+    """Test hook (tests/test_launch.py), never set in use: FLORENCE_ANNOTATE_TEST_KILL_IMAGE=<key>
+    makes whichever worker takes the chunk holding that image die like a killed process (no
+    cleanup, no report), so that chunk's rows are lost and must come back on resume. Keyed by
+    image, not by rank: which rank gets which chunk is a race, which chunk is lost is not."""
+    key = os.environ.get("FLORENCE_ANNOTATE_TEST_KILL_IMAGE")
+    if key and any(w.ref.key == key for w in chunk):
+        os._exit(9)
 
 
 # ------------------------------------------------------------------ torchrun: many machines

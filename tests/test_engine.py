@@ -1,6 +1,8 @@
 """The engine on the tiny random model: batching changes nothing, vision runs once per image,
 and prompts that read earlier tasks (regions, grounding, classes) are built and assembled right."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -35,18 +37,59 @@ def run_engine(lm, spec, items, batch_size, inputs=TaskInputs(), generation=GREE
     return [r for b in batches(items, batch_size) for r in engine.annotate(b)]
 
 
-@pytest.mark.parametrize("num_beams", [1, 2])
+@contextlib.contextmanager
+def eos_after(lm, token: int, factor: float = 1.05):
+    """The random model, changed so that </s> wins wherever `token` would have been chosen: the
+    </s> row of lm_head becomes `factor` x that token's row. Rows whose answer held `token` now
+    end early, the others run to max_new_tokens: padding inside one generate call is exercised."""
+    weight = lm.model.lm_head.weight
+    eos = lm.processor.tokenizer.eos_token_id
+    saved = weight.data[eos].clone()
+    with torch.no_grad():
+        weight.data[eos] = weight.data[token] * factor
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight.data[eos] = saved
+
+
+def answer_tokens(lm, rows) -> list[set[int]]:
+    tok = lm.processor.tokenizer
+    return [set(tok(r.raw, add_special_tokens=False)["input_ids"]) for r in rows]
+
+
+def comparable(rows, approx=False):
+    """Rows as tuples; scores within float noise on one side (padding changes summation order)."""
+    near = (lambda v: pytest.approx(v, rel=1e-4, abs=1e-6)) if approx else (lambda v: v)
+    return [(r.image, r.task, r.status, r.raw, r.truncated, r.labels, None if r.scores is None else near(r.scores),
+             None if r.text_score is None else near(r.text_score)) for r in rows]
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
 def test_batched_equals_one_at_a_time(tiny_lm, num_beams):
-    """Token for token: right padding + masks make batching invisible (different prompt lengths too)."""
+    """Token for token and score for score: right padding + masks make batching invisible (different
+    prompt lengths, and answers of different lengths in one generate call). 3 is the CLI default."""
     spec = "caption,od,open_vocabulary_detection"
     inputs = TaskInputs(classes=("car", "a very long class name to pad"))
     gen = GenerationSettings(num_beams=num_beams, max_new_tokens=10)
     items = make_items(tiny_lm, spec.split(","))
-    batched = run_engine(tiny_lm, spec, items, 5, inputs, gen)
-    single = run_engine(tiny_lm, spec, items, 1, inputs, gen)
-    assert [(r.image, r.task, r.raw) for r in batched] == [(r.image, r.task, r.raw) for r in single]
-    raws = {r.raw for r in batched}
-    assert len(raws) > 3, "outputs must depend on image and prompt, or this test proves nothing"
+    plain = run_engine(tiny_lm, spec, items, 5, inputs, gen)
+    # a token some answers hold and others do not: with </s> made to win there, some rows end early
+    held = answer_tokens(tiny_lm, plain)
+    counts = {t: sum(t in h for h in held) for h in held for t in h}
+    token = max((t for t, c in counts.items() if c < len(held)), key=lambda t: (counts[t], -t))
+    for factor in (1.05, 1.3, 2.0, 4.0):  # beam search may prefer a longer unfinished beam: push harder
+        with eos_after(tiny_lm, token, factor):
+            batched = run_engine(tiny_lm, spec, items, 5, inputs, gen)
+            ended = [r for r in batched if not r.truncated]
+            if 0 < len(ended) < len(batched):
+                single = run_engine(tiny_lm, spec, items, 1, inputs, gen)
+                break
+    assert 0 < len(ended) < len(batched), f"some rows must stop before the others ({len(ended)} of {len(batched)})"
+    assert comparable(batched, approx=True) == comparable(single)
+    assert len({r.raw for r in batched}) > 3, "outputs must depend on image and prompt, or this test proves nothing"
+    assert any(r.text_score is not None for r in batched), "scores must be compared, not only raw"
 
 
 def test_equal_to_the_reference_loop(tiny_lm):
@@ -144,3 +187,55 @@ def test_truncation_is_flagged(tiny_lm):
     items = make_items(tiny_lm, ["caption"], n=1)
     rows = run_engine(tiny_lm, "caption", items, 1, generation=GenerationSettings(num_beams=1, max_new_tokens=3))
     assert rows[0].truncated and rows[0].status == "ok"
+
+
+def two_images(tasks):
+    items = [ImageItem(f"{k}.png", 1000, 500, torch.zeros(3, 64, 64), tasks) for k in ("a", "b")]
+    return Batch(items, torch.zeros(2, 3, 64, 64), [])
+
+
+def test_a_failed_source_fails_its_dependent_task_for_that_image_only(tiny_lm):
+    engine = Engine(tiny_lm, parse_task_list("od,region_to_category"), TaskInputs(), GREEDY)
+    seen = []
+    scripted(engine, seen)
+    fake = engine._generate_chunk
+
+    def od_of_a_fails(chunk, features):
+        if any(r.image == 0 and r.task == "od" for r in chunk):
+            raise RuntimeError("device fault")
+        return fake(chunk, features)
+
+    engine._generate_chunk = od_of_a_fails
+    rows = {(r.image, r.task): r for r in engine.annotate(two_images(("od", "region_to_category")))}
+    assert rows[("a.png", "od")].status == "error" and "device fault" in rows[("a.png", "od")].error
+    dep = rows[("a.png", "region_to_category")]
+    assert dep.status == "error" and dep.error == "needs od, which failed: generation failed: RuntimeError: device fault"
+    assert (dep.width, dep.height) == (1000, 500)
+    # no region prompt was made from a.png's missing boxes: only b.png's two boxes were asked about
+    assert len([p for p in seen if p.startswith("<REGION_TO_CATEGORY>")]) == 2
+    assert rows[("b.png", "od")].status == rows[("b.png", "region_to_category")].status == "ok"
+    assert rows[("b.png", "region_to_category")].labels == ["thing", "thing"]
+
+
+def test_a_parser_crash_is_that_rows_error_and_keeps_the_raw_text(tiny_lm, monkeypatch):
+    import annotator.engine as engine_module
+
+    engine = Engine(tiny_lm, parse_task_list("od,caption"), TaskInputs(), GREEDY)
+    scripted(engine, [])
+    real = engine_module.parse_generation
+    calls = {"n": 0}
+
+    def crash_on_first_od(processor, task, text, size):
+        if task.name == "od" and calls["n"] == 0:
+            calls["n"] += 1
+            raise IndexError("odd output")
+        return real(processor, task, text, size)
+
+    monkeypatch.setattr(engine_module, "parse_generation", crash_on_first_od)
+    rows = {(r.image, r.task): r for r in engine.annotate(two_images(("od", "caption")))}
+    bad = rows[("a.png", "od")]
+    assert bad.status == "error" and bad.error == "parse failed: IndexError: odd output"
+    assert "car<loc_100><loc_200><loc_300><loc_400>dog" in bad.raw  # kept to debug
+    assert bad.bboxes is None and bad.prompt == "<OD>"
+    assert rows[("b.png", "od")].status == "ok" and len(rows[("b.png", "od")].bboxes) == 2
+    assert rows[("a.png", "caption")].text == "A car next to a dog"

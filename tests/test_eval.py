@@ -9,9 +9,11 @@ from annotator.cli import cli
 from annotator.evaluate import EvalError, evaluate
 from annotator.store import Annotation, PartWriter
 
+FALSE_POSITIVE = [60, 60, 90, 95]
 BOXES = {  # image -> [(label, box, score)]
     "a.png": [("car", [10, 10, 60, 50], 0.95), ("dog", [100, 20, 190, 90], 0.9)],
-    "b.png": [("car", [5, 5, 45, 45], 0.8), ("car", [60, 60, 90, 95], 0.1)],  # the 0.1 one is a false positive
+    # the false positive outscores the true car of b.png: ranked between the two true cars, it costs AP
+    "b.png": [("car", [5, 5, 45, 45], 0.6), ("car", FALSE_POSITIVE, 0.7)],
 }
 
 
@@ -40,9 +42,9 @@ def ground_truth(export_path, shift=0.0, drop_false_positive=False):
     gt = json.loads(export_path.read_text())
     anns = []
     for ann in gt["annotations"]:
-        if drop_false_positive and ann.get("score", 1) < 0.5:
-            continue
         x, y, w, h = ann["bbox"]
+        if drop_false_positive and [round(v) for v in (x, y, x + w, y + h)] == FALSE_POSITIVE:
+            continue
         anns.append({"id": len(anns) + 1, "image_id": ann["image_id"], "category_id": ann["category_id"],
                      "bbox": [x + shift * w, y, w, h], "area": w * h, "iscrowd": 0})
     return dict(gt, annotations=anns)
@@ -69,10 +71,18 @@ def test_shifted_ground_truth_gives_the_expected_lower_ap(coco_export, tmp_path)
 def test_min_score_thresholds_remove_false_positives(coco_export, tmp_path):
     gt = tmp_path / "gt.json"
     gt.write_text(json.dumps(ground_truth(coco_export, drop_false_positive=True)))
+    assert len(json.loads(gt.read_text())["annotations"]) == 3
     report = evaluate(coco_export, gt, iou=0.5)
-    assert report.by_threshold[0.5] == pytest.approx(1.0)
-    assert report.by_threshold[0.0] <= report.by_threshold[0.5]
-    assert report.by_threshold[0.9] < 1.0  # the 0.8 car is gone: recall drops
+    # COCO's 101-point interpolated AP at IoU 0.5. car, ranked: TP 0.95, FP 0.7, TP 0.6 over 2 true cars ->
+    # precision 1 up to recall 0.5 (51 points), 2/3 above it (50 points); dog: 1.
+    car_all = (51 + 50 * 2 / 3) / 101
+    car_top = 51 / 101  # >= 0.75 keeps only the 0.95 car: recall 0.5
+    assert report.by_threshold[0.0] == pytest.approx((car_all + 1) / 2, abs=1e-4)
+    assert report.by_threshold[0.5] == report.by_threshold[0.0]  # 0.5 removes nothing
+    assert report.by_threshold[0.75] == pytest.approx((car_top + 1) / 2, abs=1e-4)
+    assert report.by_threshold[0.9] == pytest.approx((car_top + 1) / 2, abs=1e-4)  # >=: the 0.9 dog stays
+    assert report.stats["AP@0.5"] == pytest.approx(report.by_threshold[0.0])
+    assert report.per_class["car"] == pytest.approx(car_all, abs=1e-4) and report.per_class["dog"] == pytest.approx(1.0)
 
 
 def test_cli_prints_the_table_and_errors_are_one_line(coco_export, tmp_path):

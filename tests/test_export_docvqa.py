@@ -13,6 +13,7 @@ from PIL import Image
 from exporters import run_export
 from exporters.docvqa import SCHEMA
 from exporters.options import ExportOptions
+from conftest import consumer_import
 from export_fixtures import IMAGES, make_run, ok
 
 EXPECTED = pa.schema([
@@ -33,7 +34,7 @@ def test_docvqa_schema_matches_documentvqa(tmp_path):
 
 
 def test_docvqa_loads_with_datasets_and_decodes_images(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    datasets = consumer_import("datasets")
     ann, _ = make_run(tmp_path)
     s = run_export(ann, "docvqa", tmp_path / "out", ExportOptions(val_fraction=0.5))
     d = tmp_path / "out" / "data"

@@ -12,7 +12,24 @@ import yaml
 
 from exporters import run_export
 from exporters.options import ExportOptions
+from conftest import consumer_import
 from export_fixtures import make_run
+
+# class id, cx, cy, w, h (normalized), worked out by hand from export_fixtures.standard_rows:
+# names are car 0, cat 1, dog 2, text 3, straßenbahn 4
+EXPECTED = {
+    # od boxes replaced by the boxes of their region_to_segmentation masks (200x100):
+    # (12,12,58,48) and the two-part mask's bounds (100,20,190,90)
+    "a/cat.jpg": [(1, 35 / 200, 30 / 100, 46 / 200, 36 / 100), (2, 145 / 200, 55 / 100, 90 / 200, 70 / 100)],
+    # 'cats' box (-5,-5,30,40) clipped to the 64x48 image; the zero-width car box dropped
+    "b/CAT.png": [(1, 15 / 64, 20 / 48, 30 / 64, 40 / 48)],
+    # ocr_with_region quads (300x200) by their bounds
+    "doc.png": [(3, 65 / 300, 20 / 200, 110 / 300, 20 / 200), (3, 105 / 300, 162.5 / 200, 190 / 300, 25 / 200)],
+    # the retried od row (160x120; the second box clipped to (30,30,160,120)) and the OVD polygon's bounds
+    "b/cat.jpg": [(0, 79.5 / 160, 59.5 / 120, 159 / 160, 119 / 120), (0, 95 / 160, 75 / 120, 130 / 160, 90 / 120),
+                  (0, 45 / 160, 35 / 120, 70 / 160, 50 / 120)],
+    "ü/straße.png": [(4, 37.5 / 80, 30 / 60, 65 / 80, 50 / 60), (2, 5 / 80, 5 / 60, 8 / 80, 8 / 60)],
+}
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +38,7 @@ def ultra(tmp_path_factory):
     compatibility warning) but its detection data path never imports torchvision; where torchvision
     is not installed (no build of it loads beside this machine's CPU torch), that one metadata
     lookup is answered for the import only."""
-    pytest.importorskip("cv2")
+    consumer_import("cv2")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp_path_factory.mktemp("ultralytics-config")))
     os.environ.setdefault("YOLO_OFFLINE", "1")
     real = importlib.metadata.version
@@ -38,7 +55,7 @@ def ultra(tmp_path_factory):
 
     pil_open = Image.open  # ultralytics replaces it process-wide (HEIF support): put it back afterwards
     try:
-        pytest.importorskip("ultralytics")
+        consumer_import("ultralytics")
         from ultralytics.data import YOLODataset
         from ultralytics.data.utils import check_det_dataset, verify_image_label
     finally:
@@ -65,15 +82,19 @@ def test_yolo_labels_verified_by_ultralytics(tmp_path, ultra, segments):
     pairs = list(_pairs(out))
     assert len(pairs) == s.images == 5
     total = 0
+    root = (tmp_path / "images").resolve()
     for im, lb in pairs:
         assert im.is_symlink() and lb.exists()
         res = verify_image_label((str(im), str(lb), "", False, nc, 0, 0, False))
         im_file, labels, shape, segs, _, nm, nf, ne, nc_bad, msg = res
         assert nc_bad == 0 and nm == 0, msg
-        assert (labels[:, 1:] >= 0).all() and (labels[:, 1:] <= 1).all()
+        # the values ultralytics read are the expected ones (in segment mode: the boxes of the polygons)
+        key = im.resolve().relative_to(root).as_posix()
+        assert labels.tolist() == [pytest.approx(list(e), abs=1e-5) for e in EXPECTED.get(key, [])], key
         if segments:
             assert len(segs) == len(labels)
         total += len(labels)
+    assert data["names"] == {0: "car", 1: "cat", 2: "dog", 3: "text", 4: "straßenbahn"}
     assert total == s.instances == 10  # od boxes of a/cat.jpg replaced by their region_to_segmentation masks
     assert s.dropped["box replaced by its mask"] == 2
     # the dataset loader, through data.yaml as `yolo train data=...` reads it

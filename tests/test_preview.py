@@ -319,3 +319,51 @@ def test_headless_browser_renders_the_gallery(run_dir, tmp_path):
     dom = subprocess.run([c for c in cmd if not c.startswith("--screenshot")][:-1] + ["--dump-dom", cmd[-1]],
                          check=True, timeout=120, capture_output=True, text=True).stdout
     assert "6 of 6 images" in dom
+
+
+class _Attrs(HTMLParser):
+    """Every (tag, attribute, value) and the <title> text, as a browser would read them (entities decoded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attrs, self.title, self._in_title = [], "", False
+
+    def handle_starttag(self, tag, attrs):
+        self.attrs += [(tag, name, value) for name, value in attrs]
+        self._in_title = tag == "title"
+
+    def handle_endtag(self, tag):
+        self._in_title = False
+
+    def handle_data(self, data):
+        if self._in_title:
+            self.title += data
+
+
+def test_quotes_and_ampersands_in_keys_and_labels_survive_attributes(tmp_path):
+    """A key and a label holding ", ' and & reach attribute values (alt, data-labels, option value)
+    and come back unchanged when the page is read: escaped, not cut short or re-opened."""
+    import json
+
+    key, label = "q\"u'o&te.png", "say \"hi\" & 'bye'"
+    rows = [[ok(key, "od", prompt="<OD>", bboxes=[[2, 2, 50, 50]], labels=[label], width=100, height=100)]]
+    ann, _ = make_run(tmp_path, rows, images={key: (100, 100)})
+    out = tmp_path / "out"
+    preview(ann, out, sample="first")
+    index = out / "index.html"
+    p = _Attrs()
+    p.feed(index.read_text(encoding="utf-8"))
+    values = {(tag, name): [v for t, n, v in p.attrs if (t, n) == (tag, name)] for tag, name in
+              [("img", "alt"), ("div", "data-labels"), ("option", "value")]}
+    assert values[("img", "alt")] == [key]
+    assert [json.loads(v) for v in values[("div", "data-labels")]] == [[label]]
+    assert label in values[("option", "value")]
+    # no attribute was opened by the data: every attribute name is one the gallery writes
+    assert {n for _, n, _ in p.attrs} <= {"lang", "charset", "name", "content", "class", "id", "href", "src", "alt",
+                                         "loading", "style", "value", "data-tasks", "data-labels"}
+    raw = index.read_text(encoding="utf-8")
+    assert "q&quot;u&#x27;o&amp;te.png" in raw and key not in raw
+    page = next((out / "pages").glob("*.html"))
+    pp = _Attrs()
+    pp.feed(page.read_text(encoding="utf-8"))
+    assert pp.title == key and [v for t, n, v in pp.attrs if (t, n) == ("img", "alt")] == [key]
