@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .clikit import Aliased
 from .config import ConfigError, GenerationSettings, ModelSpec, RunConfig, TaskInputs, DTYPES, ATTENTIONS
 from .model import ModelLoadError
 from .runner import EXIT_CANNOT_START, EXIT_INTERRUPTED, RunError
@@ -145,7 +146,8 @@ def info_cmd(annotations: Path, top: int, as_json: bool) -> None:
 @click.argument("annotations", type=click.Path(path_type=Path, file_okay=False), default=Path("annotations"))
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("preview"), show_default=True,
               help="Folder for index.html, the drawn images and one page per image.")
-@click.option("--task", "task_spec", default=None, help="Only these tasks (comma-separated), e.g. od.")
+@click.option("--tasks", "--task", "task_spec", cls=Aliased, default=None,
+              help="Only these tasks (comma-separated), e.g. od.")
 @click.option("--limit", default=200, show_default=True, help="How many images to draw.")
 @click.option("--sample", type=click.Choice(["random", "first", "errors", "low-score"]), default="random",
               show_default=True, help="Which images: a random sample, the first by key, those with error rows, "

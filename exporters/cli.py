@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from annotator.clikit import Aliased
 from exporters import EXPORTERS, ExportError, run_export
 from exporters.classes import parse_classes_arg, parse_classes_file
 from exporters.options import ExportOptions
@@ -16,7 +17,7 @@ from exporters.options import ExportOptions
 @click.option("--format", "fmt", required=True, type=click.Choice(sorted(EXPORTERS), case_sensitive=False),
               help="Output format.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder [default: ./export/<format>].")
-@click.option("--task", "tasks", multiple=True,
+@click.option("--tasks", "--task", "tasks", cls=Aliased, multiple=True,
               help="Task(s) to export, repeated or comma-separated [default: the format's tasks the run holds].")
 @click.option("--classes", help="Class list, e.g. person,car; other labels are dropped and counted.")
 @click.option("--classes-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),

@@ -1,0 +1,127 @@
+"""Issue 13, through the CLI: no silent loss, no poisoned folders, one consistent CLI.
+One test per bullet; the key collision for folder inputs, single-file inputs and --retry-errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from annotator.cli import cli
+from annotator.store import MANIFEST, SCHEMA_VERSION, Manifest, part_files
+from run_helpers import FAST, by_key, noise_images
+
+
+def annotate(*args: str, env: dict | None = None):
+    result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+    return result
+
+
+def run_into(out: Path, *inputs: Path, extra: tuple = ()):
+    return annotate("run", *map(str, inputs), "--out", str(out), "--tasks", "caption", *FAST, *extra)
+
+
+@pytest.fixture
+def twins(tmp_path):
+    """a/x.png and b/x.png: the same name, different pictures."""
+    noise_images(tmp_path / "a", 1, start=1)[0].rename(tmp_path / "a" / "x.png")
+    noise_images(tmp_path / "b", 1, start=2)[0].rename(tmp_path / "b" / "x.png")
+    return tmp_path / "a", tmp_path / "b"
+
+
+def sources_of(out: Path) -> dict[str, str]:
+    return {k[0]: r["source"] for k, r in by_key(out).items()}
+
+
+# ------------------------------------------------------------------ key collision across inputs
+
+def test_same_name_from_another_folder_is_annotated_not_resumed(twins, tmp_path):
+    a, b = twins
+    out = tmp_path / "X"
+    assert run_into(out, a).exit_code == 0
+    second = run_into(out, b)
+    assert second.exit_code == 0, second.output
+    assert "images: 1" in second.output and "resumed" not in second.output
+    assert sources_of(out) == {"x.png": "s0", "b/x.png": "s1"}
+    m = Manifest.load(out)
+    assert [(s["root"], s["prefix"]) for s in m.sources] == [(str(a.absolute()), ""), (str(b.absolute()), "b/")]
+    # resume counts only the same file; both inputs at once resume fully
+    again = run_into(out, a, b)
+    assert again.exit_code == 0 and "images: 0" in again.output and "resumed: 2 rows" in again.output
+    # the export finds each file under its own input
+    exp = annotate("export", str(out), "--format", "florence", "--out", str(tmp_path / "fl"), "--tasks", "caption",
+                   "--val-fraction", "0")
+    assert exp.exit_code == 0, exp.output
+    assert "image file not found" not in exp.output
+
+
+def test_same_name_in_one_command_gets_its_own_key(twins, tmp_path):
+    a, b = twins
+    result = run_into(tmp_path / "X", a, b)
+    assert result.exit_code == 0, result.output
+    assert sources_of(tmp_path / "X") == {"x.png": "s0", "b/x.png": "s1"}
+
+
+def test_same_name_single_file_inputs(twins, tmp_path):
+    a, b = twins
+    out = tmp_path / "X"
+    assert run_into(out, a / "x.png").exit_code == 0
+    second = run_into(out, b / "x.png")
+    assert second.exit_code == 0 and "images: 1" in second.output, second.output
+    assert sources_of(out) == {"x.png": "s0", "b/x.png": "s1"}
+
+
+def test_retry_errors_redoes_only_the_same_files_errors(twins, tmp_path):
+    a, b = twins
+    (a / "x.png").write_bytes(b"not a png")  # a's x.png fails to decode: an error row
+    out = tmp_path / "X"
+    first = run_into(out, a)
+    assert first.exit_code == 1 and "rows error: 1" in first.output
+    second = run_into(out, b, extra=("--retry-errors",))
+    assert second.exit_code == 0 and "images: 1" in second.output, second.output
+    rows = by_key(out)
+    assert rows[("x.png", "caption")]["status"] == "error"  # a's error stays a's, untouched
+    assert rows[("b/x.png", "caption")]["status"] == "ok"
+    (a / "x.png").unlink()
+    noise_images(a, 1, start=3)[0].rename(a / "x.png")
+    third = run_into(out, a, extra=("--retry-errors",))
+    assert third.exit_code == 0 and "images: 1" in third.output
+    assert by_key(out)[("x.png", "caption")]["status"] == "ok"
+
+
+def _downgrade_to_schema_1(out: Path) -> None:
+    """What florence-annotate wrote before the `source` column existed."""
+    for part in part_files(out):
+        t = pq.read_table(part)
+        pq.write_table(t.drop_columns(["source"]).replace_schema_metadata({"florence_annotate_schema": "1"}), part)
+    m = json.loads((out / MANIFEST).read_text())
+    m["schema_version"] = 1
+    m.pop("sources")
+    (out / MANIFEST).write_text(json.dumps(m))
+
+
+def test_schema_1_folder_resumes_and_a_poisoned_one_is_refused_with_the_fix(twins, tmp_path):
+    a, b = twins
+    out = tmp_path / "X"
+    assert run_into(out, a).exit_code == 0
+    _downgrade_to_schema_1(out)
+    resumed = run_into(out, a)
+    assert resumed.exit_code == 0 and "images: 0" in resumed.output and "resumed: 1 rows" in resumed.output
+    assert Manifest.load(out).schema_version == SCHEMA_VERSION
+    assert all("source" in pq.read_schema(p).names for p in part_files(out))
+    newcomer = run_into(out, b)  # a new input: its own key, the old row stays a's
+    assert newcomer.exit_code == 0 and "images: 1" in newcomer.output, newcomer.output
+    # An old folder that already mixed a/ and b/ under one key cannot be attributed: refused, rc 2.
+    poisoned = tmp_path / "P"
+    assert run_into(poisoned, a).exit_code == 0
+    _downgrade_to_schema_1(poisoned)
+    m = json.loads((poisoned / MANIFEST).read_text())
+    m["inputs"].append(str(b.absolute()))
+    (poisoned / MANIFEST).write_text(json.dumps(m))
+    refused = run_into(poisoned, b)
+    assert refused.exit_code == 2, refused.output
+    assert "exists under both" in refused.output and "new --out" in refused.output
