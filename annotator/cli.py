@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .clikit import Aliased
+from .clikit import Aliased, env_names
 from .config import ConfigError, GenerationSettings, ModelSpec, RunConfig, TaskInputs, DTYPES, ATTENTIONS
 from .model import ModelLoadError
 from .runner import EXIT_CANNOT_START, EXIT_INTERRUPTED, RunError
@@ -29,7 +29,7 @@ def _csv(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "ANNOTATE"})
 @click.version_option(__version__, prog_name="annotate")
 @click.option("-v", "--verbose", is_flag=True, help="Log more (warnings about skipped files are always shown).")
 def cli(verbose: bool) -> None:
@@ -86,9 +86,12 @@ def model_options(f):
 @click.option("--overwrite", is_flag=True, help="Delete the earlier parts in --out and start fresh.")
 @click.option("--force", is_flag=True, help="Resume even if the model or settings differ from the manifest.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--dry-run", is_flag=True, help="Say what would be done (images, pending rows, skipped files, the "
+              "folder's state) without loading a model or writing anything.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def run_cmd(inputs, tasks_spec, out, model, revision, dtype, attention, allow_pickle, trust_remote_code, text,
             classes, batch_size, workers, num_beams, max_new_tokens, no_scores, devices, limit, flush_every, flush_seconds,
-            max_image_pixels, follow_symlinks, retry_errors, overwrite, force, no_progress) -> None:
+            max_image_pixels, follow_symlinks, retry_errors, overwrite, force, no_progress, dry_run, as_json) -> None:
     """Annotate images: one Parquet row per image and task.
 
     INPUTS are folders (searched recursively) or image files."""
@@ -103,8 +106,13 @@ def run_cmd(inputs, tasks_spec, out, model, revision, dtype, attention, allow_pi
             batch_size=batch_size, workers=workers, limit=limit, devices=devices,
             flush_every_rows=flush_every, flush_every_seconds=flush_seconds, max_image_pixels=max_image_pixels,
             follow_symlinks=follow_symlinks, retry_errors=retry_errors, overwrite=overwrite, force=force,
-            progress=not no_progress,
+            progress=not no_progress and not as_json,
         )
+        if dry_run:
+            from .dryrun import dry_run as plan_only
+
+            _report(plan_only(cfg), as_json)
+            return
     except USAGE_ERRORS as exc:
         _fail(str(exc), 2)
     from .launch import launch  # heavy imports (torch, transformers) only once the flags are sound
@@ -120,9 +128,15 @@ def run_cmd(inputs, tasks_spec, out, model, revision, dtype, attention, allow_pi
     except KeyboardInterrupt:
         click.echo("interrupted: finished rows are saved; run the same command again to resume", err=True)
         exit_now(EXIT_INTERRUPTED)
-    for line in summary.lines():
-        click.echo(line)
+    _report(summary, as_json)
     sys.exit(summary.exit_code())
+
+
+def _report(summary, as_json: bool) -> None:
+    """A summary as text lines, or with --json as one JSON object (`to_dict`)."""
+    import json
+
+    click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else "\n".join(summary.lines()))
 
 
 @cli.command("info")
@@ -267,7 +281,8 @@ def _register_optional() -> None:
 
 
 _register_optional()
+env_names(cli)
 
 
 def main() -> None:
-    cli()
+    cli()  # ANNOTATE_<COMMAND>_<OPTION> environment defaults: the group's auto_envvar_prefix

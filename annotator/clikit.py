@@ -22,3 +22,20 @@ class Aliased(click.Option):
             return super().get_help_record(ctx)
         finally:
             self.opts = opts
+
+
+def env_names(group: click.Group, prefix: str = "ANNOTATE") -> None:
+    """Every option reads a default from ANNOTATE_<COMMAND>_<OPTION>, spelled as on the command line
+    (ANNOTATE_RUN_TASKS, ANNOTATE_EXPORT_MIN_SCORE), so cluster jobs set them once. Click's own
+    auto_envvar_prefix would name them after the Python parameter (ANNOTATE_RUN_TASKS_SPEC)."""
+
+    def name(opt: click.Option) -> str:
+        return max((o for o in opt.opts if o.startswith("--")), key=len, default=opt.opts[0]).lstrip("-")
+
+    for param in group.params:
+        if isinstance(param, click.Option) and param.envvar is None:
+            param.envvar = f"{prefix}_{name(param)}".upper().replace("-", "_")
+    for cmd_name, cmd in group.commands.items():
+        for param in cmd.params:
+            if isinstance(param, click.Option) and param.envvar is None and param.opts[0] not in ("--help", "-h"):
+                param.envvar = f"{prefix}_{cmd_name}_{name(param)}".upper().replace("-", "_")

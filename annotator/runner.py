@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Protocol
@@ -54,6 +54,9 @@ class Summary:
         self.per_worker[rank] = self.per_worker.get(rank, 0) + images
         for name, n in (quality or {}).items():
             self.quality[name] = self.quality.get(name, 0) + n
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "images_per_s": round(self.images_per_s, 3), "exit_code": self.exit_code()}
 
     @property
     def images_per_s(self) -> float:
@@ -105,15 +108,11 @@ def _check_out(cfg: RunConfig) -> Manifest:
     manifest = Manifest(identity=cfg.identity(), package_version=__version__,
                         inputs=[str(p.absolute()) for p in cfg.inputs], tasks=[t.name for t in cfg.tasks],
                         started=now())
-    old = Manifest.load(out)
-    if old is not None and not part_files(out):
-        old = None  # a run that wrote no rows (e.g. its model failed to load) never blocks the next try
+    old = previous_manifest(out)
     if old is not None:
-        diff = {k: (old.identity.get(k), v) for k, v in manifest.identity.items() if old.identity.get(k) != v}
-        if diff and not cfg.force:
-            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise RunError(f"{out} holds a run with other settings ({shown}); use another --out, "
-                           "--overwrite to start fresh, or --force to mix them")
+        refusal = settings_refusal(cfg, old)
+        if refusal:
+            raise RunError(refusal)
         manifest.tasks = old.tasks + [t for t in manifest.tasks if t not in old.tasks]
         manifest.inputs = old.inputs + [p for p in manifest.inputs if p not in old.inputs]
         manifest.started = old.started
@@ -123,6 +122,23 @@ def _check_out(cfg: RunConfig) -> Manifest:
     elif part_files(out) and not cfg.force:
         raise RunError(f"{out} has part files but no {MANIFEST}; use another --out, or --overwrite")
     return manifest
+
+
+def previous_manifest(out: Path) -> Manifest | None:
+    """The folder's manifest, if it holds rows: a run that wrote none (e.g. its model failed to
+    load) never blocks the next try."""
+    old = Manifest.load(out)
+    return old if old is not None and part_files(out) else None
+
+
+def settings_refusal(cfg: RunConfig, old: Manifest) -> str | None:
+    """Why `cfg` may not resume into a folder made with `old`'s settings (None: it may)."""
+    diff = {k: (old.identity.get(k), v) for k, v in cfg.identity().items() if old.identity.get(k) != v}
+    if not diff or cfg.force:
+        return None
+    shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+    return (f"{cfg.out} holds a run with other settings ({shown}); use another --out, "
+            "--overwrite to start fresh, or --force to mix them")
 
 
 def pending_work(cfg: RunConfig, refs: list[ImageRef], summary: Summary, write: bool = True) -> list[WorkItem]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
-from annotator.clikit import Aliased
+from annotator.clikit import EXIT_USAGE, Aliased
 from exporters import EXPORTERS, ExportError, run_export
 from exporters.classes import parse_classes_arg, parse_classes_file
 from exporters.options import ExportOptions
@@ -34,8 +35,9 @@ from exporters.options import ExportOptions
 @click.option("--images", "image_roots", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Image root folder(s), if not the run's input folders.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def export(annotations, fmt, out, tasks, classes, classes_file, min_count, min_score, val_fraction, copy_images,
-           segments, skip_empty, include_ocr, image_roots, overwrite):
+           segments, skip_empty, include_ocr, image_roots, overwrite, as_json):
     """Turn the annotation table in ANNOTATIONS [default: ./annotations] into a training set."""
     try:
         if classes and classes_file:
@@ -53,6 +55,19 @@ def export(annotations, fmt, out, tasks, classes, classes_file, min_count, min_s
         )
         summary = run_export(annotations, fmt.lower(), out or Path("export") / fmt.lower(), opts, overwrite)
     except ExportError as e:
-        raise click.ClickException(str(e)) from None
+        click.echo(f"Error: {e}", err=True)
+        raise SystemExit(EXIT_USAGE) from None
+    if as_json:
+        click.echo(json.dumps(summary_dict(summary), indent=2))
+        return
     for line in summary.lines():
         click.echo(line)
+
+
+def summary_dict(summary) -> dict:
+    """The summary as plain JSON types (Counters become objects, the folder a string)."""
+    from dataclasses import asdict
+
+    d = asdict(summary)
+    d["out"] = str(summary.out)
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
