@@ -16,8 +16,8 @@ from .runner import EXIT_CANNOT_START, EXIT_INTERRUPTED, RunError
 from .sources import SourceError
 from .tasks import TASKS, PlanError, UnknownTask, parse_task_list, plan_sources
 
-USAGE_ERRORS = (ConfigError, PlanError, UnknownTask, SourceError)
-START_ERRORS = (ModelLoadError, RunError)
+USAGE_ERRORS = (ConfigError, PlanError, UnknownTask, SourceError, RunError)  # exit 2: a refused folder too
+START_ERRORS = (ModelLoadError,)
 
 
 def _fail(message: str, code: int) -> None:
