@@ -117,8 +117,6 @@ def _check_out(cfg: RunConfig) -> Manifest:
         manifest.inputs = old.inputs + [p for p in manifest.inputs if p not in old.inputs]
         manifest.started = old.started
         manifest.sources = sources_to_manifest(manifest_sources(old))
-        if old.schema_version < 2 and upgrade_parts(out):
-            log.info("%s: parts upgraded to annotation schema 2 (a null `source` column)", out)
     elif part_files(out) and not cfg.force:
         raise RunError(f"{out} has part files but no {MANIFEST}; use another --out, or --overwrite")
     return manifest
@@ -210,6 +208,8 @@ def plan_run(cfg: RunConfig, owner: bool = True) -> Plan:
         except BaseException:
             release_lock(cfg.out)
             raise
+        if any(s.legacy for s in sources) and upgrade_parts(cfg.out):  # only once the folder is accepted
+            log.info("%s: parts upgraded to annotation schema 2 (a null `source` column)", cfg.out)
         manifest.sources = sources_to_manifest(sources)
         summary = Summary(skipped=dict(found.skipped))
         work = pending_work(cfg, refs, summary)
