@@ -177,7 +177,7 @@ def test_no_images_is_an_error_that_counts_what_was_skipped(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("x")
     (tmp_path / "docs" / "b.txt").write_text("x")
-    for folder, says in (("empty", "holds no files"), ("docs", "2 .txt file(s)")):
+    for folder, says in (("empty", "hold no files"), ("docs", "2 .txt file(s)")):
         result = annotate("run", str(tmp_path / folder), "--out", str(tmp_path / "X"), "--model", "random:tiny")
         assert result.exit_code == 2 and "no images found" in result.output and says in result.output
     assert not (tmp_path / "X").exists()
@@ -185,8 +185,10 @@ def test_no_images_is_an_error_that_counts_what_was_skipped(tmp_path):
 
 def test_an_export_that_writes_nothing_is_an_error(tmp_path):
     noise_images(tmp_path / "in", 1)
-    assert run_into(tmp_path / "X", tmp_path / "in").exit_code == 0  # captions only: no boxes
-    result = annotate("export", str(tmp_path / "X"), "--format", "coco", "--tasks", "od", "--out", str(tmp_path / "c"))
+    ran = annotate("run", str(tmp_path / "in"), "--out", str(tmp_path / "X"), "--tasks", "od", *FAST)
+    assert ran.exit_code == 0, ran.output
+    result = annotate("export", str(tmp_path / "X"), "--format", "coco", "--tasks", "od", "--classes", "zebra",
+                      "--skip-empty", "--out", str(tmp_path / "c"))
     assert result.exit_code == 2 and "0 records" in result.output, result.output
     assert not (tmp_path / "c").exists()
 
