@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from exporters.errors import ExportError
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import Run
 from exporters.registry import get_exporter
