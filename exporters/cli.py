@@ -70,4 +70,7 @@ def summary_dict(summary) -> dict:
 
     d = asdict(summary)
     d["out"] = str(summary.out)
-    return {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    def keys(v: dict) -> dict:  # Counters may be keyed by tuples, e.g. (task, label)
+        return {"/".join(map(str, k)) if isinstance(k, tuple) else str(k): n for k, n in v.items()}
+
+    return {k: keys(v) if isinstance(v, dict) else v for k, v in d.items()}
