@@ -24,6 +24,8 @@ from pathlib import Path
 
 import click
 
+from .clikit import Aliased
+
 # Forced new tokens per task: roughly what the real model writes on a busy photo.
 DEFAULT_TOKENS = {"caption": 20, "od": 100, "dense_region_caption": 200, "ocr": 100}
 OTHER_TASK_TOKENS = 100
@@ -379,7 +381,7 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--attention", type=click.Choice(["auto", "sdpa", "eager", "flash_attention_2"]), default="auto",
               show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1")
+@click.option("--devices", "--device", "device", cls=Aliased, default="auto", show_default=True, help="auto, cpu, cuda, cuda:1")
 @click.option("--kernels", type=click.Choice(["onednn", "stock"]), default="onednn", show_default=True,
               help="Engine Linear kernels on CPU: stock measures the engine without the oneDNN patch.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's, one per core).")

@@ -9,14 +9,15 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .clikit import Aliased, env_names
 from .config import ConfigError, GenerationSettings, ModelSpec, RunConfig, TaskInputs, TileSettings, DTYPES, ATTENTIONS
 from .model import ModelLoadError
 from .runner import EXIT_CANNOT_START, EXIT_INTERRUPTED, RunError
 from .sources import SourceError
 from .tasks import TASKS, PlanError, UnknownTask, parse_task_list, plan_sources
 
-USAGE_ERRORS = (ConfigError, PlanError, UnknownTask, SourceError)
-START_ERRORS = (ModelLoadError, RunError)
+USAGE_ERRORS = (ConfigError, PlanError, UnknownTask, SourceError, RunError)  # exit 2: a refused folder too
+START_ERRORS = (ModelLoadError,)
 
 
 def _fail(message: str, code: int) -> None:
@@ -28,7 +29,7 @@ def _csv(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "ANNOTATE"})
 @click.version_option(__version__, prog_name="annotate")
 @click.option("-v", "--verbose", is_flag=True, help="Log more (warnings about skipped files are always shown).")
 def cli(verbose: bool) -> None:
@@ -89,9 +90,13 @@ def model_options(f):
 @click.option("--tile", "tile_spec", default="off", show_default=True,
               help="Tiled inference for large images and dense pages: auto, off, or a tile size WxH in pixels.")
 @click.option("--tile-overlap", default=0.2, show_default=True, help="Fraction of a tile shared with its neighbours.")
+@click.option("--dry-run", is_flag=True, help="Say what would be done (images, pending rows, skipped files, the "
+              "folder's state) without loading a model or writing anything.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def run_cmd(inputs, tasks_spec, out, model, revision, dtype, attention, allow_pickle, trust_remote_code, text,
             classes, batch_size, workers, num_beams, max_new_tokens, no_scores, devices, limit, flush_every, flush_seconds,
-            max_image_pixels, follow_symlinks, retry_errors, overwrite, force, no_progress, tile_spec, tile_overlap) -> None:
+            max_image_pixels, follow_symlinks, retry_errors, overwrite, force, no_progress, tile_spec, tile_overlap,
+            dry_run, as_json) -> None:
     """Annotate images: one Parquet row per image and task.
 
     INPUTS are folders (searched recursively) or image files."""
@@ -106,8 +111,13 @@ def run_cmd(inputs, tasks_spec, out, model, revision, dtype, attention, allow_pi
             batch_size=batch_size, workers=workers, limit=limit, devices=devices,
             flush_every_rows=flush_every, flush_every_seconds=flush_seconds, max_image_pixels=max_image_pixels,
             follow_symlinks=follow_symlinks, retry_errors=retry_errors, overwrite=overwrite, force=force,
-            progress=not no_progress, tiling=TileSettings.parse(tile_spec, tile_overlap),
+            progress=not no_progress and not as_json, tiling=TileSettings.parse(tile_spec, tile_overlap),
         )
+        if dry_run:
+            from .dryrun import dry_run as plan_only
+
+            _report(plan_only(cfg), as_json)
+            return
     except USAGE_ERRORS as exc:
         _fail(str(exc), 2)
     from .launch import launch  # heavy imports (torch, transformers) only once the flags are sound
@@ -123,9 +133,15 @@ def run_cmd(inputs, tasks_spec, out, model, revision, dtype, attention, allow_pi
     except KeyboardInterrupt:
         click.echo("interrupted: finished rows are saved; run the same command again to resume", err=True)
         exit_now(EXIT_INTERRUPTED)
-    for line in summary.lines():
-        click.echo(line)
+    _report(summary, as_json)
     sys.exit(summary.exit_code())
+
+
+def _report(summary, as_json: bool) -> None:
+    """A summary as text lines, or with --json as one JSON object (`to_dict`)."""
+    import json
+
+    click.echo(json.dumps(summary.to_dict(), indent=2) if as_json else "\n".join(summary.lines()))
 
 
 @cli.command("info")
@@ -149,7 +165,8 @@ def info_cmd(annotations: Path, top: int, as_json: bool) -> None:
 @click.argument("annotations", type=click.Path(path_type=Path, file_okay=False), default=Path("annotations"))
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("preview"), show_default=True,
               help="Folder for index.html, the drawn images and one page per image.")
-@click.option("--task", "task_spec", default=None, help="Only these tasks (comma-separated), e.g. od.")
+@click.option("--tasks", "--task", "task_spec", cls=Aliased, default=None,
+              help="Only these tasks (comma-separated), e.g. od.")
 @click.option("--limit", default=200, show_default=True, help="How many images to draw.")
 @click.option("--sample", type=click.Choice(["random", "first", "errors", "low-score"]), default="random",
               show_default=True, help="Which images: a random sample, the first by key, those with error rows, "
@@ -288,7 +305,8 @@ def _register_optional() -> None:
 
 
 _register_optional()
+env_names(cli)
 
 
 def main() -> None:
-    cli()
+    cli()  # ANNOTATE_<COMMAND>_<OPTION> environment defaults: the group's auto_envvar_prefix

@@ -15,6 +15,26 @@ class ConfigError(ValueError):
     """A bad option: the CLI prints it as a one-line usage error."""
 
 
+RANDOM_SIZES = ("tiny", "base", "large")  # model.RANDOM_ARCHS; listed here so a typo fails before anything starts
+
+
+def looks_like_path(name: str) -> bool:
+    """./x, ../x, /x, ~/x, C:\\x: a local directory, never a hub id (`org/name`)."""
+    return name.startswith((".", "/", "~", "\\")) or (len(name) > 1 and name[1] == ":") or name.count("/") > 1
+
+
+def check_model_name(name: str) -> None:
+    """Reject a --model that cannot load, before any folder is made or model code runs."""
+    if not name.strip():
+        raise ConfigError("--model is empty")
+    if name.startswith("random:"):
+        if name.removeprefix("random:") not in RANDOM_SIZES:
+            raise ConfigError(f"--model {name}: unknown random model; use one of "
+                              + ", ".join("random:" + s for s in RANDOM_SIZES))
+    elif looks_like_path(name) and not Path(name).expanduser().is_dir():
+        raise ConfigError(f"--model {name}: the directory {Path(name).expanduser().absolute()} does not exist")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str = "florence-community/Florence-2-large"  # hub id, local dir, or random:<size>
@@ -25,6 +45,7 @@ class ModelSpec:
     trust_remote_code: bool = False
 
     def __post_init__(self):
+        check_model_name(self.name)
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.attention not in ATTENTIONS:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
+from .keys import folder_keys
 from .sources import SourceError, discover
 from .store import ERROR, MANIFEST, OK, Manifest, part_files, scan_parts
 from .tasks import TASKS
@@ -172,7 +173,7 @@ def summarize(folder: Path, top: int = 10, check_complete: bool = True) -> RunIn
         except (SourceError, OSError) as exc:
             info.not_checked = f"cannot re-discover the inputs: {exc}"
             return info
-        info.completeness = _completeness([r.key for r in found.refs], manifest.tasks, keys.select("image", "task"))
+        info.completeness = _completeness(folder_keys(found, manifest), manifest.tasks, keys.select("image", "task"))
     else:
         info.not_checked = "not checked"
     return info

@@ -147,7 +147,7 @@ def launch_local(cfg: RunConfig, devices: list[str]) -> Summary:
     load_errors = [f for f in summary.failed_workers if "cannot load model" in f]
     if load_errors and len(load_errors) == len(devices):
         raise ModelLoadError(load_errors[0].split(": ", 1)[1])
-    finish_run(cfg, plan)
+    finish_run(cfg, plan, torch_device(devices[0]))
     return summary
 
 
@@ -259,7 +259,7 @@ def launch_torchrun(cfg: RunConfig, env: DistEnv) -> Summary:
         dist.all_gather_object(summaries, plan.summary)
         if owner:
             plan.summary = _merge(summaries)
-            finish_run(cfg, plan)
+            finish_run(cfg, plan, device)
         dist.destroy_process_group()
     return plan.summary
 

@@ -76,6 +76,10 @@ class LoadedModel:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU (CPU half matmuls are slow)."""
+    if name == "float16" and device.type == "cpu":
+        # CPU half matmuls have no fast kernels (80x slower here); bf16 does, fp16 never pays off.
+        log.warning("--dtype float16 on CPU is very slow; using float32 instead")
+        return torch.float32
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
@@ -91,6 +95,22 @@ def resolve_attention(name: str, device: torch.device) -> str:
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def runtime_settings(spec: ModelSpec, device: torch.device | str) -> dict:
+    """The dtype and attention a load on `device` uses (what the manifest records, never "auto")."""
+    device = torch.device(device)
+    try:
+        attention = resolve_attention(spec.attention, device)
+    except ModelLoadError:
+        attention = spec.attention
+    dtype = resolve_dtype(spec.dtype, device) if not (spec.dtype == "float16" and device.type == "cpu") else torch.float32
+    return {"dtype": str(dtype).removeprefix("torch."), "attention": attention, "device": str(device)}
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it: 1, true, yes, on (any case)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "TRUE", "YES", "ON"}
 
 
 def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> LoadedModel:
@@ -152,8 +172,8 @@ def _explain_load_failure(spec: ModelSpec, exc: Exception) -> str:
         fix = "this is a legacy remote-code checkpoint; use florence-community/Florence-2-base|large, or pass --trust-remote-code if you trust it"
     elif Path(spec.name).exists():
         fix = "the directory exists but is not a Florence-2 checkpoint (needs config.json, weights, processor files)"
-    elif os.environ.get("HF_HUB_OFFLINE") == "1":
-        fix = "HF_HUB_OFFLINE=1 and the model is not in the local cache: download it once with network, or pass a local directory"
+    elif hub_offline():
+        fix = "HF_HUB_OFFLINE is set and the model is not in the local cache: download it once with network, or pass a local directory"
     else:
         fix = ("check the id (e.g. florence-community/Florence-2-large), the --revision, and the network; "
                "offline, pass a local checkpoint directory or set HF_HUB_OFFLINE=1 to use the cache")

@@ -65,6 +65,18 @@ def parse_generation(processor, task: Task, text: str, size: tuple[int, int]) ->
 # --------------------------------------------------------------------------- pseudo-label quality
 
 DUPLICATE_IOU = 0.9  # same label and this much overlap: a generation loop repeating itself
+# A label made only of location-token pieces ("loc_150>", "<loc_3"): the model wrote coordinates where
+# a name belongs, and the parser took the leftovers for a label. It must never become a class.
+_LOC_FRAGMENTS = re.compile(r"[\s<>/]*(?:loc_\d*[\s<>/]*)+")
+
+
+def is_location_fragment(label: str) -> bool:
+    return bool(label) and _LOC_FRAGMENTS.fullmatch(label) is not None
+
+
+def _bump(stats: dict, name: str, n: int = 1) -> None:
+    if n:
+        stats[name] = stats.get(name, 0) + n
 
 
 def _bounds(points: list[float]) -> list[float]:
@@ -87,8 +99,10 @@ def _clip(values: list[float], width: int, height: int) -> list[float]:
 def refine(p: Parsed, truncated: bool, width: int, height: int, stats: dict) -> Parsed:
     """Quality rules for one generation's instances (boxes, polygons or quads, with their labels
     and scores): a truncated output loses its last, possibly incomplete instance; coordinates are
-    clipped to the image; repeats of an instance (same label, IoU >= DUPLICATE_IOU, the loops
-    generation falls into) are removed. Counts go to `stats`."""
+    clipped to the image; instances whose label is a location-token fragment, or whose (bounding)
+    box has no positive width and height after clipping, are malformed and dropped; repeats of an
+    instance (same label, IoU >= DUPLICATE_IOU, the loops generation falls into) are removed.
+    Counts go to `stats`."""
     field_name = next((f for f in ("bboxes", "polygons", "quad_boxes") if getattr(p, f)), None)
     if field_name is None:
         return p
@@ -108,6 +122,13 @@ def refine(p: Parsed, truncated: bool, width: int, height: int, stats: dict) -> 
     stats["coordinates_clipped"] = stats.get("coordinates_clipped", 0) + sum(c != i for c, i in zip(clipped, items))
     kept: list[int] = []
     for i in keep:
+        if is_location_fragment(labels[i]):
+            _bump(stats, "malformed_labels_dropped")
+            continue
+        x1, y1, x2, y2 = boxes[i]
+        if x2 <= x1 or y2 <= y1:  # inverted or empty: coordinates out of order, or clipped to nothing
+            _bump(stats, "empty_boxes_dropped")
+            continue
         if any(labels[i] == labels[j] and iou(boxes[i], boxes[j]) >= DUPLICATE_IOU for j in kept):
             stats["duplicates_removed"] = stats.get("duplicates_removed", 0) + 1
             continue

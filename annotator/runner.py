@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Protocol
@@ -20,14 +20,16 @@ from . import __version__
 from .config import RunConfig
 from .engine import Engine
 from .images import ImageDataset, WorkItem, collate
-from .model import LoadedModel, load_model
-from .sources import Discovery, discover
+from .keys import assign_keys, folder_owners, manifest_sources, sources_to_manifest, upgrade_parts
+from .model import LoadedModel, load_model, runtime_settings
+from .sources import Discovery, ImageRef, SourceError, discover
 from .store import ERROR, MANIFEST, OK, Manifest, PartWriter, drop_error_rows, part_files, read_status
 from .tiling import TiledAnnotator, TilingDataset, collate_tiles, engine_tasks, tileable
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE, EXIT_CANNOT_START, EXIT_WORKER_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+from .clikit import (EXIT_CANNOT_START, EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS,  # noqa: F401 (re-exported)
+                     EXIT_USAGE, EXIT_WORKER_FAILED)
 
 
 class RunError(RuntimeError):
@@ -53,6 +55,9 @@ class Summary:
         self.per_worker[rank] = self.per_worker.get(rank, 0) + images
         for name, n in (quality or {}).items():
             self.quality[name] = self.quality.get(name, 0) + n
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "images_per_s": round(self.images_per_s, 3), "exit_code": self.exit_code()}
 
     @property
     def images_per_s(self) -> float:
@@ -104,33 +109,50 @@ def _check_out(cfg: RunConfig) -> Manifest:
     manifest = Manifest(identity=cfg.identity(), package_version=__version__,
                         inputs=[str(p.absolute()) for p in cfg.inputs], tasks=[t.name for t in cfg.tasks],
                         started=now())
-    old = Manifest.load(out)
+    old = previous_manifest(out)
     if old is not None:
-        diff = {k: (old.identity.get(k), v) for k, v in manifest.identity.items() if old.identity.get(k) != v}
-        if diff and not cfg.force:
-            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise RunError(f"{out} holds a run with other settings ({shown}); use another --out, "
-                           "--overwrite to start fresh, or --force to mix them")
+        refusal = settings_refusal(cfg, old)
+        if refusal:
+            raise RunError(refusal)
         manifest.tasks = old.tasks + [t for t in manifest.tasks if t not in old.tasks]
         manifest.inputs = old.inputs + [p for p in manifest.inputs if p not in old.inputs]
         manifest.started = old.started
+        manifest.sources = sources_to_manifest(manifest_sources(old))
     elif part_files(out) and not cfg.force:
         raise RunError(f"{out} has part files but no {MANIFEST}; use another --out, or --overwrite")
     return manifest
 
 
-def pending_work(cfg: RunConfig, found: Discovery, summary: Summary) -> list[WorkItem]:
-    """(image, tasks) still to do: pairs with no row yet, and with --retry-errors pairs whose row failed."""
+def previous_manifest(out: Path) -> Manifest | None:
+    """The folder's manifest, if it holds rows: a run that wrote none (e.g. its model failed to
+    load) never blocks the next try."""
+    old = Manifest.load(out)
+    return old if old is not None and part_files(out) else None
+
+
+def settings_refusal(cfg: RunConfig, old: Manifest) -> str | None:
+    """Why `cfg` may not resume into a folder made with `old`'s settings (None: it may)."""
+    diff = {k: (old.identity.get(k), v) for k, v in cfg.identity().items() if old.identity.get(k) != v}
+    if not diff or cfg.force:
+        return None
+    shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+    return (f"{cfg.out} holds a run with other settings ({shown}); use another --out, "
+            "--overwrite to start fresh, or --force to mix them")
+
+
+def pending_work(cfg: RunConfig, refs: list[ImageRef], summary: Summary, write: bool = True) -> list[WorkItem]:
+    """(image, tasks) still to do: pairs with no row yet, and with --retry-errors pairs whose row failed.
+    `refs` carry folder keys (keys.assign_keys): a row counts as done only for the file it came from."""
     status = read_status(cfg.out)
     work = []
-    for ref in found.refs:
+    for ref in refs:
         todo = tuple(t.name for t in cfg.tasks
                      if status.get((ref.key, t.name)) is None or (cfg.retry_errors and status[(ref.key, t.name)] != OK))
         summary.already_done += len(cfg.tasks) - len(todo)
         if todo:
             work.append(WorkItem(ref, todo))
     work = work[: cfg.limit] if cfg.limit is not None else work
-    if cfg.retry_errors:
+    if cfg.retry_errors and write:
         # Drop exactly the error rows this run redoes, so the new rows replace them instead of
         # sitting next to them; errors of other tasks, or beyond --limit, stay.
         redo = {(w.ref.key, t) for w in work for t in w.tasks if (w.ref.key, t) in status}
@@ -166,21 +188,43 @@ class Plan:
     work: list[WorkItem]
     summary: Summary
     n_images: int  # every image discovered, done or not
+    created: bool = False  # this run made the folder: a start that fails before any row removes it
+
+
+def no_images_error(found: Discovery) -> SourceError:
+    """An input with nothing to annotate is a mistake (a wrong path, a wrong extension), not a success."""
+    why = [f"{n} {reason}" for reason, n in found.skipped.items()]
+    why += [f"{n} {ext} file(s) (not an image type)" for ext, n in sorted(found.unsupported.items())]
+    return SourceError("no images found in " + ", ".join(str(p) for p in found.roots or ["the inputs"])
+                       + (f"; skipped: {'; '.join(why)}" if why else " (the inputs hold no files)"))
 
 
 def plan_run(cfg: RunConfig, owner: bool = True) -> Plan:
     """Discover, check the folder, and list the pending (image, tasks). Only the `owner` (the one
     process of a run, or rank 0 under torchrun) may create, clean or rewrite the folder."""
     found = discover(list(cfg.inputs), cfg.follow_symlinks)
-    summary = Summary(skipped=dict(found.skipped))
+    if not found.refs:
+        raise no_images_error(found)
+    created = not cfg.out.exists()
     if owner:
         manifest = prepare_out(cfg)
-        work = pending_work(cfg, found, summary)
+        try:
+            refs, sources = assign_keys(found, manifest_sources(manifest), folder_owners(cfg.out))
+        except BaseException:
+            release_lock(cfg.out)
+            raise
+        if any(s.legacy for s in sources) and upgrade_parts(cfg.out):  # only once the folder is accepted
+            log.info("%s: parts upgraded to annotation schema 2 (a null `source` column)", cfg.out)
+        manifest.sources = sources_to_manifest(sources)
+        summary = Summary(skipped=dict(found.skipped))
+        work = pending_work(cfg, refs, summary)
         manifest.save(cfg.out)
     else:
         manifest = Manifest.load(cfg.out)
-        work = pending_work(replace(cfg, retry_errors=False), found, summary)
-    return Plan(manifest, work, summary, len(found.refs))
+        refs, _ = assign_keys(found, manifest_sources(manifest), folder_owners(cfg.out), register=False)
+        summary = Summary(skipped=dict(found.skipped))
+        work = pending_work(replace(cfg, retry_errors=False), refs, summary)
+    return Plan(manifest, work, summary, len(refs), created)
 
 
 def annotate_work(cfg: RunConfig, lm: LoadedModel, work: list[WorkItem], writer: PartWriter,
@@ -195,8 +239,11 @@ def annotate_work(cfg: RunConfig, lm: LoadedModel, work: list[WorkItem], writer:
         dataset = TilingDataset(work, lm.processor.image_processor, cfg.max_image_pixels, cfg.tiling,
                                 tileable(tasks, engine.sources))
         annotator = TiledAnnotator(engine, dataset, vision_batch=cfg.batch_size)
+    source_of = {w.ref.key: w.ref.source for w in work}
     for batch in make_loader(work, lm, cfg, dataset):
         rows = annotator.annotate(batch)
+        for row in rows:  # which input the key belongs to (keys.py): resume matches on it
+            row.source = source_of.get(row.image)
         writer.add(rows)
         quality, engine.stats = engine.stats, {}
         images = len({r.image for r in rows})  # batch items include tiles; every image has a row
@@ -246,9 +293,11 @@ def release_lock(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def finish_run(cfg: RunConfig, plan: Plan) -> None:
+def finish_run(cfg: RunConfig, plan: Plan, device: str = "cpu") -> None:
     manifest = plan.manifest
     manifest.finished = now()
+    if not manifest.runtime:
+        manifest.runtime = runtime_settings(cfg.model, device)
     manifest.counts = {"images": plan.n_images, "rows_ok_this_run": plan.summary.rows_ok,
                        "rows_error_this_run": plan.summary.rows_error,
                        "images_per_worker": plan.summary.per_worker, "quality": plan.summary.quality}
@@ -277,9 +326,23 @@ def run(cfg: RunConfig, device: str = "cpu", lm: LoadedModel | None = None,
             annotate_work(cfg, lm, plan.work, writer, on_batch)
     except BaseException:
         release_lock(cfg.out)  # the folder is free again, even for a caller that goes on living
+        if plan.created and not part_files(cfg.out):
+            remove_empty_run(cfg.out)
         raise
     finally:
         writer.flush()  # also on Ctrl-C: what is finished is kept
         summary.seconds = time.monotonic() - start
-    finish_run(cfg, plan)
+    if lm is not None:
+        plan.manifest.runtime = {"dtype": str(lm.dtype).removeprefix("torch."), "attention": lm.attention,
+                                 "device": str(lm.device)}
+    finish_run(cfg, plan, device)
     return summary
+
+
+def remove_empty_run(out: Path) -> None:
+    """Undo a start that wrote no rows (e.g. the model failed to load): no folder is left behind."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    try:
+        out.rmdir()
+    except OSError:  # something else is in there: leave it
+        pass

@@ -21,6 +21,8 @@ class SourceError(ValueError):
 class ImageRef:
     key: str  # path relative to its root, POSIX separators, valid UTF-8: the table's `image`
     path: Path  # what to open
+    root: Path | None = None  # the input folder the key is relative to (a single file's folder)
+    source: str | None = None  # the folder's id for `root` (keys.assign_keys), stored in every row
 
 
 @dataclass
@@ -28,6 +30,7 @@ class Discovery:
     refs: list[ImageRef]
     roots: list[Path]
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    unsupported: dict[str, int] = field(default_factory=dict)  # extension -> files ignored (not images)
 
     def skip(self, reason: str, path: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -49,11 +52,12 @@ def _inside(path: Path, root: Path) -> bool:
 
 def discover(inputs: list[Path], follow_symlinks: bool = False) -> Discovery:
     """Every image under `inputs` (directories recursively, files as given), sorted by key.
+    The same key may come from two roots: keys.assign_keys makes them unique for a folder.
 
     Symlinks that leave their root are skipped unless `follow_symlinks`; broken links and
     link loops are kept, so that they become error rows instead of vanishing silently."""
     found = Discovery(refs=[], roots=[])
-    owner: dict[str, tuple[Path, Path]] = {}  # key -> (root, path)
+    owner: dict[tuple[Path, str], Path] = {}  # (root, key) -> path
     for given in inputs:
         given = Path(given)
         if given.is_dir():
@@ -67,17 +71,14 @@ def discover(inputs: list[Path], follow_symlinks: bool = False) -> Discovery:
             found.roots.append(root)
         for path in paths:
             key = printable_key(os.path.relpath(path, root))
-            if key in owner:
-                first_root, first_path = owner[key]
-                if first_root != root:
-                    raise SourceError(f"{key!r} exists under both {first_root} and {root}; annotate them into "
-                                      "separate --out folders, or pass their common parent folder")
+            first_path = owner.get((root, key))
+            if first_path is not None:
                 if Path(path).absolute() != first_path:  # two names that escape to the same key
                     found.skip(f"its key collides with {printable_key(str(first_path))}", printable_key(str(path)))
                 continue  # the same file given twice: one row per task, not two
-            owner[key] = (root, Path(path).absolute())
-            found.refs.append(ImageRef(key, path))
-    found.refs.sort(key=lambda r: r.key)
+            owner[(root, key)] = Path(path).absolute()
+            found.refs.append(ImageRef(key, path, root))
+    found.refs.sort(key=lambda r: (r.key, str(r.root)))
     return found
 
 
@@ -98,7 +99,9 @@ def _walk(root: Path, follow_symlinks: bool, found: Discovery) -> list[Path]:
         dirnames.sort()
         for name in sorted(filenames):
             path = here / name
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:  # counted, not logged: sidecars are common
+                ext = path.suffix.lower() or "(none)"
+                found.unsupported[ext] = found.unsupported.get(ext, 0) + 1
                 continue
             try:
                 mode = path.stat().st_mode  # follows links

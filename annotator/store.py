@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc  # not loaded by `import pyarrow` alone
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `source` column and manifest `sources` (keys.py)
 MANIFEST = "manifest.json"
 PART_GLOB = "part-*.parquet"
 
@@ -23,6 +23,7 @@ _box = pa.list_(pa.float32())
 SCHEMA = pa.schema(
     [
         pa.field("image", pa.string(), nullable=False),
+        pa.field("source", pa.string()),  # id of the input the image came from (manifest `sources`)
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("task", pa.string(), nullable=False),
@@ -69,6 +70,7 @@ class Annotation:
     text_score: float | None = None
     truncated: bool = False
     tiles: int = 0
+    source: str | None = None
 
     @classmethod
     def failed(cls, image: str, task: str, error: str, width=None, height=None, prompt=None) -> "Annotation":
@@ -217,6 +219,8 @@ class Manifest:
     finished: str | None = None
     counts: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    sources: list = field(default_factory=list)  # keys.Source as dicts: id, root, prefix, legacy
+    runtime: dict = field(default_factory=dict)  # dtype and attention actually used (not "auto")
 
     def save(self, out_dir: Path) -> None:
         dest = Path(out_dir) / MANIFEST

@@ -129,6 +129,7 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--tasks", default=",".join(TASK_WEIGHTS), help="comma-separated subset of " + ",".join(TASK_WEIGHTS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", type=Path, default=None, help="start from this checkpoint of the script")
     ap.add_argument("--image-lr-scale", type=float, default=3.0, help="learning rate of the image path, relative")
     ap.add_argument("--aux", type=float, default=1.0, help="weight of the per-cell auxiliary loss (0: off)")
     ap.add_argument("--save-every", type=int, default=500)
@@ -138,8 +139,15 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     tasks = {t: TASK_WEIGHTS[t] for t in args.tasks.split(",")}
 
-    processor = demo.build_processor()
-    model = demo.build_model(processor, seed=args.seed)
+    if args.init:  # go on from a checkpoint of this script (a new schedule; the dense head is re-learned)
+        from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+        processor = AutoProcessor.from_pretrained(args.init)
+        model = Florence2ForConditionalGeneration.from_pretrained(args.init)
+        model.generation_config = demo.build_model(processor, seed=args.seed).generation_config
+    else:
+        processor = demo.build_processor()
+        model = demo.build_model(processor, seed=args.seed)
     text_config = model.config.text_config
     loc_ids = processor.tokenizer.convert_tokens_to_ids([f"<loc_{i}>" for i in range(1000)])
     head = CellHead(model.config.vision_config.projection_dim, loc_ids)
@@ -161,7 +169,8 @@ def main(argv=None) -> None:
     model.train()
     running = None
     for step in range(args.steps):
-        drawn_samples, drawn = draw_batch(rng, processor, args.batch, tasks, step / args.steps, cache)
+        progress = 1.0 if args.init else step / args.steps  # the curriculum is for a model from scratch
+        drawn_samples, drawn = draw_batch(rng, processor, args.batch, tasks, progress, cache)
         batch = collate(drawn_samples, processor.tokenizer.pad_token_id)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup) * group["scale"]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
+from annotator.clikit import EXIT_USAGE, Aliased
 from exporters import EXPORTERS, ExportError, run_export
 from exporters.classes import parse_classes_arg, parse_classes_file
 from exporters.options import ExportOptions
@@ -16,7 +18,7 @@ from exporters.options import ExportOptions
 @click.option("--format", "fmt", required=True, type=click.Choice(sorted(EXPORTERS), case_sensitive=False),
               help="Output format.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder [default: ./export/<format>].")
-@click.option("--task", "tasks", multiple=True,
+@click.option("--tasks", "--task", "tasks", cls=Aliased, multiple=True,
               help="Task(s) to export, repeated or comma-separated [default: the format's tasks the run holds].")
 @click.option("--classes", help="Class list, e.g. person,car; other labels are dropped and counted.")
 @click.option("--classes-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -39,8 +41,9 @@ from exporters.options import ExportOptions
 @click.option("--order", type=click.Choice(["key", "score"]), default="key", show_default=True,
               help="labelstudio: task order; score puts the images with the least confident instance first.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def export(annotations, fmt, out, tasks, classes, classes_file, min_count, min_score, val_fraction, copy_images,
-           segments, skip_empty, include_ocr, image_roots, image_root, config_out, order, overwrite):
+           segments, skip_empty, include_ocr, image_roots, image_root, config_out, order, overwrite, as_json):
     """Turn the annotation table in ANNOTATIONS [default: ./annotations] into a training set."""
     try:
         if classes and classes_file:
@@ -58,6 +61,22 @@ def export(annotations, fmt, out, tasks, classes, classes_file, min_count, min_s
         )
         summary = run_export(annotations, fmt.lower(), out or Path("export") / fmt.lower(), opts, overwrite)
     except ExportError as e:
-        raise click.ClickException(str(e)) from None
+        click.echo(f"Error: {e}", err=True)
+        raise SystemExit(EXIT_USAGE) from None
+    if as_json:
+        click.echo(json.dumps(summary_dict(summary), indent=2))
+        return
     for line in summary.lines():
         click.echo(line)
+
+
+def summary_dict(summary) -> dict:
+    """The summary as plain JSON types (Counters become objects, the folder a string)."""
+    from dataclasses import asdict
+
+    d = asdict(summary)
+    d["out"] = str(summary.out)
+    def keys(v: dict) -> dict:  # Counters may be keyed by tuples, e.g. (task, label)
+        return {"/".join(map(str, k)) if isinstance(k, tuple) else str(k): n for k, n in v.items()}
+
+    return {k: keys(v) if isinstance(v, dict) else v for k, v in d.items()}

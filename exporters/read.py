@@ -96,6 +96,9 @@ class Run:
         roots = image_roots if image_roots else [Path(p) for p in self.manifest.get("inputs", [])]
         # a single-file input's root is its folder (its key is its file name)
         self.roots = [r.parent if r.is_file() else r for r in roots]
+        # inputs whose keys carry a prefix in this folder (annotator/keys.py): `b/x.png` is b's x.png
+        self.prefixed = [(s["prefix"], Path(s["root"])) for s in self.manifest.get("sources") or []
+                         if s.get("prefix") and not image_roots]
 
     # --- lazy frames -------------------------------------------------------------------------
     def scan(self) -> pl.LazyFrame:
@@ -164,6 +167,9 @@ class Run:
         A miss is counted in `dropped` (an export's summary) when one is given."""
         if is_safe_key(key):
             rel = check_key(key)
+            for prefix, root in self.prefixed:
+                if key.startswith(prefix) and (root / key[len(prefix):]).is_file():
+                    return root / key[len(prefix):]
             for root in self.roots:
                 p = root / rel
                 if p.is_file():

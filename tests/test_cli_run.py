@@ -74,11 +74,11 @@ def test_missing_input_is_a_usage_error(tmp_path):
     assert res.exit_code == 2 and "input not found" in res.output
 
 
-def test_missing_model_exit_3_one_line(image_dir, tmp_path):
+def test_missing_model_dir_is_a_usage_error_one_line(image_dir, tmp_path):
     res = CliRunner().invoke(cli, ["run", str(image_dir), "--model", str(tmp_path / "nomodel-here"),
                                    "--out", str(tmp_path / "o"), "--no-progress"])
-    assert res.exit_code == 3, res.output
-    assert res.output.count("\n") == 1 and "cannot load model" in res.output
+    assert res.exit_code == 2, res.output  # checked before anything starts (issue 13)
+    assert res.output.count("\n") == 1 and "does not exist" in res.output and not (tmp_path / "o").exists()
 
 
 def test_tasks_lists_every_task():

@@ -29,7 +29,7 @@ def invoke(*args, cwd=None):
 
 
 def one_line_error(res, *words):
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == 2, res.output  # EXIT_USAGE, as in every command
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:"), res.output
     for w in words:

@@ -89,3 +89,20 @@ def test_boxes_polygons_quads_are_clipped_to_the_image():
 ])
 def test_iou(a, b, expected):
     assert iou(a, b) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("label, fragment", [("loc_150>", True), ("<loc_3", True), ("loc_1> loc_2>", True),
+                                             ("car", False), ("", False), ("location", False), ("loc_3 car", False)])
+def test_location_fragments(label, fragment):
+    from annotator.parse import is_location_fragment
+
+    assert is_location_fragment(label) is fragment
+
+
+def test_malformed_instances_are_dropped_and_counted():
+    stats = {}
+    p = Parsed(bboxes=[[5, 5, 50, 50], [60, 5, 20, 50], [1, 1, 9, 9], [0, 5, 10, 5]],
+               labels=["car", "car", "loc_150>", "dog"], scores=[0.9, 0.8, 0.7, 0.6])
+    out = refine(p, False, 100, 100, stats)
+    assert out.bboxes == [[5, 5, 50, 50]] and out.labels == ["car"] and out.scores == [0.9]
+    assert stats["malformed_labels_dropped"] == 1 and stats["empty_boxes_dropped"] == 2

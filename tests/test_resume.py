@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from annotator.cli import cli
 from annotator.config import GenerationSettings, ModelSpec
-from annotator.runner import EXIT_CANNOT_START, EXIT_INTERRUPTED, RunError, run
+from annotator.runner import EXIT_INTERRUPTED, EXIT_USAGE, RunError, run
 from annotator.stopping import stop_on_signals
 from annotator.store import MANIFEST, Manifest, part_files
 from run_helpers import FAST, annotate_argv, by_key, cli_env, comparable, make_cfg, noise_images, rows, run_cli
@@ -150,7 +150,7 @@ def test_changed_settings_are_refused_with_the_difference(tiny_lm, tmp_path):
     assert comparable(out) == before  # refused before touching anything
 
     proc = run_cli("run", str(images), "--out", str(out), "--tasks", "caption", *FAST, "--max-new-tokens", "5")
-    assert proc.returncode == EXIT_CANNOT_START and "other settings" in proc.stderr and "--force" in proc.stderr
+    assert proc.returncode == EXIT_USAGE and "other settings" in proc.stderr and "--force" in proc.stderr
 
     summary = run(make_cfg(images, out, generation=GenerationSettings(num_beams=1, max_new_tokens=5), force=True),
                   lm=tiny_lm)
