@@ -60,7 +60,11 @@ def model_options(f):
 
 
 @cli.command("run")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1)
+@click.option("--input-list", "input_lists", multiple=True,
+              help="A text (one per line), CSV or Parquet file of image paths or URLs (repeatable).")
+@click.option("--path-column", default=None, help="The CSV/Parquet column of --input-list that holds them "
+              "(default: the only column, else `url`, else `path`).")
 @click.option("--tasks", "tasks_spec", default="caption,od", show_default=True,
               help="Comma-separated task names or tokens (`annotate tasks` lists them).")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("annotations"), show_default=True,
@@ -85,12 +89,13 @@ def model_options(f):
 @click.option("--overwrite", is_flag=True, help="Delete the earlier parts in --out and start fresh.")
 @click.option("--force", is_flag=True, help="Resume even if the model or settings differ from the manifest.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def run_cmd(inputs, tasks_spec, out, model, revision, dtype, attention, allow_pickle, trust_remote_code, text,
+def run_cmd(inputs, input_lists, path_column, tasks_spec, out, model, revision, dtype, attention, allow_pickle, trust_remote_code, text,
             classes, batch_size, workers, num_beams, max_new_tokens, no_scores, devices, limit, flush_every, flush_seconds,
             max_image_pixels, follow_symlinks, retry_errors, overwrite, force, no_progress) -> None:
     """Annotate images: one Parquet row per image and task.
 
-    INPUTS are folders (searched recursively) or image files."""
+    INPUTS are folders (searched recursively), image files, globs, tar shards (`shard-{00000..00099}.tar`),
+    or any of these as fsspec URLs (s3://, gs://, https://, ...)."""
     try:
         tasks = parse_task_list(tasks_spec)
         plan_sources(tasks, bool(text), bool(classes))
@@ -102,7 +107,7 @@ def run_cmd(inputs, tasks_spec, out, model, revision, dtype, attention, allow_pi
             batch_size=batch_size, workers=workers, limit=limit, devices=devices,
             flush_every_rows=flush_every, flush_every_seconds=flush_seconds, max_image_pixels=max_image_pixels,
             follow_symlinks=follow_symlinks, retry_errors=retry_errors, overwrite=overwrite, force=force,
-            progress=not no_progress,
+            progress=not no_progress, input_lists=input_lists, path_column=path_column,
         )
     except USAGE_ERRORS as exc:
         _fail(str(exc), 2)

@@ -57,7 +57,7 @@ class TaskInputs:
 
 @dataclass(frozen=True)
 class RunConfig:
-    inputs: tuple[Path, ...]
+    inputs: tuple[str | Path, ...]  # folders, files, globs, brace patterns, fsspec URLs (sources.py)
     tasks: tuple[Task, ...]
     out: Path = Path("annotations")
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -75,8 +75,12 @@ class RunConfig:
     overwrite: bool = False
     force: bool = False
     progress: bool = True
+    input_lists: tuple[str, ...] = ()  # text/CSV/Parquet files of paths or URLs
+    path_column: str | None = None  # the column of a CSV/Parquet list that holds them
 
     def __post_init__(self):
+        if not self.inputs and not self.input_lists:
+            raise ConfigError("nothing to annotate: give INPUTS or --input-list")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
         if self.workers < 0:

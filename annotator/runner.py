@@ -21,7 +21,7 @@ from .config import RunConfig
 from .engine import Engine
 from .images import ImageDataset, WorkItem, collate
 from .model import LoadedModel, load_model
-from .sources import Discovery, discover
+from .sources import Discovery, discover, input_label
 from .store import ERROR, MANIFEST, OK, Manifest, PartWriter, drop_error_rows, part_files, read_status
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,9 @@ def _check_out(cfg: RunConfig) -> Manifest:
         for path in part_files(out) + [out / MANIFEST]:
             path.unlink(missing_ok=True)
     manifest = Manifest(identity=cfg.identity(), package_version=__version__,
-                        inputs=[str(p.absolute()) for p in cfg.inputs], tasks=[t.name for t in cfg.tasks],
-                        started=now())
+                        inputs=[input_label(p) for p in cfg.inputs], tasks=[t.name for t in cfg.tasks],
+                        started=now(), input_lists=[input_label(p) for p in cfg.input_lists],
+                        path_column=cfg.path_column)
     old = Manifest.load(out)
     if old is not None:
         diff = {k: (old.identity.get(k), v) for k, v in manifest.identity.items() if old.identity.get(k) != v}
@@ -112,6 +113,8 @@ def _check_out(cfg: RunConfig) -> Manifest:
                            "--overwrite to start fresh, or --force to mix them")
         manifest.tasks = old.tasks + [t for t in manifest.tasks if t not in old.tasks]
         manifest.inputs = old.inputs + [p for p in manifest.inputs if p not in old.inputs]
+        manifest.input_lists = old.input_lists + [p for p in manifest.input_lists if p not in old.input_lists]
+        manifest.path_column = cfg.path_column or old.path_column
         manifest.started = old.started
     elif part_files(out) and not cfg.force:
         raise RunError(f"{out} has part files but no {MANIFEST}; use another --out, or --overwrite")
@@ -166,7 +169,7 @@ class Plan:
 def plan_run(cfg: RunConfig, owner: bool = True) -> Plan:
     """Discover, check the folder, and list the pending (image, tasks). Only the `owner` (the one
     process of a run, or rank 0 under torchrun) may create, clean or rewrite the folder."""
-    found = discover(list(cfg.inputs), cfg.follow_symlinks)
+    found = discover(cfg.inputs, cfg.follow_symlinks, cfg.input_lists, cfg.path_column)
     summary = Summary(skipped=dict(found.skipped))
     if owner:
         manifest = prepare_out(cfg)

@@ -196,6 +196,8 @@ class Manifest:
     finished: str | None = None
     counts: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    input_lists: list[str] = field(default_factory=list)  # --input-list files (sources.read_list)
+    path_column: str | None = None
 
     def save(self, out_dir: Path) -> None:
         dest = Path(out_dir) / MANIFEST
