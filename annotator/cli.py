@@ -89,9 +89,11 @@ def model_options(f):
 @click.option("--overwrite", is_flag=True, help="Delete the earlier parts in --out and start fresh.")
 @click.option("--force", is_flag=True, help="Resume even if the model or settings differ from the manifest.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[auto|ADDRESS]",
+              help="Run on a Ray cluster with Ray Data (auto: the running one, else a local Ray). Needs the [ray] extra.")
 def run_cmd(inputs, input_lists, path_column, tasks_spec, out, model, revision, dtype, attention, allow_pickle, trust_remote_code, text,
             classes, batch_size, workers, num_beams, max_new_tokens, no_scores, devices, limit, flush_every, flush_seconds,
-            max_image_pixels, follow_symlinks, retry_errors, overwrite, force, no_progress) -> None:
+            max_image_pixels, follow_symlinks, retry_errors, overwrite, force, no_progress, ray_address) -> None:
     """Annotate images: one Parquet row per image and task.
 
     INPUTS are folders (searched recursively), image files, globs, tar shards (`shard-{00000..00099}.tar`),
@@ -107,7 +109,7 @@ def run_cmd(inputs, input_lists, path_column, tasks_spec, out, model, revision, 
             batch_size=batch_size, workers=workers, limit=limit, devices=devices,
             flush_every_rows=flush_every, flush_every_seconds=flush_seconds, max_image_pixels=max_image_pixels,
             follow_symlinks=follow_symlinks, retry_errors=retry_errors, overwrite=overwrite, force=force,
-            progress=not no_progress, input_lists=input_lists, path_column=path_column,
+            progress=not no_progress, input_lists=input_lists, path_column=path_column, ray=ray_address,
         )
     except USAGE_ERRORS as exc:
         _fail(str(exc), 2)

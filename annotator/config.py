@@ -77,8 +77,12 @@ class RunConfig:
     progress: bool = True
     input_lists: tuple[str, ...] = ()  # text/CSV/Parquet files of paths or URLs
     path_column: str | None = None  # the column of a CSV/Parquet list that holds them
+    ray: str | None = None  # --ray: `auto` or a cluster address (raydata.py); None: no Ray
 
     def __post_init__(self):
+        if self.ray and self.ray != "auto" and Path(self.ray).exists():  # `--ray ./imgs`: click took the folder
+            raise ConfigError(f"--ray took {self.ray!r} as the cluster address; write `--ray auto` before INPUTS, "
+                              "or put --ray after them")
         if not self.inputs and not self.input_lists:
             raise ConfigError("nothing to annotate: give INPUTS or --input-list")
         if self.batch_size < 1:
