@@ -62,7 +62,11 @@ def model_options(f):
 
 
 @cli.command("run")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1)
+@click.option("--input-list", "input_lists", multiple=True,
+              help="A text (one per line), CSV or Parquet file of image paths or URLs (repeatable).")
+@click.option("--path-column", default=None, help="The CSV/Parquet column of --input-list that holds them "
+              "(default: the only column, else `url`, else `path`).")
 @click.option("--tasks", "tasks_spec", default="caption,od", show_default=True,
               help="Comma-separated task names or tokens (`annotate tasks` lists them).")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("annotations"), show_default=True,
@@ -93,13 +97,16 @@ def model_options(f):
 @click.option("--dry-run", is_flag=True, help="Say what would be done (images, pending rows, skipped files, the "
               "folder's state) without loading a model or writing anything.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def run_cmd(inputs, tasks_spec, out, model, revision, dtype, attention, allow_pickle, trust_remote_code, text,
-            classes, batch_size, workers, num_beams, max_new_tokens, no_scores, devices, limit, flush_every, flush_seconds,
-            max_image_pixels, follow_symlinks, retry_errors, overwrite, force, no_progress, tile_spec, tile_overlap,
-            dry_run, as_json) -> None:
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[auto|ADDRESS]",
+              help="Run on a Ray cluster with Ray Data (auto: the running one, else a local Ray). Needs the [ray] extra.")
+def run_cmd(inputs, input_lists, path_column, tasks_spec, out, model, revision, dtype, attention, allow_pickle,
+            trust_remote_code, text, classes, batch_size, workers, num_beams, max_new_tokens, no_scores, devices, limit,
+            flush_every, flush_seconds, max_image_pixels, follow_symlinks, retry_errors, overwrite, force, no_progress,
+            tile_spec, tile_overlap, dry_run, as_json, ray_address) -> None:
     """Annotate images: one Parquet row per image and task.
 
-    INPUTS are folders (searched recursively) or image files."""
+    INPUTS are folders (searched recursively), image files, globs, tar shards (`shard-{00000..00099}.tar`),
+    or any of these as fsspec URLs (s3://, gs://, https://, ...)."""
     try:
         tasks = parse_task_list(tasks_spec)
         plan_sources(tasks, bool(text), bool(classes))
@@ -112,6 +119,7 @@ def run_cmd(inputs, tasks_spec, out, model, revision, dtype, attention, allow_pi
             flush_every_rows=flush_every, flush_every_seconds=flush_seconds, max_image_pixels=max_image_pixels,
             follow_symlinks=follow_symlinks, retry_errors=retry_errors, overwrite=overwrite, force=force,
             progress=not no_progress and not as_json, tiling=TileSettings.parse(tile_spec, tile_overlap),
+            input_lists=input_lists, path_column=path_column, ray=ray_address,
         )
         if dry_run:
             from .dryrun import dry_run as plan_only

@@ -109,7 +109,7 @@ class TileSettings:
 
 @dataclass(frozen=True)
 class RunConfig:
-    inputs: tuple[Path, ...]
+    inputs: tuple[str | Path, ...]  # folders, files, globs, brace patterns, fsspec URLs (sources.py)
     tasks: tuple[Task, ...]
     out: Path = Path("annotations")
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -128,8 +128,16 @@ class RunConfig:
     force: bool = False
     progress: bool = True
     tiling: TileSettings = field(default_factory=TileSettings)
+    input_lists: tuple[str, ...] = ()  # text/CSV/Parquet files of paths or URLs
+    path_column: str | None = None  # the column of a CSV/Parquet list that holds them
+    ray: str | None = None  # --ray: `auto` or a cluster address (raydata.py); None: no Ray
 
     def __post_init__(self):
+        if self.ray and self.ray != "auto" and Path(self.ray).exists():  # `--ray ./imgs`: click took the folder
+            raise ConfigError(f"--ray took {self.ray!r} as the cluster address; write `--ray auto` before INPUTS, "
+                              "or put --ray after them")
+        if not self.inputs and not self.input_lists:
+            raise ConfigError("nothing to annotate: give INPUTS or --input-list")
         if self.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
         if self.workers < 0:

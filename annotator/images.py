@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .sources import ImageRef
+from .sources import ImageRef, image_source
 
 
 @dataclass
@@ -46,9 +47,9 @@ class Batch:
         return self
 
 
-def load_rgb(path: Path, max_pixels: int) -> Image.Image:
+def load_rgb(source: Path | BinaryIO, max_pixels: int) -> Image.Image:
     """Open, refuse decompression bombs before decoding, apply EXIF orientation, convert to RGB."""
-    with Image.open(path) as im:
+    with Image.open(source) as im:
         w, h = im.size  # read from the header: nothing decoded yet
         if w * h > max_pixels:
             raise ValueError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
@@ -112,7 +113,7 @@ class ImageDataset(torch.utils.data.Dataset):
         # decodes: spawned DataLoader workers do not inherit a value set in the parent.
         Image.MAX_IMAGE_PIXELS = None
         try:
-            image = load_rgb(item.ref.path, self.max_pixels)
+            image = load_rgb(image_source(item.ref), self.max_pixels)  # remote: bytes, retried
             pixels = self.pixels(image)
         except Exception as exc:  # any decode problem is data, not a crash
             return None, DecodeFailure(item.ref.key, describe_error(exc), item.tasks)

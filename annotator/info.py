@@ -169,7 +169,7 @@ def summarize(folder: Path, top: int = 10, check_complete: bool = True) -> RunIn
     info.started, info.finished = manifest.started, manifest.finished
     if check_complete:
         try:
-            found = discover([Path(p) for p in manifest.inputs])
+            found = discover(manifest.inputs, input_lists=manifest.input_lists, path_column=manifest.path_column)
         except (SourceError, OSError) as exc:
             info.not_checked = f"cannot re-discover the inputs: {exc}"
             return info

@@ -92,6 +92,10 @@ def torch_device(name: str) -> str:
 
 
 def launch(cfg: RunConfig) -> Summary:
+    if cfg.ray:
+        from .raydata import launch_ray  # Ray is an optional extra
+
+        return launch_ray(cfg)
     env = torchrun_env()
     if env is not None and env.world > 1:
         return launch_torchrun(cfg, env)

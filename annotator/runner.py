@@ -22,7 +22,7 @@ from .engine import Engine
 from .images import ImageDataset, WorkItem, collate
 from .keys import assign_keys, folder_owners, manifest_sources, sources_to_manifest, upgrade_parts
 from .model import LoadedModel, load_model, runtime_settings
-from .sources import Discovery, ImageRef, SourceError, discover
+from .sources import Discovery, ImageRef, SourceError, discover, input_label
 from .store import ERROR, MANIFEST, OK, Manifest, PartWriter, drop_error_rows, part_files, read_status
 from .tiling import TiledAnnotator, TilingDataset, collate_tiles, engine_tasks, tileable
 
@@ -107,8 +107,9 @@ def _check_out(cfg: RunConfig) -> Manifest:
         for path in part_files(out) + [out / MANIFEST]:
             path.unlink(missing_ok=True)
     manifest = Manifest(identity=cfg.identity(), package_version=__version__,
-                        inputs=[str(p.absolute()) for p in cfg.inputs], tasks=[t.name for t in cfg.tasks],
-                        started=now())
+                        inputs=[input_label(p) for p in cfg.inputs], tasks=[t.name for t in cfg.tasks],
+                        started=now(), input_lists=[input_label(p) for p in cfg.input_lists],
+                        path_column=cfg.path_column)
     old = previous_manifest(out)
     if old is not None:
         refusal = settings_refusal(cfg, old)
@@ -116,6 +117,8 @@ def _check_out(cfg: RunConfig) -> Manifest:
             raise RunError(refusal)
         manifest.tasks = old.tasks + [t for t in manifest.tasks if t not in old.tasks]
         manifest.inputs = old.inputs + [p for p in manifest.inputs if p not in old.inputs]
+        manifest.input_lists = old.input_lists + [p for p in manifest.input_lists if p not in old.input_lists]
+        manifest.path_column = cfg.path_column or old.path_column
         manifest.started = old.started
         manifest.sources = sources_to_manifest(manifest_sources(old))
     elif part_files(out) and not cfg.force:
@@ -202,7 +205,7 @@ def no_images_error(found: Discovery) -> SourceError:
 def plan_run(cfg: RunConfig, owner: bool = True) -> Plan:
     """Discover, check the folder, and list the pending (image, tasks). Only the `owner` (the one
     process of a run, or rank 0 under torchrun) may create, clean or rewrite the folder."""
-    found = discover(list(cfg.inputs), cfg.follow_symlinks)
+    found = discover(cfg.inputs, cfg.follow_symlinks, cfg.input_lists, cfg.path_column)
     if not found.refs:
         raise no_images_error(found)
     created = not cfg.out.exists()

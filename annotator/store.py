@@ -221,6 +221,8 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     sources: list = field(default_factory=list)  # keys.Source as dicts: id, root, prefix, legacy
     runtime: dict = field(default_factory=dict)  # dtype and attention actually used (not "auto")
+    input_lists: list[str] = field(default_factory=list)  # --input-list files (sources.read_list)
+    path_column: str | None = None
 
     def save(self, out_dir: Path) -> None:
         dest = Path(out_dir) / MANIFEST
