@@ -248,3 +248,21 @@ def test_convert_command_writes_a_native_checkpoint(original_st, tiny_lm, tmp_pa
     assert CliRunner().invoke(cli, ["convert", str(original_st), str(out), "--overwrite"]).exit_code == 0
     native = CliRunner().invoke(cli, ["convert", str(out), str(tmp_path / "x")])
     assert native.exit_code == 2 and "not an original-format" in native.output
+
+
+def test_finetune_from_an_original_checkpoint_saves_native_ones(original_st, tmp_path):
+    from click.testing import CliRunner
+
+    from annotator.cli import cli
+    from annotator.convert import is_original_config
+    from finetune_fixtures import write_florence
+
+    write_florence(tmp_path / "data", repeat=1)
+    res = CliRunner().invoke(cli, ["finetune", str(tmp_path / "data"), "--out", str(tmp_path / "ckpt"),
+                                   "--epochs", "1", "--batch-size", "4", "--model", str(original_st),
+                                   "--devices", "cpu", "--workers", "0", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    for folder in (tmp_path / "ckpt", tmp_path / "ckpt" / "epoch-1"):
+        assert not is_original_config(json.loads((folder / "config.json").read_text()))
+        assert list(folder.glob("*.safetensors"))
+    assert load_model(ModelSpec(str(tmp_path / "ckpt")), "cpu").model.config.image_token_id > 0
