@@ -154,9 +154,9 @@ def write_native(orig: OriginalCheckpoint, out: Path, allow_pickle: bool) -> Non
     from transformers import Florence2ForConditionalGeneration
 
     folder = _fetch_files(orig, allow_pickle)
+    weights = rename_weights(load_original_weights(folder, allow_pickle))
     processor = build_processor(folder)
     tokenizer = processor.tokenizer
-    weights = rename_weights(load_original_weights(folder, allow_pickle))
     rows = _grow_vocab(weights, tokenizer.image_token_id + 1)
     config = convert_config(orig.config, vocab_size=rows, image_token_id=tokenizer.image_token_id)
     with torch.device("meta"):  # shapes and names only: the real tensors are assigned below
@@ -187,7 +187,10 @@ def _fetch_files(orig: OriginalCheckpoint, allow_pickle: bool) -> Path:
         return Path(snapshot_download(orig.source, revision=orig.revision, allow_patterns=list(patterns)))
 
     folder = fetch(META_PATTERNS + WEIGHT_PATTERNS)
-    if not list(folder.glob("*.safetensors")) and allow_pickle:
+    if not list(folder.glob("*.safetensors")):
+        if not allow_pickle:  # say so before downloading gigabytes of pickle
+            raise ConversionError(f"{orig.source} has no safetensors weights; its pickle weights "
+                                  "(pytorch_model.bin) need --allow-pickle if you trust it")
         folder = fetch(PICKLE_PATTERNS)
     return folder
 
