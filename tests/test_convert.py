@@ -17,15 +17,16 @@ from annotator.config import ModelSpec
 from annotator.model import ModelLoadError, load_model
 
 # native name -> original name (first match wins), the reverse of transformers' conversion script
+_B, _OB = r"^model\.vision_tower\.blocks\.(\d+)\.(\d+)\.", r"vision_tower.blocks.\1.\2."
 INVERSE = [(re.compile(a), b) for a, b in [
     (r"^model\.vision_tower\.convs\.(\d+)\.conv\.", r"vision_tower.convs.\1.proj."),
     (r"^model\.vision_tower\.convs\.(\d+)\.norm\.", r"vision_tower.convs.\1.norm."),
-    (r"^model\.vision_tower\.blocks\.(\d+)\.(\d+)\.(\w+)_block\.(conv[12])\.", r"vision_tower.blocks.\1.\2.\3_block.\4.fn.dw."),
-    (r"^model\.vision_tower\.blocks\.(\d+)\.(\d+)\.spatial_block\.norm1\.", r"vision_tower.blocks.\1.\2.spatial_block.window_attn.norm."),
-    (r"^model\.vision_tower\.blocks\.(\d+)\.(\d+)\.channel_block\.norm1\.", r"vision_tower.blocks.\1.\2.channel_block.channel_attn.norm."),
-    (r"^model\.vision_tower\.blocks\.(\d+)\.(\d+)\.(\w+)_block\.(window|channel)_attn\.", r"vision_tower.blocks.\1.\2.\3_block.\4_attn.fn."),
-    (r"^model\.vision_tower\.blocks\.(\d+)\.(\d+)\.(\w+)_block\.norm2\.", r"vision_tower.blocks.\1.\2.\3_block.ffn.norm."),
-    (r"^model\.vision_tower\.blocks\.(\d+)\.(\d+)\.(\w+)_block\.ffn\.", r"vision_tower.blocks.\1.\2.\3_block.ffn.fn.net."),
+    (_B + r"(\w+)_block\.(conv[12])\.", _OB + r"\3_block.\4.fn.dw."),
+    (_B + r"spatial_block\.norm1\.", _OB + "spatial_block.window_attn.norm."),
+    (_B + r"channel_block\.norm1\.", _OB + "channel_block.channel_attn.norm."),
+    (_B + r"(\w+)_block\.(window|channel)_attn\.", _OB + r"\3_block.\4_attn.fn."),
+    (_B + r"(\w+)_block\.norm2\.", _OB + r"\3_block.ffn.norm."),
+    (_B + r"(\w+)_block\.ffn\.", _OB + r"\3_block.ffn.fn.net."),
     (r"^model\.multi_modal_projector\.image_projection\.weight$", "image_projection"),
     (r"^model\.multi_modal_projector\.image_position_embed\.", "image_pos_embed."),
     (r"^model\.multi_modal_projector\.", ""),
@@ -34,7 +35,7 @@ INVERSE = [(re.compile(a), b) for a, b in [
 ]]
 TIED_COPIES = ("language_model.model.encoder.embed_tokens.weight", "language_model.model.decoder.embed_tokens.weight",
                "language_model.lm_head.weight")
-REMOTE_CODE = "raise RuntimeError('the checkpoint's own code ran')\n"
+REMOTE_CODE = 'raise RuntimeError("the checkpoint\'s own code ran")\n'
 
 
 def original_name(native: str) -> str:
@@ -62,7 +63,7 @@ def original_weights(model, rows: int, pickle: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def original_config(model, image_size: int, rows: int) -> dict:
+def original_config(model, rows: int) -> dict:
     v, t = model.config.vision_config, model.config.text_config
     text = {k: getattr(t, k) for k in (
         "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
@@ -103,14 +104,15 @@ def write_original(lm, folder: Path, pickle: bool) -> Path:
         torch.save(weights, folder / "pytorch_model.bin")
     else:
         save_file(weights, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(original_config(lm.model, 64, rows)))
+    (folder / "config.json").write_text(json.dumps(original_config(lm.model, rows)))
     for name in ("configuration_florence2.py", "modeling_florence2.py", "processing_florence2.py"):
         (folder / name).write_text(REMOTE_CODE)
     ip = lm.processor.image_processor
     (folder / "preprocessor_config.json").write_text(json.dumps({
         "auto_map": {"AutoProcessor": "processing_florence2.Florence2Processor"},
         "image_processor_type": "CLIPImageProcessor", "processor_class": "Florence2Processor",
-        "size": {"height": 64, "width": 64}, "crop_size": {"height": 64, "width": 64}, "do_center_crop": False, "do_resize": True,
+        "size": {"height": 64, "width": 64}, "crop_size": {"height": 64, "width": 64},
+        "do_center_crop": False, "do_resize": True,
         "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(ip.image_mean), "image_std": list(ip.image_std), "do_convert_rgb": None,
         "image_seq_length": ip.image_seq_length}))
