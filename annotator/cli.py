@@ -302,6 +302,9 @@ def _register_optional() -> None:
     from .bench import bench  # light: torch is imported when it runs
 
     cli.add_command(bench)
+    from .convert import _command as convert_command
+
+    cli.add_command(convert_command())
     try:
         from exporters.cli import export
     except ImportError:  # exporters not built yet

@@ -141,6 +141,11 @@ def demo_dir() -> Path:
 def _pretrained(spec: ModelSpec, dtype: torch.dtype, attention: str):
     from transformers import AutoModelForCausalLM, AutoProcessor, Florence2ForConditionalGeneration
 
+    from .convert import native_checkpoint
+
+    converted = native_checkpoint(spec)  # original microsoft/Florence-2-* format: a native copy, no remote code
+    if converted is not None:
+        spec = dataclasses.replace(spec, name=str(converted), revision=None, trust_remote_code=False)
     kwargs = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     try:
         processor = AutoProcessor.from_pretrained(spec.name, **kwargs)

@@ -45,9 +45,11 @@ def test_not_a_checkpoint_dir(tmp_path):
         load_model(ModelSpec(str(tmp_path)), "cpu")
 
 
-def test_unknown_random_size():
-    with pytest.raises(ModelLoadError, match="random:tiny"):
-        load_model(ModelSpec("random:huge"), "cpu")
+def test_unknown_random_size_is_refused_when_the_spec_is_made():
+    from annotator.config import ConfigError
+
+    with pytest.raises(ConfigError, match="random:tiny"):  # before any folder is made or model code runs
+        ModelSpec("random:huge")
 
 
 def test_dtype_and_attention_policy():
