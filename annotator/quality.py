@@ -19,6 +19,7 @@ from pathlib import Path
 import polars as pl
 
 THRESHOLDS = (0.3, 0.5, 0.7)
+QUALITY_HEADING = "## Quality on held-out samples"
 BINS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.01)
 
 
@@ -160,6 +161,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tasks", default="od,ocr,caption")
     ap.add_argument("--num-beams", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--card", type=Path, help="also put the figures into this checkpoint folder's README.md (model card)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "samples"
@@ -168,6 +170,11 @@ def main(argv=None) -> None:
     print("\n".join(q.lines()))
     if args.json:
         args.json.write_text(json.dumps(q.to_json(), indent=1))
+    if args.card:
+        card = args.card / "README.md"
+        text = card.read_text().split(QUALITY_HEADING)[0] if card.exists() else ""
+        command = " ".join(["python -m annotator.quality", *(argv if argv is not None else __import__("sys").argv[1:])])
+        card.write_text(text.rstrip() + f"\n\n{QUALITY_HEADING}\n\n`{command}`\n\n```\n" + "\n".join(q.lines()) + "\n```\n")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,12 @@
 # the drawn samples). MODEL=... overrides (random:tiny: a dry run with meaningless outputs).
 set -euo pipefail
 cd "$(dirname "$0")"
+if ! command -v annotate >/dev/null; then  # a fresh clone: set up a venv first (CPU torch, as .ci/run does)
+  python3 -m venv ../.venv && . ../.venv/bin/activate
+  python -c "import torch" 2>/dev/null || python -m pip install --quiet "torch==2.13.0" \
+    || python -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
+  python -m pip install --quiet -e ..
+fi
 if [ -z "${MODEL:-}" ]; then
   if [ "${HF_HUB_OFFLINE:-0}" = "0" ] && python -c "import urllib.request; urllib.request.urlopen('https://huggingface.co', timeout=5)" 2>/dev/null; then
     MODEL=florence-community/Florence-2-base

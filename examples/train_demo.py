@@ -14,6 +14,7 @@ full world.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -130,6 +131,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tasks", default=",".join(TASK_WEIGHTS), help="comma-separated subset of " + ",".join(TASK_WEIGHTS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", type=Path, default=None, help="start from this checkpoint of the script")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (the schedule keeps --steps)")
+    ap.add_argument("--float16", action="store_true", help="save float16 weights (the shipped model: 30 MB budget)")
     ap.add_argument("--image-lr-scale", type=float, default=3.0, help="learning rate of the image path, relative")
     ap.add_argument("--aux", type=float, default=1.0, help="weight of the per-cell auxiliary loss (0: off)")
     ap.add_argument("--save-every", type=int, default=500)
@@ -168,7 +171,8 @@ def main(argv=None) -> None:
           f"tokenizer {len(processor.tokenizer)}", flush=True)
     model.train()
     running = None
-    for step in range(args.steps):
+    last = min(args.steps, args.stop_after or args.steps)
+    for step in range(last):
         progress = 1.0 if args.init else step / args.steps  # the curriculum is for a model from scratch
         drawn_samples, drawn = draw_batch(rng, processor, args.batch, tasks, progress, cache)
         batch = collate(drawn_samples, processor.tokenizer.pad_token_id)
@@ -187,12 +191,13 @@ def main(argv=None) -> None:
                    "minutes": round((time.time() - start) / 60, 2)}
             log.append(rec)
             print(json.dumps(rec), flush=True)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            card = demo.model_card(args=vars(args), log=log) if hasattr(demo, "model_card") else ""
-            save_model(model.eval(), processor, args.out, {"training_log.json": json.dumps(log, indent=1),
+        if (step + 1) % args.save_every == 0 or step + 1 == last:
+            card = demo.model_card(args={k: str(v) for k, v in vars(args).items()}, log=log)
+            saved = copy.deepcopy(model).half() if args.float16 else model
+            save_model(saved.eval(), processor, args.out, {"training_log.json": json.dumps(log, indent=1),
                                                           "README.md": card})
             model.train()
-    print(f"done: {args.steps} steps in {(time.time() - start) / 60:.1f} min -> {args.out}", flush=True)
+    print(f"done: {last} steps in {(time.time() - start) / 60:.1f} min -> {args.out}", flush=True)
 
 
 if __name__ == "__main__":
