@@ -140,3 +140,26 @@ def tent_code(bins: torch.Tensor, dim: int, hats: int = 128) -> torch.Tensor:
     code = torch.zeros(len(bins), dim)
     code[:, :hats] = (1 - (bins[:, None] - centres[None]).abs() / width).clamp(min=0)
     return code
+
+
+def model_card(args: dict, log: list[dict]) -> str:
+    """The README.md saved next to the weights: what the model is and how it was made (the held-out
+    figures are added by `python -m annotator.quality --card`)."""
+    last = log[-1] if log else {}
+    return "\n".join([
+        "# florence-annotate demo model",
+        "",
+        f"A small Florence-2 (native `Florence2ForConditionalGeneration`, {IMAGE_SIZE} px input, {GRID}x{GRID} image "
+        "tokens) trained from scratch by florence-annotate on its synthetic world (`annotate samples`: coloured "
+        "circles, squares, triangles and stars on flat, gradient and noise backgrounds; pages of printed words). It "
+        "knows that world only: use it to try the tool offline, never for real images.",
+        "",
+        "Tasks: `caption`, `od`, `caption_to_phrase_grounding` (a `colour shape` phrase), `ocr`, `ocr_with_region`.",
+        "",
+        "## Training (this stage)",
+        "",
+        "`python examples/train_demo.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(args.items())
+                                                   if v not in (None, "None", "False")) + "`",
+        "",
+        f"Every batch freshly drawn; last logged: {last}.",
+    ]) + "\n"

@@ -159,11 +159,14 @@ def launch_ray(cfg: RunConfig) -> Summary:
             started = connect(ray, cfg.ray or "auto")
             bar.start(len(work))
             seen: set[int] = set()
+            source_of = {w.ref.key: w.ref.source for w in work}  # keys.py: resume matches rows on their input
             for row in _dataset(ray, cfg, work).iter_rows():
                 if row["batch"] in seen:
                     continue  # cannot happen with Ray Data's exactly-once output; never write twice anyway
                 seen.add(row["batch"])
                 rows = pickle.loads(row["rows"])
+                for r in rows:
+                    r.source = source_of.get(r.image)
                 writer.add(rows)
                 summary.add(row["actor"], row["images"], sum(r.status == OK for r in rows),
                             sum(r.status == ERROR for r in rows), json.loads(row["quality"]))

@@ -328,12 +328,13 @@ def run(cfg: RunConfig, device: str = "cpu", lm: LoadedModel | None = None,
             lm = lm or load_model(cfg.model, device)
             annotate_work(cfg, lm, plan.work, writer, on_batch)
     except BaseException:
+        writer.flush()  # first: on Ctrl-C what is finished is kept, and a folder with rows is never removed
         release_lock(cfg.out)  # the folder is free again, even for a caller that goes on living
         if plan.created and not part_files(cfg.out):
             remove_empty_run(cfg.out)
         raise
     finally:
-        writer.flush()  # also on Ctrl-C: what is finished is kept
+        writer.flush()  # a no-op after the except branch
         summary.seconds = time.monotonic() - start
     if lm is not None:
         plan.manifest.runtime = {"dtype": str(lm.dtype).removeprefix("torch."), "attention": lm.attention,

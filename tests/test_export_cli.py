@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from annotator.store import SCHEMA, Annotation, rows_to_table
+from annotator.store import SCHEMA_VERSION, SCHEMA, Annotation, rows_to_table
 from exporters import EXPORTERS
 from exporters.cli import export
 from export_fixtures import make_run, ok
@@ -65,16 +65,17 @@ def test_missing_and_empty_annotations_folder(tmp_path):
 
 
 def test_newer_schema_in_manifest(tmp_path):
-    ann, _ = make_run(tmp_path, manifest={"schema_version": 2})
-    one_line_error(invoke(ann, "--format", "coco", "--out", tmp_path / "o"), "schema 2", "upgrade")
+    newer = SCHEMA_VERSION + 1
+    ann, _ = make_run(tmp_path, manifest={"schema_version": newer})
+    one_line_error(invoke(ann, "--format", "coco", "--out", tmp_path / "o"), f"schema {newer}", "upgrade")
 
 
 def test_newer_schema_in_parquet_metadata(tmp_path):
     ann, _ = make_run(tmp_path)
     t = rows_to_table([ok("doc.png", "od", bboxes=[], labels=[])])
-    t = t.replace_schema_metadata({"florence_annotate_schema": "2"})
+    t = t.replace_schema_metadata({"florence_annotate_schema": str(SCHEMA_VERSION + 1)})
     pq.write_table(t, ann / "part-r0009-newer-000000.parquet")
-    one_line_error(invoke(ann, "--format", "yolo", "--out", tmp_path / "o"), "schema 2")
+    one_line_error(invoke(ann, "--format", "yolo", "--out", tmp_path / "o"), f"schema {SCHEMA_VERSION + 1}")
 
 
 def test_no_rows_for_requested_task(tmp_path):

@@ -92,7 +92,7 @@ def test_scores_fill_the_table_for_every_instance_kind(tiny_lm):
                        ("caption", "a red car")]:
         ids = tuple(tok("<s>" + text + "</s>", add_special_tokens=False)["input_ids"])
         gen = Generation("</s><s>" + text + "</s>", False, ids, tuple([math.log(0.8)] * len(ids)))
-        parsed = engine.parse_one(TASKS[task], gen, (100, 100))
+        parsed = engine.parse_one(TASKS[task], gen, (1000, 1000))
         if task == "caption":
             assert parsed.text_score == pytest.approx(0.8)
         else:
@@ -179,11 +179,11 @@ def test_misaligned_scores_are_null_and_counted(tiny_lm, monkeypatch):
     tok = tiny_lm.processor.tokenizer
     engine = Engine(tiny_lm, [TASKS["od"]], TaskInputs(), GenerationSettings(num_beams=1))
     gen = _gen(tok, "car<loc_1><loc_2><loc_3><loc_4>bus<loc_5><loc_6><loc_7><loc_8>", 0.8)
-    assert engine.parse_one(TASKS["od"], gen, (100, 100)).scores == [pytest.approx(0.8)] * 2
+    assert engine.parse_one(TASKS["od"], gen, (1000, 1000)).scores == [pytest.approx(0.8)] * 2
     assert "scores_not_aligned" not in engine.stats
     real = engine_module.instance_scores
     monkeypatch.setattr(engine_module, "instance_scores", lambda task, tt: real(task, tt)[:1])  # one short
-    parsed = engine.parse_one(TASKS["od"], gen, (100, 100))
+    parsed = engine.parse_one(TASKS["od"], gen, (1000, 1000))
     assert len(parsed.bboxes) == 2 and parsed.scores is None
     assert engine.stats["scores_not_aligned"] == 1
 
