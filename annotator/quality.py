@@ -27,6 +27,7 @@ BINS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.01)
 class Quality:
     od: dict[str, float] = field(default_factory=dict)  # AP, AP50, AP_small, ... with the model's scores
     od_scores_one: dict[str, float] = field(default_factory=dict)  # the same with every score set to 1.0
+    od_any_class: dict[str, float] = field(default_factory=dict)  # every label the same: are the boxes right?
     precision: dict[float, dict[str, float]] = field(default_factory=dict)  # min score -> precision, recall, kept
     calibration: list[dict] = field(default_factory=list)  # score bin -> boxes, share matched at IoU 0.5
     ocr_cer: float | None = None
@@ -38,6 +39,7 @@ class Quality:
         if self.od:
             out.append("od: " + ", ".join(f"{k} {self.od[k]:.3f}" for k in ("AP", "AP50", "AP_small", "AP_medium", "AP_large")))
             out.append("od, every score 1.0: " + ", ".join(f"{k} {self.od_scores_one[k]:.3f}" for k in ("AP", "AP50")))
+            out.append("od, labels ignored: " + ", ".join(f"{k} {self.od_any_class[k]:.3f}" for k in ("AP", "AP50")))
             for t, p in self.precision.items():
                 out.append(f"--min-score {t}: precision {p['precision']:.3f}, recall {p['recall']:.3f}, boxes kept {p['kept']}")
             out.append("calibration (score bin: boxes, share matching a ground-truth box at IoU 0.5):")
@@ -92,6 +94,12 @@ def box_quality(pred_path: Path, gt_path: Path, q: Quality) -> None:
     flat_path = pred_path.with_name("scores_one.json")
     flat_path.write_text(json.dumps(flat))
     q.od_scores_one = evaluate(flat_path, gt_path, thresholds=()).stats
+    one = [{"id": 1, "name": "object"}]
+    gt_any = dict(gt, categories=one, annotations=[dict(a, category_id=1) for a in gt["annotations"]])
+    pred_any = dict(pred, categories=one, annotations=[dict(a, category_id=1) for a in pred["annotations"]])
+    pred_path.with_name("any_pred.json").write_text(json.dumps(pred_any))
+    pred_path.with_name("any_gt.json").write_text(json.dumps(gt_any))
+    q.od_any_class = evaluate(pred_path.with_name("any_pred.json"), pred_path.with_name("any_gt.json"), thresholds=()).stats
     matched = match(pred, gt)
     n_gt = len(gt["annotations"])
     for t in THRESHOLDS:

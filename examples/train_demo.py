@@ -75,11 +75,13 @@ TEXT_CLASS = len(samples.CATEGORIES) + 1  # 0: background, 1..20: categories, 21
 
 
 class CellHead(torch.nn.Module):
-    def __init__(self, dim: int, loc_ids: list[int]):
+    def __init__(self, dim: int, loc_ids: list[int], word_ids: list[list[int]]):
         super().__init__()
         self.classes = torch.nn.Linear(dim, TEXT_CLASS + 1)
         self.coords = torch.nn.Linear(dim, 4 * dim)  # x1, y1, x2, y2, each as a query over <loc_i> embeddings
+        self.words = torch.nn.Linear(dim, 2 * dim)  # the label's colour and shape tokens, as queries over words
         self.register_buffer("loc_ids", torch.tensor(loc_ids), persistent=False)
+        self.register_buffer("word_ids", torch.tensor(word_ids), persistent=False)  # [category, 2] token ids
 
     def loss(self, features: torch.Tensor, embeddings: torch.Tensor, drawn: list[samples.Drawn], grid: int) -> torch.Tensor:
         classes, bins = cell_targets(drawn, grid)
@@ -90,7 +92,12 @@ class CellHead(torch.nn.Module):
             return ce
         queries = self.coords(f[fg]).view(-1, 4, f.shape[-1])  # [cells, 4, d]
         logits = queries @ embeddings[self.loc_ids].T  # [cells, 4, 1000]: the tied output layer's loc rows
-        return ce + torch.nn.functional.cross_entropy(logits.flatten(0, 1), bins[fg].flatten())
+        loss = ce + torch.nn.functional.cross_entropy(logits.flatten(0, 1), bins[fg].flatten())
+        objects = (classes > 0) & (classes < TEXT_CLASS)
+        if objects.any():  # the label too, in the words the decoder writes (else labels collapsed to one)
+            words = self.words(f[objects]).view(-1, 2, f.shape[-1]) @ embeddings.T  # [cells, 2, vocab]
+            loss = loss + torch.nn.functional.cross_entropy(words.flatten(0, 1), self.word_ids[classes[objects] - 1].flatten())
+        return loss
 
 
 def cell_targets(drawn: list[samples.Drawn], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,14 +171,15 @@ def main(argv=None) -> None:
         from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
         processor = AutoProcessor.from_pretrained(args.init)
-        model = Florence2ForConditionalGeneration.from_pretrained(args.init)
+        model = Florence2ForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
         model.generation_config = demo.build_model(processor, seed=args.seed).generation_config
     else:
         processor = demo.build_processor()
         model = demo.build_model(processor, seed=args.seed)
     text_config = model.config.text_config
     loc_ids = processor.tokenizer.convert_tokens_to_ids([f"<loc_{i}>" for i in range(1000)])
-    head = CellHead(model.config.vision_config.projection_dim, loc_ids)
+    word_ids = [processor.tokenizer(c, add_special_tokens=False)["input_ids"][:2] for c in samples.CATEGORIES]
+    head = CellHead(model.config.vision_config.projection_dim, loc_ids, word_ids)
     captured = {}
     model.model.multi_modal_projector.register_forward_hook(lambda mod, inp, out: captured.__setitem__("f", out))
     # The image path (pre-norm DaViT, projector, the dense head) trains stably at a higher rate than
