@@ -44,28 +44,11 @@ def demo_words() -> list[str]:
 
 
 def build_tokenizer():
-    """Byte-level BPE (any text still encodes) whose merges cover the world's words, plus
-    Florence-2's task and location tokens and `<image>`, as the published tokenizer has them."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import BartTokenizer
+    """Byte-level BPE whose merges cover the world's words (each alone and with a leading space:
+    both forms occur in answers), plus Florence-2's task and location tokens and `<image>`."""
+    from .model import florence_tokenizer
 
-    from .model import FLORENCE_TOKENS
-
-    corpus = demo_words()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=1500, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], min_frequency=1,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    # each word alone and with a leading space: both forms occur in answers
-    tok.train_from_iterator([w for text in corpus for w in (text, " " + text)] * 2, trainer)
-    tokenizer = BartTokenizer(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                              unk_token="<unk>", padding_side="right")
-    tokenizer.add_tokens(FLORENCE_TOKENS)
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
-    tokenizer._set_model_specific_special_tokens(special_tokens={"image_token": "<image>"})
-    return tokenizer
+    return florence_tokenizer([w for text in demo_words() for w in (text, " " + text)] * 2, vocab_size=1500)
 
 
 def build_processor():

@@ -282,9 +282,6 @@ def build_random_tokenizer():
     Florence-2's location/task tokens and the <image> token: real sizes, meaningless merges."""
     import random
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import BartTokenizer
-
     rng = random.Random(0)
     letters = "abcdefghijklmnopqrstuvwxyz"
     words = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(60_000)]
@@ -294,15 +291,24 @@ def build_random_tokenizer():
         for i in range(0, len(words), 50):
             yield " ".join(words[i:i + 50]) + seed_text
 
+    return florence_tokenizer(corpus(), BART_VOCAB_SIZE)
+
+
+def florence_tokenizer(corpus, vocab_size: int):
+    """A byte-level BPE (any text still encodes) trained on `corpus`, as BART's tokenizer class,
+    plus Florence-2's location/task tokens and the <image> token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import BartTokenizer
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=BART_VOCAB_SIZE, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], min_frequency=1,
+        vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], min_frequency=1,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(corpus(), trainer)
+    tok.train_from_iterator(corpus, trainer)
     tokenizer = BartTokenizer(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                               unk_token="<unk>", padding_side="right")
     tokenizer.add_tokens(FLORENCE_TOKENS)

@@ -23,6 +23,10 @@ from pathlib import Path
 
 import polars as pl
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from annotator.finetune import levenshtein  # noqa: E402
+
 
 def annotate(*args: str) -> None:
     rc = subprocess.run([sys.executable, "-m", "annotator", *args]).returncode
@@ -30,22 +34,12 @@ def annotate(*args: str) -> None:
         sys.exit(f"annotate {args[0]} failed with exit code {rc}")
 
 
-def edit_distance(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
 def cer(out: Path, texts: dict[str, str]) -> float:
     """Character error rate over the pages, whitespace runs folded to one space on both sides."""
     df = pl.scan_parquet(str(out / "part-*.parquet")).filter(pl.col("task") == "ocr").select("image", "text").collect()
     got = dict(df.iter_rows())
     norm = lambda s: " ".join((s or "").split())  # noqa: E731 - line breaks are not errors
-    errors = sum(edit_distance(norm(got.get(k)), norm(ref)) for k, ref in texts.items())
+    errors = sum(levenshtein(norm(got.get(k)), norm(ref)) for k, ref in texts.items())
     return errors / max(1, sum(len(norm(ref)) for ref in texts.values()))
 
 
