@@ -29,7 +29,7 @@ def coco_annotation(ann_id: int, image_id: int, category_id: int, inst) -> dict:
         ann["area"] = round(sum(polygon_area(p) for p in inst.polygons), 2)
     else:
         ann["area"] = round(w * h, 2)
-    if inst.score is not None:
+    if getattr(inst, "score", None) is not None:  # reviewed regions (importers.py) have none
         ann["score"] = round(float(inst.score), 4)
     if inst.text is not None:
         ann["text"] = inst.text

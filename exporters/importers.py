@@ -13,7 +13,7 @@ from annotator.tasks import TASKS
 from exporters.errors import ExportError
 from exporters.files import assign_splits, flat_names, place_image
 from exporters.florence import SPLIT_DIRS, florence_pairs
-from exporters.geometry import polygon_area, xyxy_to_xywh
+from exporters.coco import coco_annotation
 from exporters.options import ExportSummary
 from exporters.read import Row
 from exporters.reviewed import Reviewed, ReviewedImage, read_cvat, read_labelstudio
@@ -35,17 +35,7 @@ def reviewed_coco(rev: Reviewed, source: str) -> dict:
             entry["texts"] = dict(img.texts)
         images.append(entry)
         for r in img.regions:
-            x, y, w, h = xyxy_to_xywh(r.bbox)
-            ann = {"id": len(anns) + 1, "image_id": iid, "category_id": cat[r.label],
-                   "bbox": [round(v, 2) for v in (x, y, w, h)], "iscrowd": 0}
-            if r.polygons:
-                ann["segmentation"] = [[round(v, 2) for v in p] for p in r.polygons]
-                ann["area"] = round(sum(polygon_area(p) for p in r.polygons), 2)
-            else:
-                ann["area"] = round(w * h, 2)
-            if r.text is not None:
-                ann["text"] = r.text
-            anns.append(ann)
+            anns.append(coco_annotation(len(anns) + 1, iid, cat[r.label], r))
     return {"info": {"description": f"reviewed labels imported from {source}"}, "images": images,
             "annotations": anns, "categories": [{"id": i, "name": n, "supercategory": ""} for n, i in cat.items()]}
 
