@@ -21,7 +21,7 @@ from annotator import samples  # noqa: E402
 
 
 def main(out: Path) -> None:
-    samples.write(out / "street", n=2, seed=1, kind="scenes")  # with street/ground_truth.json
+    samples.write(out, n=2, seed=1, kind="scenes")  # with ground_truth.json: annotate eval scores the run
     samples.write(out / "documents", n=1, seed=2, kind="documents")
     rng = np.random.default_rng(3)
     scene = lambda: samples.scene(rng).image  # noqa: E731
