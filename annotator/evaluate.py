@@ -94,9 +94,14 @@ def _cocoeval(gt_coco, results: list[dict], iou_type: str, iou: float | None):
 
 def evaluate(pred_path: Path, gt_path: Path, iou: float | None = None, iou_type: str = "bbox",
              thresholds=(0.0, 0.25, 0.5, 0.75, 0.9)) -> EvalReport:
+    return evaluate_data(_load(pred_path), _load(gt_path), iou, iou_type, thresholds)
+
+
+def evaluate_data(pred: dict, gt: dict, iou: float | None = None, iou_type: str = "bbox",
+                  thresholds=(0.0, 0.25, 0.5, 0.75, 0.9)) -> EvalReport:
+    """`evaluate` on COCO dicts already in memory."""
     from pycocotools.coco import COCO
 
-    pred, gt = _load(pred_path), _load(gt_path)
     for name, data in (("prediction", pred), ("ground truth", gt)):
         if not {"images", "annotations", "categories"} <= data.keys():
             raise EvalError(f"the {name} file is not COCO (needs images, annotations, categories)")

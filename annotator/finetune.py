@@ -344,16 +344,20 @@ class Collator:  # a class, not a lambda: DataLoader workers may need to pickle 
 
 # --------------------------------------------------------------------------- loss and metric
 
-def loss_sum(model, batch: TrainBatch, text_config) -> torch.Tensor:
+def loss_sum(model, batch: TrainBatch, text_config, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Summed cross-entropy over the real target tokens of the batch (divide by batch.tokens(),
-    or by the tokens of the whole optimizer step)."""
+    or by the tokens of the whole optimizer step). `weights` [B, T], optional: per-token weights
+    (divide by their sum over the real tokens instead)."""
     from transformers.models.florence2.modeling_florence2 import shift_tokens_right
 
     # Teacher forcing: decoder reads </s> <s> target..., predicts <s> target... </s>
     decoder_input_ids = shift_tokens_right(batch.labels, text_config.pad_token_id, text_config.decoder_start_token_id)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
                    decoder_input_ids=decoder_input_ids, use_cache=False).logits  # [B, T, V]
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    if weights is None:
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE, reduction="none")
+    return (ce * weights.flatten()).sum()  # ignored positions have ce 0
 
 
 def backward_window(net, batches: list[TrainBatch], text_config, world: int = 1, autocast=contextlib.nullcontext,

@@ -86,20 +86,15 @@ def match(pred: dict, gt: dict, threshold: float = 0.5) -> list[tuple[float, boo
 
 
 def box_quality(pred_path: Path, gt_path: Path, q: Quality) -> None:
-    from .evaluate import evaluate
+    from .evaluate import evaluate_data
 
-    q.od = evaluate(pred_path, gt_path, thresholds=()).stats
     pred, gt = json.loads(pred_path.read_text()), json.loads(gt_path.read_text())
-    flat = dict(pred, annotations=[dict(a, score=1.0) for a in pred["annotations"]])
-    flat_path = pred_path.with_name("scores_one.json")
-    flat_path.write_text(json.dumps(flat))
-    q.od_scores_one = evaluate(flat_path, gt_path, thresholds=()).stats
-    one = [{"id": 1, "name": "object"}]
-    gt_any = dict(gt, categories=one, annotations=[dict(a, category_id=1) for a in gt["annotations"]])
-    pred_any = dict(pred, categories=one, annotations=[dict(a, category_id=1) for a in pred["annotations"]])
-    pred_path.with_name("any_pred.json").write_text(json.dumps(pred_any))
-    pred_path.with_name("any_gt.json").write_text(json.dumps(gt_any))
-    q.od_any_class = evaluate(pred_path.with_name("any_pred.json"), pred_path.with_name("any_gt.json"), thresholds=()).stats
+    q.od = evaluate_data(pred, gt, thresholds=()).stats
+    q.od_scores_one = evaluate_data(dict(pred, annotations=[dict(a, score=1.0) for a in pred["annotations"]]), gt,
+                                    thresholds=()).stats
+    one = [{"id": 1, "name": "object"}]  # every label the same: are the boxes right?
+    q.od_any_class = evaluate_data(*(dict(d, categories=one, annotations=[dict(a, category_id=1) for a in d["annotations"]])
+                                     for d in (pred, gt)), thresholds=()).stats
     matched = match(pred, gt)
     n_gt = len(gt["annotations"])
     for t in THRESHOLDS:
