@@ -79,7 +79,8 @@ def _bump(stats: dict, name: str, n: int = 1) -> None:
         stats[name] = stats.get(name, 0) + n
 
 
-def _bounds(points: list[float]) -> list[float]:
+def bounds(points: list[float]) -> list[float]:
+    """[x1, y1, x2, y2, ...] -> their enclosing xyxy box."""
     xs, ys = points[0::2], points[1::2]
     return [min(xs), min(ys), max(xs), max(ys)]
 
@@ -115,10 +116,10 @@ def refine(p: Parsed, truncated: bool, width: int, height: int, stats: dict) -> 
         stats["truncated_instances_dropped"] = stats.get("truncated_instances_dropped", 0) + 1
     if field_name == "polygons":
         clipped = [[_clip(poly, width, height) for poly in inst] for inst in items]
-        boxes = [_bounds([v for poly in inst for v in poly]) if any(inst) else [0, 0, 0, 0] for inst in clipped]
+        boxes = [bounds([v for poly in inst for v in poly]) if any(inst) else [0, 0, 0, 0] for inst in clipped]
     else:
         clipped = [_clip(b, width, height) for b in items]
-        boxes = clipped if field_name == "bboxes" else [_bounds(q) for q in clipped]
+        boxes = clipped if field_name == "bboxes" else [bounds(q) for q in clipped]
     stats["coordinates_clipped"] = stats.get("coordinates_clipped", 0) + sum(c != i for c, i in zip(clipped, items))
     kept: list[int] = []
     for i in keep:

@@ -58,10 +58,9 @@ class Quality:
 
 def iou(a, b) -> float:
     """IoU of two COCO xywh boxes."""
-    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / max(1e-9, a[2] * a[3] + b[2] * b[3] - inter)
+    from .parse import iou as iou_xyxy
+
+    return iou_xyxy([a[0], a[1], a[0] + a[2], a[1] + a[3]], [b[0], b[1], b[0] + b[2], b[1] + b[3]])
 
 
 def match(pred: dict, gt: dict, threshold: float = 0.5) -> list[tuple[float, bool]]:

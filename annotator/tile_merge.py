@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .parse import iou
+from .parse import bounds, iou
 
 SIDES = ("left", "top", "right", "bottom")
 FACING = {"right": "left", "bottom": "top"}  # a cut on a's right meets a cut on b's left
@@ -39,11 +39,6 @@ class Instance:
     @property
     def area(self) -> float:
         return max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1])
-
-
-def bounds(points: list[float]) -> list[float]:
-    xs, ys = points[0::2], points[1::2]
-    return [min(xs), min(ys), max(xs), max(ys)]
 
 
 def ios(a: list[float], b: list[float]) -> float:

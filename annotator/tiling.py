@@ -22,7 +22,8 @@ from .config import TileSettings
 from .images import Batch, ImageDataset, ImageItem, WorkItem, collate
 from .store import OK, Annotation
 from .tasks import TASKS, Output, Task
-from .tile_merge import Instance, bounds, merge, ocr_text
+from .parse import bounds
+from .tile_merge import Instance, merge, ocr_text
 
 # auto tiles an image whose long side or pixel count is well above the model's input: below
 # that, the downscale keeps objects of a few percent of the image, which the model finds.
