@@ -18,7 +18,7 @@ from .images import Batch, ImageItem, describe_error
 from .model import LoadedModel
 from .scheduler import DecodeScheduler, DecodeStats, Job, rows_for_memory, supports
 from .parse import Parsed, clean_raw, parse_generation, plain_text, refine
-from .scores import instance_scores, text_score, token_text
+from .scores import LocBins, chosen_logprobs, instance_scores, text_score, token_text
 from .speed import use_onednn_linear
 from .store import OK, Annotation
 from .tasks import TASKS, Input, Output, Task, plan_sources, task_waves
@@ -66,6 +66,7 @@ class Engine:
         tok = lm.processor.tokenizer
         self._image_prefix = tok.image_token * lm.processor.num_image_tokens + tok.bos_token
         self._eos = tok.eos_token
+        self.locs = LocBins.of(tok)  # location tokens score with their neighbourhood (scores.py)
         self.forced_lengths: Callable[[str, str], int] | None = None  # bench: (image key, task) -> exact length
         self.decode_stats = DecodeStats()  # decoding work, for the bench's slot efficiency
         # Greedy decoding goes through the continuous-batching scheduler (scheduler.py) when it
@@ -257,7 +258,7 @@ class Engine:
         gen, tok = self.generation, self.lm.processor.tokenizer
         jobs = [Job(len(self.prompt_ids(r.prompt)), r.forced or gen.min_new_tokens.get(TASKS[r.task].token, 0),
                     r.forced or gen.max_new_tokens) for r in requests]
-        sched = DecodeScheduler(self.lm.model, self.max_prompts, scores=gen.scores)
+        sched = DecodeScheduler(self.lm.model, self.max_prompts, scores=gen.scores, locs=self.locs)
         per_row = sched.kv_bytes_per_row(max(j.max_new for j in jobs), max(j.prompt_len for j in jobs))
         sched.max_rows = rows_for_memory(self.lm.device, per_row, self.max_prompts)
 
@@ -341,8 +342,7 @@ class Engine:
         out = []
         for row, n in enumerate(lengths):  # a row at a time, its own length: [n, vocab] logits stay small
             logits = model.lm_head(hidden[row, :n]).float()
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, sequences[row, 1:n + 1, None])[:, 0]
-            out.append(lp.tolist())
+            out.append(chosen_logprobs(logits, sequences[row, 1:n + 1], self.locs))
         return out
 
 

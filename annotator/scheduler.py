@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .scores import LocBins, chosen_logprobs
+
 # generation_config rules that shape greedy logits and that this module does not implement: each
 # must keep its no-op value. (It implements decoder_start/bos/eos/pad ids and forced_bos/forced_eos;
 # num_beams and do_sample are the engine's own settings, passed explicitly, so they do not count.)
@@ -80,11 +82,12 @@ def supports(generation_config) -> bool:
 
 
 class DecodeScheduler:
-    def __init__(self, model, max_rows: int, scores: bool = True):
+    def __init__(self, model, max_rows: int, scores: bool = True, locs: LocBins | None = None):
         self.model = model  # Florence2ForConditionalGeneration
         self.decoder = model.model.language_model.decoder
         self.max_rows = max_rows  # slots: the cap on rows in flight (and on KV-cache bytes, see kv_bytes_per_row)
         self.scores = scores
+        self.locs = locs  # how location tokens are scored (scores.chosen_logprobs)
         gc = model.generation_config
         self.start, self.eos = gc.decoder_start_token_id, gc.eos_token_id
         self.forced_bos, self.forced_eos = gc.forced_bos_token_id, gc.forced_eos_token_id
@@ -127,7 +130,7 @@ class DecodeScheduler:
             chosen = self._choose(logits, [jobs[j] for j in rows], [len(x) for x in ids])
             chosen_list = chosen.tolist()
             if self.scores:
-                lp = torch.log_softmax(logits.float(), -1).gather(-1, chosen[:, None])[:, 0].tolist()
+                lp = chosen_logprobs(logits, chosen, self.locs)
             if stats is not None:
                 stats.steps += 1
                 stats.row_steps += n

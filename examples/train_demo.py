@@ -152,6 +152,9 @@ def main(argv=None) -> None:
     ap.add_argument("--image-lr-scale", type=float, default=3.0, help="learning rate of the image path, relative")
     ap.add_argument("--aux", type=float, default=1.0, help="weight of the per-cell auxiliary loss (0: off)")
     ap.add_argument("--save-every", type=int, default=500)
+    ap.add_argument("--head", type=Path, default=None,
+                    help="keep the dense head in this file: loaded if it exists, saved with each checkpoint "
+                         "(so that a run going on with --init does not re-learn it from zero)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -171,6 +174,8 @@ def main(argv=None) -> None:
     loc_ids = processor.tokenizer.convert_tokens_to_ids([f"<loc_{i}>" for i in range(1000)])
     word_ids = [processor.tokenizer(c, add_special_tokens=False)["input_ids"][:2] for c in samples.CATEGORIES]
     head = CellHead(model.config.vision_config.projection_dim, loc_ids, word_ids)
+    if args.head and args.head.exists():
+        head.load_state_dict(torch.load(args.head))
     captured = {}
     model.model.multi_modal_projector.register_forward_hook(lambda mod, inp, out: captured.__setitem__("f", out))
     # The image path (pre-norm DaViT, projector, the dense head) trains stably at a higher rate than
@@ -214,6 +219,8 @@ def main(argv=None) -> None:
             saved = copy.deepcopy(model).half() if args.float16 else model
             save_model(saved.eval(), processor, args.out, {"training_log.json": json.dumps(log, indent=1),
                                                           "README.md": card})
+            if args.head:
+                torch.save(head.state_dict(), args.head)
             model.train()
     print(f"done: {last} steps in {(time.time() - start) / 60:.1f} min -> {args.out}", flush=True)
 

@@ -217,3 +217,27 @@ def test_a_real_run_scores_match_a_teacher_forced_recomputation(tiny_lm):
         assert row.text_score == pytest.approx(math.exp(sum(keep) / len(keep)), rel=1e-3)
         got.append(row.text_score)
     assert got[0] != pytest.approx(got[1], rel=1e-3)  # the two images differ: not a constant
+
+
+def test_location_tokens_score_with_their_neighbourhood():
+    """A coordinate spread over neighbouring bins is still a sure coordinate: a location token's
+    log p is the mass within the tolerance; other tokens keep their own; the window stops at the
+    first and last bin."""
+    import torch
+
+    from annotator.scores import LocBins, chosen_logprobs
+
+    locs = LocBins(first=10, count=1000)
+    probs = torch.full((3, 1010), 1e-9)
+    probs[0, 10 + 500:10 + 505] = 0.19  # five neighbouring bins around <loc_502>
+    probs[1, 3] = 0.6  # a word
+    probs[2, 10 + 0:10 + 3] = 0.3  # the first bins
+    logits = probs.log()
+    chosen = torch.tensor([10 + 502, 3, 10 + 0])
+    lp = chosen_logprobs(logits, chosen, locs, tolerance=2)
+    full = torch.log_softmax(logits, -1)
+    assert lp[0] == pytest.approx(math.log(5 * 0.19 / probs[0].sum().item()), abs=1e-4)
+    assert lp[1] == pytest.approx(full[1, 3].item(), abs=1e-6)
+    assert lp[2] == pytest.approx(math.log(0.9 / probs[2].sum().item()), abs=1e-4)
+    assert chosen_logprobs(logits, chosen, None)[0] == pytest.approx(full[0, 512].item(), abs=1e-6)
+    assert chosen_logprobs(logits, chosen, locs, tolerance=0)[0] == pytest.approx(full[0, 512].item(), abs=1e-5)
