@@ -20,6 +20,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -75,16 +76,16 @@ TEXT_CLASS = len(samples.CATEGORIES) + 1  # 0: background, 1..20: categories, 21
 
 
 class CellHead(torch.nn.Module):
-    def __init__(self, dim: int, loc_ids: list[int], word_ids: list[list[int]]):
+    def __init__(self, dim: int, loc_ids: list[int], tokens: Callable[[str], list[int]]):
         super().__init__()
         self.classes = torch.nn.Linear(dim, TEXT_CLASS + 1)
         self.coords = torch.nn.Linear(dim, 4 * dim)  # x1, y1, x2, y2, each as a query over <loc_i> embeddings
-        self.words = torch.nn.Linear(dim, 2 * dim)  # the label's colour and shape tokens, as queries over words
+        self.words = torch.nn.Linear(dim, 2 * dim)  # the words naming what covers the cell, as queries over words
         self.register_buffer("loc_ids", torch.tensor(loc_ids), persistent=False)
-        self.register_buffer("word_ids", torch.tensor(word_ids), persistent=False)  # [category, 2] token ids
+        self.tokens = tokens  # text -> token ids, as the answers spell it
 
     def loss(self, features: torch.Tensor, embeddings: torch.Tensor, drawn: list[samples.Drawn], grid: int) -> torch.Tensor:
-        classes, bins = cell_targets(drawn, grid)
+        classes, bins, words = cell_targets(drawn, grid, self.tokens)
         f = features[:, 1:]  # the projector puts the mean of all cells first, then the cells row by row
         ce = torch.nn.functional.cross_entropy(self.classes(f).flatten(0, 1), classes.flatten())
         fg = classes > 0
@@ -93,33 +94,52 @@ class CellHead(torch.nn.Module):
         queries = self.coords(f[fg]).view(-1, 4, f.shape[-1])  # [cells, 4, d]
         logits = queries @ embeddings[self.loc_ids].T  # [cells, 4, 1000]: the tied output layer's loc rows
         loss = ce + torch.nn.functional.cross_entropy(logits.flatten(0, 1), bins[fg].flatten())
-        objects = (classes > 0) & (classes < TEXT_CLASS)
-        if objects.any():  # the label too, in the words the decoder writes (else labels collapsed to one)
-            words = self.words(f[objects]).view(-1, 2, f.shape[-1]) @ embeddings.T  # [cells, 2, vocab]
-            loss = loss + torch.nn.functional.cross_entropy(words.flatten(0, 1), self.word_ids[classes[objects] - 1].flatten())
+        named = words[..., 0] >= 0
+        if named.any():  # the label or the printed word, in the words the decoder writes (else labels collapsed to one)
+            guess = self.words(f[named]).view(-1, 2, f.shape[-1]) @ embeddings.T  # [cells, 2, vocab]
+            loss = loss + torch.nn.functional.cross_entropy(guess.flatten(0, 1), words[named].flatten(), ignore_index=-100)
         return loss
 
 
-def cell_targets(drawn: list[samples.Drawn], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cell_targets(drawn: list[samples.Drawn], grid: int, tokens: Callable[[str], list[int]] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[B, grid*grid] class of what covers each cell's centre (the last drawn wins; an object smaller
-    than a cell still claims the cell of its centre) and [B, grid*grid, 4] that thing's box as
-    location bins, quantized as the answers quantize them."""
+    than a cell still claims the cell of its centre), [B, grid*grid, 4] that thing's box as
+    location bins, quantized as the answers quantize them, and [B, grid*grid, 2] the token ids of
+    the words that name it: a shape's colour and shape, or the printed word at that cell of a text
+    line (words placed by their share of the line's characters); -100 where none (or no `tokens`)."""
     from exporters.geometry import quantize
 
     classes = torch.zeros(len(drawn), grid, grid, dtype=torch.long)
     bins = torch.zeros(len(drawn), grid, grid, 4, dtype=torch.long)
+    words = torch.full((len(drawn), grid, grid, 2), -100, dtype=torch.long)
     centres = (torch.arange(grid) + 0.5) / grid
     for b, d in enumerate(drawn):
         w, h = d.image.size
-        things = [(samples.CATEGORIES.index(c) + 1, box) for c, box in d.objects]
-        things += [(TEXT_CLASS, [q[0], q[1], q[4], q[5]]) for _, q in d.lines]
-        for cls, (x1, y1, x2, y2) in things:
-            inside = ((centres[:, None] >= y1 / h) & (centres[:, None] <= y2 / h)) & \
-                     ((centres[None] >= x1 / w) & (centres[None] <= x2 / w))
-            inside[min(grid - 1, int((y1 + y2) / 2 / h * grid)), min(grid - 1, int((x1 + x2) / 2 / w * grid))] = True
+        things = [(samples.CATEGORIES.index(c) + 1, box, box, c) for c, box in d.objects]
+        things += [(TEXT_CLASS, [q[0], q[1], q[4], q[5]], part, word) for text, q in d.lines
+                   for part, word in _word_boxes(text, [q[0], q[1], q[4], q[5]])]
+        for cls, (x1, y1, x2, y2), (px1, py1, px2, py2), name in things:
+            inside = ((centres[:, None] >= py1 / h) & (centres[:, None] <= py2 / h)) & \
+                     ((centres[None] >= px1 / w) & (centres[None] <= px2 / w))
+            inside[min(grid - 1, int((py1 + py2) / 2 / h * grid)), min(grid - 1, int((px1 + px2) / 2 / w * grid))] = True
             classes[b][inside] = cls
             bins[b][inside] = torch.tensor([quantize(x1, w), quantize(y1, h), quantize(x2, w), quantize(y2, h)])
-    return classes.flatten(1), bins.flatten(1, 2)
+            if tokens is not None:
+                ids = tokens(name)[:2] if cls < TEXT_CLASS else tokens(" " + name)[:1]
+                words[b][inside] = torch.tensor(ids + [-100] * (2 - len(ids)))
+    return classes.flatten(1), bins.flatten(1, 2), words.flatten(1, 2)
+
+
+def _word_boxes(text: str, box: list[float]) -> list[tuple[list[float], str]]:
+    """Each word of a line with its share of the line's box, by character count."""
+    x1, y1, x2, y2 = box
+    per_char = (x2 - x1) / max(1, len(text))
+    out, start = [], 0
+    for word in text.split(" "):
+        out.append(([x1 + start * per_char, y1, x1 + (start + len(word)) * per_char, y2], word))
+        start += len(word) + 1
+    return out
 
 
 def token_weights(labels: torch.Tensor, loc_ids: torch.Tensor, text_weight: float) -> torch.Tensor:
@@ -172,8 +192,8 @@ def main(argv=None) -> None:
         model = demo.build_model(processor, seed=args.seed)
     text_config = model.config.text_config
     loc_ids = processor.tokenizer.convert_tokens_to_ids([f"<loc_{i}>" for i in range(1000)])
-    word_ids = [processor.tokenizer(c, add_special_tokens=False)["input_ids"][:2] for c in samples.CATEGORIES]
-    head = CellHead(model.config.vision_config.projection_dim, loc_ids, word_ids)
+    head = CellHead(model.config.vision_config.projection_dim, loc_ids,
+                    lambda text: processor.tokenizer(text, add_special_tokens=False)["input_ids"])
     if args.head and args.head.exists():
         head.load_state_dict(torch.load(args.head))
     captured = {}

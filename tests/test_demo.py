@@ -27,32 +27,36 @@ def test_demo_ships_with_the_package_and_is_small():
     assert sum(files.values()) <= 30 * 2**20
 
 
-def test_demo_places_boxes_on_held_out_scenes_and_its_scores_rank(scenes, tmp_path):
-    """What this first checkpoint does (README: "The demo model"): its boxes sit on the objects
-    (labels ignored), and ranking by its scores beats ignoring them. Issue 12's floor (AP50 >= 0.5
-    with labels) is not met yet and is not claimed here."""
+def test_demo_meets_the_floor_on_held_out_scenes_and_its_scores_rank(scenes, tmp_path):
+    """Issue 12's floor: COCO AP50 >= 0.5 with labels on scenes it never saw (README: "The demo
+    model" has the figures on 100 scenes). Ranking by its scores beats ignoring them, and a higher
+    --min-score keeps more precise boxes."""
     q = measure(DEMO_NAME, scenes, tmp_path, tasks="od")
-    assert q.od_any_class["AP50"] >= 0.3, q.lines()  # measured 0.48 on 100 scenes of seed 1000
+    assert q.od["AP50"] >= 0.5, q.lines()
     assert q.od["AP50"] > q.od_scores_one["AP50"], q.lines()
+    assert q.precision[0.7]["precision"] > q.precision[0.3]["precision"], q.lines()
 
 
-def test_demo_golden_boxes_through_the_cli(scenes, tmp_path):
-    """Six fixed scenes: at least a third of the drawn objects get a box at IoU >= 0.5 (labels not
-    checked: the first checkpoint often names them wrong)."""
+def test_demo_golden_boxes_and_labels_through_the_cli(scenes, tmp_path):
+    """Six fixed scenes through `annotate run`: most drawn objects get a box at IoU >= 0.5 that
+    carries their label."""
     from annotator.quality import iou
 
     res = run_cli("run", str(scenes), "--model", "demo", "--tasks", "od", "--out", str(tmp_path / "a"),
                   "--limit", "6", "--workers", "0", "--no-progress", timeout=300)
     assert res.returncode == 0, res.stderr
     gt = json.loads((scenes / "ground_truth.json").read_text())
+    names = {c["id"]: c["name"] for c in gt["categories"]}
     rows = by_key(tmp_path / "a")
     hits = total = 0
     for im in gt["images"][:6]:
         row = rows[(im["file_name"], "od")]
+        found = list(zip(row["labels"] or [], row["bboxes"] or []))
         for a in (a for a in gt["annotations"] if a["image_id"] == im["id"]):
             total += 1
-            hits += any(iou(a["bbox"], [b[0], b[1], b[2] - b[0], b[3] - b[1]]) >= 0.5 for b in row["bboxes"] or [])
-    assert hits / total >= 1 / 3, (hits, total)
+            hits += any(label == names[a["category_id"]] and iou(a["bbox"], [b[0], b[1], b[2] - b[0], b[3] - b[1]]) >= 0.5
+                        for label, b in found)
+    assert hits / total >= 0.6, (hits, total)
 
 
 def test_training_script_trains_and_saves_a_loadable_model(tmp_path):
@@ -67,8 +71,14 @@ def test_training_script_trains_and_saves_a_loadable_model(tmp_path):
     spec = importlib.util.spec_from_file_location("train_demo", path)
     train_demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_demo)
-    classes, bins = train_demo.cell_targets([samples.scene(__import__("numpy").random.default_rng(0))], 12)
-    assert classes.shape == (1, 144) and bins.shape == (1, 144, 4) and (classes > 0).any()
+    rng = __import__("numpy").random.default_rng(0)
+    page = samples.document(rng)
+    classes, bins, words = train_demo.cell_targets([samples.scene(rng), page], 12, lambda t: [len(t), 7])
+    assert classes.shape == (2, 144) and bins.shape == (2, 144, 4) and words.shape == (2, 144, 2)
+    named = words[0][classes[0] > 0].tolist()  # a shape's cells: its colour and shape words
+    assert named and all(tuple(x) in {(len(c), 7) for c in samples.CATEGORIES} for x in named)
+    printed = {len(" " + w) for text, _ in page.lines for w in text.split(" ")}
+    assert set(words[1][classes[1] > 0][:, 0].tolist()) <= printed and (words[1][:, 1] == -100).all()
     train_demo.main(["--out", str(tmp_path / "m"), "--steps", "2", "--batch", "2", "--save-every", "2"])
     log = json.loads((tmp_path / "m" / "training_log.json").read_text())
     assert isinstance(log, list)
