@@ -91,6 +91,13 @@ def torch_device(name: str) -> str:
     return "cpu" if name.startswith("cpu") else name
 
 
+def cpu_threads(devices: list[str]) -> int:
+    """Torch threads for each spawned worker (0: leave the default): CPU workers share the
+    cores, so each gets its part instead of all of them contending for every core."""
+    cpu = sum(d.startswith("cpu") for d in devices)
+    return max(1, (os.cpu_count() or 1) // cpu) if cpu else 0
+
+
 def launch(cfg: RunConfig) -> Summary:
     if cfg.ray:
         from .raydata import launch_ray  # Ray is an optional extra
@@ -127,8 +134,7 @@ def launch_local(cfg: RunConfig, devices: list[str]) -> Summary:
         jobs.put(work[i:i + step])
     for _ in devices:
         jobs.put(None)  # one stop sign per worker
-    cpu_workers = sum(d.startswith("cpu") for d in devices)
-    threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else 0
+    threads = cpu_threads(devices)
     procs = [ctx.Process(target=worker_main, args=(rank, dev, cfg, jobs, events, threads))
              for rank, dev in enumerate(devices)]
     summary.per_worker = {rank: 0 for rank in range(len(devices))}  # a worker that got no chunk shows 0
