@@ -105,6 +105,12 @@ class Engine:
             self._run_wave(wave, needed, items, features, done)
         return [done[(i, t)] for i, item in enumerate(items) for t in item.tasks]
 
+    def take_stats(self) -> dict[str, int]:
+        """The quality counters since the last call (see parse.refine), handed over and reset:
+        the driver reports them with the batch's rows."""
+        stats, self.stats = self.stats, {}
+        return stats
+
     def _needed(self, pending: tuple[str, ...]) -> set[str]:
         """Pending tasks plus the producers they read from (re-run on resume; outputs are deterministic)."""
         need = set(pending)
