@@ -27,13 +27,14 @@ import polars as pl
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .store import OK
+from .tasks import TASKS, Labels
 
 SAMPLES = ("random", "first", "errors", "low-score")
 MARKER = ".annotate-preview"  # --overwrite only clears folders that hold it
 THUMB = 320  # thumbnails: longer side in pixels
 FULL_MIN = 512  # full drawings of smaller images are enlarged to this
 # instance labels of these tasks are texts, not categories: kept out of the label histogram
-_TEXT_LABEL_TASKS = {"ocr_with_region", "region_to_ocr", "region_to_description"}
+_TEXT_LABEL_TASKS = {t.name for t in TASKS.values() if t.labels is Labels.TEXT}
 
 
 class PreviewError(ValueError):

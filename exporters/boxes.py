@@ -6,17 +6,16 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterator
 
-from annotator.tasks import UnknownTask, get_task
+from annotator.tasks import BOX_EXPORT_DEFAULTS, TASKS, Output, UnknownTask, get_task
 from exporters.classes import ClassSpec, ClassVocab, normalize_label
 from exporters.errors import ExportError
 from exporters.geometry import Instance, row_instances
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import ImageRows, Run
 
-# detection-like tasks used when --task is not given (OCR regions only with --include-ocr)
-DETECTION_DEFAULTS = ("od", "open_vocabulary_detection", "caption_to_phrase_grounding", "dense_region_caption",
-                      "region_to_segmentation")
-OCR_TASK = "ocr_with_region"
+# detection-like tasks used when --task is not given (Task.box_export); OCR regions only with --include-ocr
+DETECTION_DEFAULTS = BOX_EXPORT_DEFAULTS
+OCR_TASK = next(t.name for t in TASKS.values() if t.output is Output.QUADS)  # ocr_with_region
 TEXT_CLASS = "text"
 
 

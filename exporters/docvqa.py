@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
+from annotator.tasks import TASKS, Labels
 from exporters.boxes import choose_tasks, count_errors
 from exporters.classes import ClassVocab, normalize_label
 from exporters.files import assign_splits, flat_names
@@ -27,7 +28,8 @@ from exporters.registry import register
 from exporters.safety import OutDir, is_safe_key
 
 DEFAULTS = ("ocr", "ocr_with_region", "caption", "detailed_caption", "more_detailed_caption", "od")
-COUNT_TASKS = ("od", "open_vocabulary_detection")
+# detections labelled with category names: "how many cars?"
+COUNT_TASKS = tuple(t.name for t in TASKS.values() if t.is_detection and t.labels is Labels.CATEGORY)
 CAPTION_QUESTIONS = {  # Florence-2's own wording of these tasks
     "caption": "What does the image describe?",
     "detailed_caption": "Describe in detail what is shown in the image.",

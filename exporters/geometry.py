@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from annotator.sequence import BINS, dequantize, loc_tokens, quantize  # noqa: F401 - re-exported
-from annotator.tasks import TASKS, Input
+from annotator.tasks import TASKS, Input, Labels, Output
 
 
 def clip_box(box, width: float, height: float) -> tuple[float, float, float, float] | None:
@@ -101,7 +101,9 @@ def row_instances(row, drops: Counter, min_score: float | None = None) -> list[I
         if n:
             drops["no image size"] += n
         return []
-    fallback = prompt_input(row.task, row.prompt) or ("object" if row.task == "region_proposal" else "")
+    task = TASKS.get(row.task)
+    unlabelled = task is not None and task.labels is Labels.NONE and task.output is not Output.TEXT  # region_proposal
+    fallback = prompt_input(row.task, row.prompt) or ("object" if unlabelled else "")
     out: list[Instance] = []
     if row.quad_boxes:
         n, kind = len(row.quad_boxes), "quad"
