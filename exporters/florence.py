@@ -11,14 +11,14 @@ import re
 from collections import Counter
 
 from annotator.tasks import TASKS, Input, Labels, Output
-from exporters.boxes import choose_tasks, count_errors
+from exporters.base import Export
 from exporters.classes import ClassVocab
-from exporters.files import assign_splits, flat_names, place_image
+from exporters.files import place_image
 from exporters.geometry import clip_box, clip_polygon, loc_tokens, prompt_input
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import Row, Run
 from exporters.registry import register
-from exporters.safety import OutDir, is_safe_key
+from exporters.safety import OutDir
 
 SPLIT_DIRS = {"train": "train", "val": "valid"}
 _TAG = re.compile(r"<[^<>]*>")
@@ -153,23 +153,22 @@ def _empty(drops: Counter) -> list:
 
 @register("florence")
 def export_florence(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
-    summary = ExportSummary("florence", out.root)
     present = sorted(run.ok_tasks(), key=list(TASKS).index)
-    tasks = choose_tasks(run, opts, tuple(present), "florence")
-    summary.tasks = tasks
-    count_errors(run, tasks, summary)
+    ex = Export.start("florence", run, out, opts, tuple(present))
+    summary, tasks = ex.summary, ex.tasks
     vocab = ClassVocab.from_spec(opts.classes) if opts.classes is not None else None
     if vocab:
         summary.classes = list(vocab.names)
-    keys = [k for k in run.image_keys(tasks) if is_safe_key(k)]
-    split_of = assign_splits(keys, opts.val_fraction)
-    names = flat_names(keys)
-    files = {}
-    for split, d in SPLIT_DIRS.items():
-        out.mkdir(d)
-        files[split] = open(out.path(d, "annotations.jsonl"), "w", encoding="utf-8")
+    layout = ex.layout()
+    split_of, names = layout.split_of, layout.names
+
+    def open_split(split: str):
+        out.mkdir(SPLIT_DIRS[split])
+        return open(out.path(SPLIT_DIRS[split], "annotations.jsonl"), "w", encoding="utf-8")
+
     per_split: Counter = Counter()
-    try:
+    with ex:
+        files = ex.open_splits(SPLIT_DIRS, open_split)
         for img in run.images(tasks):
             if img.key not in names:
                 summary.dropped["unsafe image key"] += 1
@@ -187,9 +186,4 @@ def export_florence(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary
                 files[split].write(json.dumps({"image": name, "prefix": prefix, "suffix": suffix}, ensure_ascii=False) + "\n")
             per_split[SPLIT_DIRS[split]] += 1
             summary.records += len(pairs)
-    finally:
-        for fh in files.values():
-            fh.close()
-    summary.images = sum(per_split.values())
-    summary.splits = per_split
-    return summary
+    return ex.finish(per_split)
