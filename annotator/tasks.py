@@ -56,14 +56,6 @@ class Task:
         """Does this task produce boxes that region_* tasks can consume?"""
         return self.output in (Output.BOXES, Output.BOXES_OR_POLYGONS)
 
-    @property
-    def columns(self) -> tuple[str, ...]:
-        """The answer columns its rows fill (besides raw, scores and the bookkeeping ones)."""
-        if self.input is Input.REGION:  # one instance per source box: the box, then its answer
-            return ("bboxes", "polygons", "labels") if self.output is Output.POLYGONS else ("bboxes", "labels")
-        return {Output.TEXT: ("text",), Output.BOXES: ("bboxes", "labels"), Output.POLYGONS: ("polygons", "labels"),
-                Output.QUADS: ("quad_boxes", "labels"), Output.BOXES_OR_POLYGONS: ("bboxes", "polygons", "labels")}[self.output]
-
 
 N, T, C, R = Input.NONE, Input.TEXT, Input.CLASSES, Input.REGION
 _TASKS = [
