@@ -42,7 +42,8 @@ def choose_tasks(run: Run, opts: ExportOptions, defaults: tuple[str, ...], fmt: 
     if not tasks:
         raise ExportError(
             f"no rows for the tasks {fmt} exports by default ({', '.join(defaults)}) in {run.folder}; "
-            f"it holds: {held or 'nothing'}. Pick some with --task")
+            f"it holds: {held or 'nothing'}; pick with --task"
+        )
     return tasks
 
 
