@@ -162,3 +162,60 @@ class RunConfig:
         ident["tiling"] = {"mode": t.mode, "size": list(t.size) if t.size else None, "overlap": t.overlap} \
             if t.enabled else None
         return ident
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # annotate finetune --precision
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    data: Path
+    out: Path
+    model: str = "florence-community/Florence-2-large"
+    revision: str | None = None
+    allow_pickle: bool = False
+    epochs: int = 7
+    lr: float = 1e-6  # the recipe's; larger rates overfit a real checkpoint quickly
+    batch_size: int = 6  # per process; the recipe's A100 setting
+    grad_accum: int = 1
+    warmup: int = 0  # optimizer steps of linear warmup
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    freeze_vision: bool = True
+    val_fraction: float = 0.1  # only when DATA has no validation split of its own
+    devices: str = "auto"
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto: bf16 (fp16 on GPUs without bf16) autocast on GPU, fp32 on CPU
+    resume: Path | None = None
+    seed: int = 0
+    workers: int = 2
+    max_target_tokens: int = 1024  # Florence-2's decoder has 1024 positions
+    eval_max_new_tokens: int = 128  # DocVQA similarity: generation limit per answer
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        checks = [
+            (self.epochs >= 1, "--epochs must be >= 1"),
+            (self.lr > 0, "--lr must be > 0"),
+            (self.batch_size >= 1, "--batch-size must be >= 1"),
+            (self.grad_accum >= 1, "--grad-accum must be >= 1"),
+            (self.warmup >= 0, "--warmup must be >= 0"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
+            (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
+            (self.workers >= 0, "--workers must be >= 0"),
+            (self.max_target_tokens >= 2, "--max-target-tokens must be >= 2"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def settings(self) -> dict:
+        """What the model card and finetune.json record."""
+        d = asdict(self)
+        for k in ("out", "resume", "overwrite", "progress", "workers"):
+            d.pop(k)
+        d["data"] = str(self.data)
+        return d

@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from .config import GenerationSettings, TaskInputs
 from .images import Batch, ImageItem, describe_error
 from .model import LoadedModel
+from .sequence import PromptCache, loc_tokens, pad_right
 from .scheduler import DecodeScheduler, DecodeStats, Job, rows_for_memory, supports
 from .parse import Parsed, clean_raw, parse_generation, plain_text, refine
 from .scores import LocBins, chosen_logprobs, instance_scores, text_score, token_text
@@ -61,12 +62,9 @@ class Engine:
         self.max_images: int | None = None  # images per vision forward; set (halved) on OOM
         self.sources = plan_sources(tasks, bool(task_inputs.text), bool(task_inputs.classes))
         self.waves = task_waves(tasks, self.sources)
-        self._prompt_ids: dict[str, list[int]] = {}
+        self.prompt_ids = PromptCache(lm.processor)  # prompt -> `<image>*N <s> words </s>` ids (sequence.py)
         self.stats: dict[str, int] = {}  # quality counters (duplicates removed, ...), see parse.refine
-        tok = lm.processor.tokenizer
-        self._image_prefix = tok.image_token * lm.processor.num_image_tokens + tok.bos_token
-        self._eos = tok.eos_token
-        self.locs = LocBins.of(tok)  # location tokens score with their neighbourhood (scores.py)
+        self.locs = LocBins.of(lm.processor.tokenizer)  # location tokens score with their neighbourhood (scores.py)
         self.forced_lengths: Callable[[str, str], int] | None = None  # bench: (image key, task) -> exact length
         self.decode_stats = DecodeStats()  # decoding work, for the bench's slot efficiency
         # Greedy decoding goes through the continuous-batching scheduler (scheduler.py) when it
@@ -107,6 +105,12 @@ class Engine:
         for wave in self.waves:
             self._run_wave(wave, needed, items, features, done)
         return [done[(i, t)] for i, item in enumerate(items) for t in item.tasks]
+
+    def take_stats(self) -> dict[str, int]:
+        """The quality counters since the last call (see parse.refine), handed over and reset:
+        the driver reports them with the batch's rows."""
+        stats, self.stats = self.stats, {}
+        return stats
 
     def _needed(self, pending: tuple[str, ...]) -> set[str]:
         """Pending tasks plus the producers they read from (re-run on resume; outputs are deterministic)."""
@@ -158,27 +162,12 @@ class Engine:
         if task.input is Input.REGION:
             boxes = source.bboxes or []
             labels = source.labels or [""] * len(boxes)
-            return [Request(i, task.name, task.token + self._loc_box(box, width, height), tuple(box), label)
+            return [Request(i, task.name, task.token + loc_tokens(box, width, height), tuple(box), label)
                     for box, label in zip(boxes, labels)]
         if task.input is Input.CLASSES and self.inputs.classes:
             return [Request(i, task.name, task.token + c, label=c) for c in self.inputs.classes]
         text = self.inputs.text if self.inputs.text else (source.text if source else "") or ""
         return [Request(i, task.name, task.token + text)]
-
-    def _loc_box(self, box, width: int, height: int) -> str:
-        bins = self.lm.processor.post_processor.quantize(torch.tensor([box], dtype=torch.float32), (width, height))
-        return "".join(f"<loc_{int(b)}>" for b in bins[0].tolist())
-
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """Token ids of `<image>*N <s> prompt-in-words </s>`, cached: most prompts repeat every image."""
-        ids = self._prompt_ids.get(prompt)
-        if ids is None:
-            words = self.lm.processor._construct_prompts([prompt])[0]
-            ids = self.lm.processor.tokenizer(self._image_prefix + words + self._eos, add_special_tokens=False)["input_ids"]
-            if len(self._prompt_ids) >= 4096:  # region prompts (one per box) rarely repeat: keep memory flat
-                self._prompt_ids.clear()
-            self._prompt_ids[prompt] = ids
-        return ids
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: list[Request], features: torch.Tensor) -> list[Generation | BaseException]:
@@ -240,15 +229,8 @@ class Engine:
 
     def _encode_requests(self, chunk: list[Request], features: torch.Tensor):
         """Prompts of the chunk, right padded -> (input_ids [P, L], mask [P, L], encoder states [P, L, D])."""
-        lm, tok = self.lm, self.lm.processor.tokenizer
-        ids = [self.prompt_ids(r.prompt) for r in chunk]
-        width = max(map(len, ids))
-        # Right padding: the image tokens must keep their positions (the encoder ignores the mask there).
-        input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, seq in enumerate(ids):
-            input_ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
+        lm = self.lm
+        input_ids, mask = pad_right([self.prompt_ids(r.prompt) for r in chunk], lm.processor.tokenizer.pad_token_id)
         input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
         index = torch.tensor([r.image for r in chunk], device=features.device)
         return input_ids, mask, self.encode(input_ids, mask, features.index_select(0, index))

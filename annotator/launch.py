@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .config import ConfigError, RunConfig
 from .model import ModelLoadError, load_model
-from .runner import Summary, annotate_work, finish_run, new_writer, plan_run, run
+from .runner import BatchDone, Summary, annotate_work, finish_run, new_writer, plan_run, run
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,13 @@ def torch_device(name: str) -> str:
     return "cpu" if name.startswith("cpu") else name
 
 
+def cpu_threads(devices: list[str]) -> int:
+    """Torch threads for each spawned worker (0: leave the default): CPU workers share the
+    cores, so each gets its part instead of all of them contending for every core."""
+    cpu = sum(d.startswith("cpu") for d in devices)
+    return max(1, (os.cpu_count() or 1) // cpu) if cpu else 0
+
+
 def launch(cfg: RunConfig) -> Summary:
     if cfg.ray:
         from .raydata import launch_ray  # Ray is an optional extra
@@ -111,6 +118,14 @@ def launch(cfg: RunConfig) -> Summary:
 
 # ------------------------------------------------------------------ one machine, many devices
 
+@dataclass(frozen=True)
+class WorkerEvent:
+    """What a spawned worker tells the parent: a batch is done, or it failed (and is exiting)."""
+
+    rank: int
+    done: BatchDone | None = None
+    failure: str | None = None  # first line of the error
+
 def chunk_size(cfg: RunConfig) -> int:
     return cfg.batch_size * 4  # small enough to balance the tail, large enough to keep decoders busy
 
@@ -127,8 +142,7 @@ def launch_local(cfg: RunConfig, devices: list[str]) -> Summary:
         jobs.put(work[i:i + step])
     for _ in devices:
         jobs.put(None)  # one stop sign per worker
-    cpu_workers = sum(d.startswith("cpu") for d in devices)
-    threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else 0
+    threads = cpu_threads(devices)
     procs = [ctx.Process(target=worker_main, args=(rank, dev, cfg, jobs, events, threads))
              for rank, dev in enumerate(devices)]
     summary.per_worker = {rank: 0 for rank in range(len(devices))}  # a worker that got no chunk shows 0
@@ -159,14 +173,13 @@ def _supervise(procs, devices, events, summary: Summary, bar: Bar) -> None:
     """Relay progress until every worker has exited; note those that died or failed."""
     reported: set[int] = set()
 
-    def handle(event) -> None:
-        kind, rank, *data = event
-        if kind == "batch":
-            summary.add(rank, *data)
-            bar.update(data[0])
-        elif kind == "failed":
-            reported.add(rank)
-            summary.failed_workers.append(f"rank {rank} ({devices[rank]}): {data[0]}")
+    def handle(event: WorkerEvent) -> None:
+        if event.done is not None:
+            summary.add(event.rank, event.done)
+            bar.update(event.done.images)
+        if event.failure is not None:
+            reported.add(event.rank)
+            summary.failed_workers.append(f"rank {event.rank} ({devices[event.rank]}): {event.failure}")
 
     while any(p.is_alive() for p in procs):
         try:
@@ -194,7 +207,7 @@ def worker_main(rank: int, device: str, cfg: RunConfig, jobs, events, threads: i
     try:
         with stop_on_signals(130):
             lm = load_model(cfg.model, torch_device(device))
-            on_batch = lambda *counts: events.put(("batch", rank, *counts))  # noqa: E731
+            on_batch = lambda done: events.put(WorkerEvent(rank, done=done))  # noqa: E731
             while True:
                 chunk = jobs.get()
                 if chunk is None:
@@ -204,7 +217,7 @@ def worker_main(rank: int, device: str, cfg: RunConfig, jobs, events, threads: i
     except KeyboardInterrupt:
         raise SystemExit(130)
     except BaseException as exc:  # report, then die non-zero: the parent names the failed worker
-        events.put(("failed", rank, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+        events.put(WorkerEvent(rank, failure=str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
         raise SystemExit(1)
     finally:
         writer.flush()
@@ -248,9 +261,9 @@ def launch_torchrun(cfg: RunConfig, env: DistEnv) -> Summary:
     try:
         lm = load_model(cfg.model, device) if share else None
 
-        def on_batch(images, ok, err, quality):
-            plan.summary.add(env.rank, images, ok, err, quality)
-            bar.update(images)
+        def on_batch(done: BatchDone) -> None:
+            plan.summary.add(env.rank, done)
+            bar.update(done.images)
 
         if share:
             annotate_work(cfg, lm, share, writer, on_batch)
@@ -275,6 +288,6 @@ def _merge(parts: list[Summary]) -> Summary:
         total.rows_ok += s.rows_ok
         total.rows_error += s.rows_error
         total.per_worker.update(s.per_worker)
-        total.add(0, 0, 0, 0, s.quality)
+        total.add(0, BatchDone(0, 0, 0, s.quality))
         total.seconds = max(total.seconds, s.seconds)
     return total

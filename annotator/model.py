@@ -74,11 +74,12 @@ class LoadedModel:
     device: torch.device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, warn: bool = True) -> torch.dtype:
     """auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU (CPU half matmuls are slow)."""
     if name == "float16" and device.type == "cpu":
         # CPU half matmuls have no fast kernels (80x slower here); bf16 does, fp16 never pays off.
-        log.warning("--dtype float16 on CPU is very slow; using float32 instead")
+        if warn:
+            log.warning("--dtype float16 on CPU is very slow; using float32 instead")
         return torch.float32
     if name != "auto":
         return getattr(torch, name)
@@ -104,7 +105,7 @@ def runtime_settings(spec: ModelSpec, device: torch.device | str) -> dict:
         attention = resolve_attention(spec.attention, device)
     except ModelLoadError:
         attention = spec.attention
-    dtype = resolve_dtype(spec.dtype, device) if not (spec.dtype == "float16" and device.type == "cpu") else torch.float32
+    dtype = resolve_dtype(spec.dtype, device, warn=False)  # the load itself warns
     return {"dtype": str(dtype).removeprefix("torch."), "attention": attention, "device": str(device)}
 
 

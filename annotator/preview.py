@@ -11,218 +11,34 @@ from the table):
 Rows are read with the exporters' shared polars reader (exporters.read.Run): only finished
 part files are listed (a running `annotate run` renames parts into place atomically), so a
 preview of a folder that is still being written shows what is done so far. All text from the
-table goes through html.escape; labels never reach a file name or a URL."""
+table goes through html.escape; labels never reach a file name or a URL. The drawing itself is
+drawing.py's; the output folder is guarded by the exporters' OutDir."""
 
 from __future__ import annotations
 
-import colorsys
-import hashlib
 import html
 import json
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image
 
+# Style is re-exported: tests import the drawing API from here
+from .drawing import Style, add_text_band, draw_annotations, fit, instances_of, label_color, open_scaled, text_lines  # noqa: F401
 from .store import OK
+from .tasks import TASKS, Labels
 
 SAMPLES = ("random", "first", "errors", "low-score")
 MARKER = ".annotate-preview"  # --overwrite only clears folders that hold it
 THUMB = 320  # thumbnails: longer side in pixels
 FULL_MIN = 512  # full drawings of smaller images are enlarged to this
 # instance labels of these tasks are texts, not categories: kept out of the label histogram
-_TEXT_LABEL_TASKS = {"ocr_with_region", "region_to_ocr", "region_to_description"}
+_TEXT_LABEL_TASKS = {t.name for t in TASKS.values() if t.labels is Labels.TEXT}
 
 
 class PreviewError(ValueError):
     """Bad arguments or an unusable folder; the message says what to do."""
-
-
-# --- drawing ------------------------------------------------------------------------------------
-def label_color(label: str) -> tuple[int, int, int]:
-    """The same label gets the same colour in every image and every run (md5, not hash())."""
-    h = int.from_bytes(hashlib.md5(label.encode("utf-8", "surrogatepass")).digest()[:4], "big")
-    hue = (h % 360) / 360.0
-    sat = 0.75 + ((h >> 9) % 25) / 100.0
-    val = 0.85 + ((h >> 17) % 15) / 100.0
-    r, g, b = colorsys.hsv_to_rgb(hue, sat, val)
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
-def _text_fill(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
-    lum = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
-    return (0, 0, 0) if lum > 140 else (255, 255, 255)
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-@dataclass
-class Style:
-    """Line width and font size follow the drawn image's size: readable on a 64 px thumbnail
-    and on a 4000 px photo alike."""
-
-    line: int
-    font_size: int
-
-    @classmethod
-    def for_size(cls, w: int, h: int) -> "Style":
-        side = max(w, h, 1)
-        return cls(line=max(1, round(side / 250)), font_size=max(10, round(side / 45)))
-
-
-@dataclass
-class Instance:
-    label: str
-    score: float | None = None
-
-
-def _label_at(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, rgb, font, size: tuple[int, int]):
-    """A filled tag with the text, above the point if it fits, else just below it; kept inside."""
-    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
-    tw, th = x1 - x0 + 4, y1 - y0 + 4
-    x = min(max(0.0, xy[0]), max(0.0, size[0] - tw))
-    y = xy[1] - th if xy[1] - th >= 0 else xy[1]
-    y = min(max(0.0, y), max(0.0, size[1] - th))
-    draw.rectangle([x, y, x + tw, y + th], fill=rgb)
-    draw.text((x + 2 - x0, y + 2 - y0), text, fill=_text_fill(rgb), font=font)
-
-
-def _tag(inst: Instance) -> str:
-    return inst.label if inst.score is None else f"{inst.label} {inst.score:.2f}"
-
-
-def _instances(row: dict, n: int) -> list[Instance]:
-    labels = row.get("labels") or []
-    scores = row.get("scores") or []
-    out = []
-    for i in range(n):
-        label = labels[i] if i < len(labels) and labels[i] is not None else row["task"]
-        score = scores[i] if i < len(scores) and scores[i] is not None else None
-        out.append(Instance(str(label), None if score is None else float(score)))
-    return out
-
-
-def draw_annotations(image: Image.Image, rows: list[dict], sx: float = 1.0, sy: float = 1.0) -> Image.Image:
-    """Draw the geometry of `rows` (table rows as dicts) on a copy of `image` (RGB).
-
-    Coordinates are in the row's width x height; sx, sy scale them to `image`. Polygons are
-    filled translucently then outlined; boxes and OCR quads are outlined; each instance gets a
-    tag "label score" in its label's colour."""
-    base = image.convert("RGBA")
-    style = Style.for_size(*base.size)
-    font = _font(style.font_size)
-    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    fill = ImageDraw.Draw(overlay)
-    tags: list[tuple[tuple[float, float], str, tuple[int, int, int]]] = []
-    outlines: list[tuple[str, list, tuple[int, int, int]]] = []
-
-    def pts(flat) -> list[tuple[float, float]]:
-        return [(float(flat[i]) * sx, float(flat[i + 1]) * sy) for i in range(0, len(flat) - 1, 2)]
-
-    for row in rows:
-        if row.get("status") not in (None, OK):
-            continue
-        polygons = row.get("polygons") or []
-        boxes = row.get("bboxes") or []
-        quads = row.get("quad_boxes") or []
-        if polygons:  # region_to_segmentation keeps its source boxes in bboxes: the polygons are the answer
-            for inst, polys in zip(_instances(row, len(polygons)), polygons):
-                rgb = label_color(inst.label)
-                shapes = [pts(p) for p in (polys or []) if p is not None and len(p) >= 6]
-                for shape in shapes:
-                    fill.polygon(shape, fill=rgb + (90,))
-                    outlines.append(("poly", shape, rgb))
-                if shapes:
-                    top = min(shapes, key=lambda s: min(y for _, y in s))
-                    tags.append((min(top, key=lambda p: (p[1], p[0])), _tag(inst), rgb))
-        elif boxes:
-            for inst, box in zip(_instances(row, len(boxes)), boxes):
-                if box is None or len(box) < 4:
-                    continue
-                rgb = label_color(inst.label)
-                x0, y0, x1, y1 = (float(v) for v in box[:4])
-                x0, x1 = sorted((x0 * sx, x1 * sx))
-                y0, y1 = sorted((y0 * sy, y1 * sy))
-                outlines.append(("box", [x0, y0, x1, y1], rgb))
-                tags.append(((x0, y0), _tag(inst), rgb))
-        for inst, quad in zip(_instances(row, len(quads)), quads):
-            if quad is None or len(quad) < 8:
-                continue
-            rgb = label_color(inst.label)
-            shape = pts(quad[:8])
-            fill.polygon(shape, fill=rgb + (40,))
-            outlines.append(("poly", shape, rgb))
-            tags.append((min(shape, key=lambda p: (p[1], p[0])), _tag(inst), rgb))
-
-    out = Image.alpha_composite(base, overlay)
-    draw = ImageDraw.Draw(out)
-    for kind, geom, rgb in outlines:
-        if kind == "box":
-            draw.rectangle(geom, outline=rgb, width=style.line)
-        else:
-            draw.line(geom + geom[:1], fill=rgb, width=style.line, joint="curve")
-    for xy, text, rgb in tags:  # tags last: no outline crosses a label
-        _label_at(draw, xy, text, rgb, font, out.size)
-    return out.convert("RGB")
-
-
-def text_lines(rows: list[dict]) -> list[tuple[str, str]]:
-    """(task, text) of the rows that answer in text: captions, OCR, region_to_* answers."""
-    out = []
-    for row in rows:
-        if row.get("status") == OK and row.get("text"):
-            out.append((row["task"], row["text"]))
-    return out
-
-
-def add_text_band(image: Image.Image, lines: list[tuple[str, str]], max_lines: int = 40) -> Image.Image:
-    """Captions and OCR text in a white band under the image, wrapped to its width."""
-    if not lines:
-        return image
-    style = Style.for_size(*image.size)
-    size = max(12, min(style.font_size, 28))
-    font = _font(size)
-    chars = max(20, int(image.width / (size * 0.55)))
-    wrapped: list[tuple[str, bool]] = []
-    for task, text in lines:
-        first = True
-        for para in str(text).splitlines() or [""]:
-            for piece in textwrap.wrap(f"{task}: {para}" if first else para, chars) or [""]:
-                wrapped.append((piece, first))
-                first = False
-    if len(wrapped) > max_lines:
-        wrapped = wrapped[: max_lines - 1] + [("…", False)]
-    pad, step = size // 2, int(size * 1.3)
-    band = Image.new("RGB", (image.width, pad * 2 + step * len(wrapped)), (255, 255, 255))
-    draw = ImageDraw.Draw(band)
-    for i, (piece, head) in enumerate(wrapped):
-        draw.text((pad, pad + i * step), piece, fill=(0, 0, 0) if head else (60, 60, 60), font=font)
-    out = Image.new("RGB", (image.width, image.height + band.height), (255, 255, 255))
-    out.paste(image, (0, 0))
-    out.paste(band, (0, image.height))
-    return out
-
-
-def _open_scaled(path: Path, max_side: int, max_pixels: int) -> Image.Image:
-    """Decode, EXIF-orient and convert like `annotate run` does, downscaled to max_side."""
-    from .images import to_rgb  # the decoder's own mode handling (16-bit, CMYK, alpha)
-
-    with Image.open(path) as im:
-        w, h = im.size
-        if w * h > max_pixels:
-            raise ValueError(f"image is {w}x{h}, over the preview limit of {max_pixels} pixels")
-        im.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale, much faster
-        im.seek(0)
-        im = to_rgb(ImageOps.exif_transpose(im))
-    im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    return im
 
 
 # --- selection ----------------------------------------------------------------------------------
@@ -252,34 +68,23 @@ def select_images(lf: pl.LazyFrame, sample: str, limit: int, seed: int = 0) -> l
 
 
 # --- output folder ------------------------------------------------------------------------------
-class OutFolder:
-    """--out. Every path handed out is made of names chosen here and checked to resolve inside."""
+SUBFOLDERS = ("thumbs", "full", "pages")
 
-    def __init__(self, root: Path, overwrite: bool):
-        root = Path(root)
-        if root.exists() and not root.is_dir():
-            raise PreviewError(f"--out {root} exists and is not a folder")
-        if root.exists() and any(root.iterdir()):
-            if not overwrite:
-                raise PreviewError(f"output folder {root} is not empty; pass --overwrite to replace the preview in it")
-            if not (root / MARKER).exists():
-                raise PreviewError(f"refusing to clear {root}: it was not made by `annotate preview` "
-                                   f"(no {MARKER} file); choose an empty --out")
-            for sub in ("thumbs", "full", "pages"):
-                for child in (root / sub).glob("*") if (root / sub).is_dir() and not (root / sub).is_symlink() else []:
-                    if child.is_file() and not child.is_symlink():
-                        child.unlink()
-        root.mkdir(parents=True, exist_ok=True)
-        self.root = root.resolve()
-        (self.root / MARKER).write_text("made by `annotate preview`; --overwrite may clear this folder\n")
-        for sub in ("thumbs", "full", "pages"):
-            self.path(sub).mkdir(exist_ok=True)
 
-    def path(self, *parts: str) -> Path:
-        dest = self.root.joinpath(*parts).resolve()
-        if dest != self.root and self.root not in dest.parents:
-            raise PreviewError(f"output path {dest} would leave {self.root}")
-        return dest
+def out_folder(root: Path, overwrite: bool):
+    """--out, guarded as the exporters guard theirs (exporters.safety.OutDir): an empty folder, or
+    one an earlier preview made (--overwrite clears its drawings); every path handed out is made of
+    names chosen here and checked to resolve inside."""
+    from exporters.errors import ExportError
+    from exporters.safety import OutDir
+
+    try:
+        out = OutDir.prepare(root, overwrite, marker=MARKER, made_by="annotate preview", clear=SUBFOLDERS)
+        for sub in SUBFOLDERS:
+            out.mkdir(sub)
+    except ExportError as exc:
+        raise PreviewError(str(exc)) from None
+    return out
 
 
 # --- html -----------------------------------------------------------------------------------------
@@ -369,7 +174,7 @@ class PreviewResult:
                 f"{self.errors} with error rows): {self.out / 'index.html'}"]
 
 
-def _draw_one(shown: Shown, image_path: Path | None, out: OutFolder, max_size: int, max_pixels: int) -> None:
+def _draw_one(shown: Shown, image_path: Path | None, out, max_size: int, max_pixels: int) -> None:
     ok_rows = [r for r in shown.rows if r["status"] == OK]
     sized = [r for r in shown.rows if r.get("width") and r.get("height")]
     if not sized:
@@ -379,7 +184,7 @@ def _draw_one(shown: Shown, image_path: Path | None, out: OutFolder, max_size: i
     image = None
     if image_path is not None:
         try:
-            image = _open_scaled(image_path, max_size, max_pixels)
+            image = open_scaled(image_path, max_size, max_pixels)
         except Exception as exc:  # a file that changed or broke since the run: still show the rows
             shown.note = f"cannot open the image file: {type(exc).__name__}: {exc}"
     else:
@@ -390,23 +195,14 @@ def _draw_one(shown: Shown, image_path: Path | None, out: OutFolder, max_size: i
     lines = text_lines(ok_rows)
     # tiny images are enlarged before drawing: labels stay readable and the browser does not
     # blow a 10 px font up to a blurry 50 px one
-    full_img = _fit(image, max(image.width, image.height, min(FULL_MIN, max_size)))
+    full_img = fit(image, max(image.width, image.height, min(FULL_MIN, max_size)))
     full = draw_annotations(full_img, ok_rows, full_img.width / w, full_img.height / h)
     # subsampling=0 (4:4:4): thin coloured lines keep their colour instead of smearing
     add_text_band(full, lines).save(out.path("full", f"{shown.n:06d}.jpg"), quality=88, subsampling=0)
-    thumb_img = _fit(image, THUMB)
+    thumb_img = fit(image, THUMB)
     thumb = draw_annotations(thumb_img, ok_rows, thumb_img.width / w, thumb_img.height / h)
     thumb.save(out.path("thumbs", f"{shown.n:06d}.jpg"), quality=85, subsampling=0)
     shown.full, shown.thumb = f"full/{shown.n:06d}.jpg", f"thumbs/{shown.n:06d}.jpg"
-
-
-def _fit(image: Image.Image, side: int) -> Image.Image:
-    """`image` resized (up or down) so that its longer side is `side`."""
-    scale = side / max(image.width, image.height)
-    if abs(scale - 1.0) < 1e-6:
-        return image.copy()
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
 
 
 def _row_html(row: dict) -> str:
@@ -422,7 +218,7 @@ def _row_html(row: dict) -> str:
         [("polygon", p) for p in row["polygons"]]
     geoms += [("quad", q) for q in (row.get("quad_boxes") or [])]
     if geoms:
-        insts = _instances(row, len(geoms))
+        insts = instances_of(row, len(geoms))
         body = "".join(
             f"<tr><td><span class=\"swatch\" style=\"background:rgb{label_color(i.label)}\"></span> {esc(i.label)}</td>"
             f"<td>{'' if i.score is None else f'{i.score:.3f}'}</td><td>{esc(kind)}</td>"
@@ -432,13 +228,13 @@ def _row_html(row: dict) -> str:
     return "\n".join(parts)
 
 
-def _write_page(shown: Shown, out: OutFolder) -> None:
+def _write_page(shown: Shown, out) -> None:
     img = (f"<a href=\"../{esc(shown.full)}\"><img src=\"../{esc(shown.full)}\" alt=\"{esc(shown.key)}\" "
            "style=\"max-width:100%\"></a>") if shown.full else ""
     note = f"<p class=\"errmsg\">{esc(shown.note)}</p>" if shown.note else ""
     body = (f"<p><a href=\"../index.html\">&larr; gallery</a></p><h1 class=\"key\">{esc(shown.key)}</h1>{note}{img}"
             + "".join(_row_html(r) for r in shown.rows))
-    out.path(shown.page).write_text(_page(shown.key, body), encoding="utf-8")
+    out.path(*shown.page.split("/")).write_text(_page(shown.key, body), encoding="utf-8")
 
 
 def _card(shown: Shown) -> str:
@@ -510,7 +306,7 @@ def preview(annotations: Path, out: Path, tasks: list[str] | None = None, limit:
     if tasks:
         lf = lf.filter(pl.col("task").is_in(tasks))
     keys = select_images(lf, sample, limit, seed)
-    folder = OutFolder(out, overwrite)
+    folder = out_folder(out, overwrite)
 
     # every row of the chosen images, ok and error, in one query
     df = lf.filter(pl.col("image").is_in(keys)).sort(["image", "task"]).collect()

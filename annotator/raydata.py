@@ -28,7 +28,7 @@ import numpy as np
 
 from .config import ConfigError, RunConfig
 from .images import Batch, DecodeFailure, ImageItem, WorkItem, collate, describe_error, load_rgb
-from .runner import Summary, finish_run, new_writer, plan_run, release_lock
+from .runner import RowSink, Summary, finish_run, new_writer, plan_run, release_lock
 from .sources import image_source
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class AnnotateActor:
         _maybe_die(row["batch"])
         batch = to_batch(pickle.loads(row["decoded"]), self.lm.processor.image_processor)
         rows = self.engine.annotate(batch)
-        quality, self.engine.stats = self.engine.stats, {}
+        quality = self.engine.take_stats()
         return {"batch": row["batch"], "images": len(batch), "actor": self.name,
                 "rows": pickle.dumps(rows), "quality": json.dumps(quality)}
 
@@ -146,7 +146,6 @@ def _maybe_die(batch: int) -> None:
 def launch_ray(cfg: RunConfig) -> Summary:
     ray = import_ray()  # before the folder is touched: a missing Ray is a usage error
     from .launch import Bar
-    from .store import ERROR, OK
 
     start = time.monotonic()
     plan = plan_run(cfg)
@@ -159,17 +158,13 @@ def launch_ray(cfg: RunConfig) -> Summary:
             started = connect(ray, cfg.ray or "auto")
             bar.start(len(work))
             seen: set[int] = set()
-            source_of = {w.ref.key: w.ref.source for w in work}  # keys.py: resume matches rows on their input
+            sink = RowSink(writer, work)
             for row in _dataset(ray, cfg, work).iter_rows():
                 if row["batch"] in seen:
                     continue  # cannot happen with Ray Data's exactly-once output; never write twice anyway
                 seen.add(row["batch"])
-                rows = pickle.loads(row["rows"])
-                for r in rows:
-                    r.source = source_of.get(r.image)
-                writer.add(rows)
-                summary.add(row["actor"], row["images"], sum(r.status == OK for r in rows),
-                            sum(r.status == ERROR for r in rows), json.loads(row["quality"]))
+                done = sink.add(pickle.loads(row["rows"]), json.loads(row["quality"]), row["images"])
+                summary.add(row["actor"], done)
                 bar.update(row["images"])
     except BaseException:
         writer.flush()

@@ -48,12 +48,12 @@ class Summary:
     quality: dict = field(default_factory=dict)  # parse.refine counters: duplicates removed, ...
     failed_workers: list = field(default_factory=list)  # "rank 1 (cuda:1): why"
 
-    def add(self, rank: int, images: int, ok: int, err: int, quality: dict | None = None) -> None:
-        self.images += images
-        self.rows_ok += ok
-        self.rows_error += err
-        self.per_worker[rank] = self.per_worker.get(rank, 0) + images
-        for name, n in (quality or {}).items():
+    def add(self, rank, done: "BatchDone") -> None:
+        self.images += done.images
+        self.rows_ok += done.ok
+        self.rows_error += done.error
+        self.per_worker[rank] = self.per_worker.get(rank, 0) + done.images
+        for name, n in done.quality.items():
             self.quality[name] = self.quality.get(name, 0) + n
 
     def to_dict(self) -> dict:
@@ -230,10 +230,38 @@ def plan_run(cfg: RunConfig, owner: bool = True) -> Plan:
     return Plan(manifest, work, summary, len(refs), created)
 
 
+@dataclass(frozen=True)
+class BatchDone:
+    """What one annotated batch reports to its driver (progress bar, Summary, worker events)."""
+
+    images: int
+    ok: int  # rows
+    error: int  # rows
+    quality: dict = field(default_factory=dict)  # parse.refine counters: duplicates removed, ...
+
+
+class RowSink:
+    """Where annotated rows go, whoever annotated them (this process, a worker, a Ray actor):
+    each row gets the id of the input its image came from (keys.py: resume matches rows on
+    their input), then the part writer takes them."""
+
+    def __init__(self, writer: PartWriter, work: list[WorkItem]):
+        self.writer = writer
+        self.source_of = {w.ref.key: w.ref.source for w in work}
+
+    def add(self, rows: list, quality: dict, images: int | None = None) -> BatchDone:
+        for row in rows:
+            row.source = self.source_of.get(row.image)
+        self.writer.add(rows)
+        if images is None:
+            images = len({r.image for r in rows})  # batch items include tiles; every image has a row
+        return BatchDone(images, sum(r.status == OK for r in rows), sum(r.status == ERROR for r in rows), quality)
+
+
 def annotate_work(cfg: RunConfig, lm: LoadedModel, work: list[WorkItem], writer: PartWriter,
-                  on_batch: Callable[[int, int, int, dict], None]) -> None:
-    """The device loop: decode in DataLoader workers, annotate, hand rows to the writer.
-    `on_batch(images, rows_ok, rows_error, quality_counts)` is called after every batch."""
+                  on_batch: Callable[[BatchDone], None]) -> None:
+    """The device loop: decode in DataLoader workers, annotate, hand rows to the writer;
+    `on_batch` hears about every batch."""
     # prompts per generate call: every task of a batch together (see Engine._run_wave)
     tasks = engine_tasks(list(cfg.tasks), cfg.tiling)
     engine = Engine(lm, tasks, cfg.task_inputs, cfg.generation, max_prompts=cfg.batch_size * len(cfg.tasks))
@@ -242,15 +270,10 @@ def annotate_work(cfg: RunConfig, lm: LoadedModel, work: list[WorkItem], writer:
         dataset = TilingDataset(work, lm.processor.image_processor, cfg.max_image_pixels, cfg.tiling,
                                 tileable(tasks, engine.sources))
         annotator = TiledAnnotator(engine, dataset, vision_batch=cfg.batch_size)
-    source_of = {w.ref.key: w.ref.source for w in work}
+    sink = RowSink(writer, work)
     for batch in make_loader(work, lm, cfg, dataset):
         rows = annotator.annotate(batch)
-        for row in rows:  # which input the key belongs to (keys.py): resume matches on it
-            row.source = source_of.get(row.image)
-        writer.add(rows)
-        quality, engine.stats = engine.stats, {}
-        images = len({r.image for r in rows})  # batch items include tiles; every image has a row
-        on_batch(images, sum(r.status == OK for r in rows), sum(r.status == ERROR for r in rows), quality)
+        on_batch(sink.add(rows, engine.take_stats()))
 
 
 def new_writer(cfg: RunConfig, rank: int) -> PartWriter:
@@ -317,10 +340,10 @@ def run(cfg: RunConfig, device: str = "cpu", lm: LoadedModel | None = None,
     if progress:
         progress.start(len(plan.work))
 
-    def on_batch(images: int, ok: int, err: int, quality: dict) -> None:
-        summary.add(rank, images, ok, err, quality)
+    def on_batch(done: BatchDone) -> None:
+        summary.add(rank, done)
         if progress:
-            progress.update(images)
+            progress.update(done.images)
 
     writer = new_writer(cfg, rank)
     try:

@@ -121,8 +121,8 @@ def instance_scores(task: Task, tt: TokenText) -> list[float | None]:
     kind = task.output
     if kind is Output.BOXES_OR_POLYGONS:  # the processor's description_with_bboxes_or_polygons
         kind, empty_ok = (Output.POLYGONS if "<poly>" in tt.text else Output.BOXES), False
-    else:  # region_proposal and the polygon tasks parse with allow_empty_phrase=True
-        empty_ok = task.name == "region_proposal" or kind is Output.POLYGONS
+    else:  # region_proposal and the polygon tasks parse with allow_empty_phrase=True (Task.empty_phrase)
+        empty_ok = task.empty_phrase
     if kind is Output.BOXES:
         return _box_scores(tt, _EMPTY_BOXES if empty_ok else _PHRASE_BOXES)
     if kind is Output.POLYGONS:

@@ -51,11 +51,12 @@ OK, ERROR = "ok", "error"
 
 @dataclass
 class Annotation:
-    """One row of the table: one image x one task."""
+    """One row of the table: one image x one task. The one row type: the engine makes them, the
+    writer stores them, the exporters read them back (read_rows)."""
 
     image: str
     task: str
-    status: str
+    status: str = OK
     width: int | None = None
     height: int | None = None
     prompt: str | None = None
@@ -169,16 +170,27 @@ def conform(table: pa.Table) -> pa.Table:
     return table.select(SCHEMA.names).cast(SCHEMA)
 
 
+def read_rows(parts: list[Path]):
+    """The table as readers see it: one row per (image, task), sorted by key; an ok row wins
+    over error rows for the same key (a retried error can leave both). A polars LazyFrame."""
+    import polars as pl
+
+    return (
+        scan_parts(parts)  # old parts without later columns read them as null
+        .with_columns((pl.col("status") != OK).alias("_not_ok"))
+        .sort(["image", "task", "_not_ok"])
+        .unique(subset=["image", "task"], keep="first", maintain_order=True)
+        .drop("_not_ok")
+    )
+
+
 def read_status(out_dir: Path) -> dict[tuple[str, str], str]:
     """(image, task) -> status for every row already written in the folder."""
-    done: dict[tuple[str, str], str] = {}
-    for part in part_files(out_dir):
-        t = pq.read_table(part, columns=["image", "task", "status"])
-        for image, task, status in zip(*(t.column(c).to_pylist() for c in ("image", "task", "status"))):
-            # an ok row wins over an error row for the same key (a retried error)
-            if done.get((image, task)) != OK:
-                done[(image, task)] = status
-    return done
+    parts = part_files(out_dir)
+    if not parts:
+        return {}
+    df = read_rows(parts).select("image", "task", "status").collect()
+    return {(image, task): status for image, task, status in df.iter_rows()}
 
 
 def drop_error_rows(out_dir: Path, keys: set[tuple[str, str]] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The one task table: CLI name <-> Florence-2 prompt token, what input it takes, how it parses.
+"""The one task table: CLI name <-> Florence-2 prompt token, what input it takes, what it
+answers, and the facts about its answers that the engine, scorer, preview and exporters act on.
 
 Everything else (CLI validation, the engine, the parser, the exporters) looks tasks up here,
 so adding a task is one line.
@@ -28,6 +29,15 @@ class Output(str, Enum):
     BOXES_OR_POLYGONS = "boxes_or_polygons"  # open-vocabulary detection can answer either
 
 
+class Labels(str, Enum):
+    """What the `labels` column holds for a task."""
+
+    NONE = "none"  # no labels: text answers, or class-agnostic boxes (region_proposal)
+    CATEGORY = "category"  # category names: --classes filters and maps them, label histograms count them
+    PHRASE = "phrase"  # a phrase or short caption per instance (grounding, dense captions, masks)
+    TEXT = "text"  # free text read or written about a region: kept out of label histograms
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -35,43 +45,48 @@ class Task:
     input: Input
     output: Output
     description: str
+    labels: Labels = Labels.NONE
+    is_caption: bool = False  # a whole-image caption: grounding without --text reads it
+    empty_phrase: bool = False  # instances may come without a phrase (the parser's allow_empty_phrase)
+    answer_repeats_box: bool = False  # region task whose native answer repeats the region's box after the text
+    box_export: int = 0  # coco/yolo/review formats export it when --task is not given: 1 first, 2 next, ...; 0 never
 
     @property
     def is_detection(self) -> bool:
         """Does this task produce boxes that region_* tasks can consume?"""
         return self.output in (Output.BOXES, Output.BOXES_OR_POLYGONS)
 
-    @property
-    def is_caption(self) -> bool:
-        return self.name in ("caption", "detailed_caption", "more_detailed_caption")
 
-
+N, T, C, R = Input.NONE, Input.TEXT, Input.CLASSES, Input.REGION
 _TASKS = [
-    Task("caption", "<CAPTION>", Input.NONE, Output.TEXT, "one-sentence caption"),
-    Task("detailed_caption", "<DETAILED_CAPTION>", Input.NONE, Output.TEXT, "a few sentences"),
-    Task("more_detailed_caption", "<MORE_DETAILED_CAPTION>", Input.NONE, Output.TEXT, "a paragraph"),
-    Task("od", "<OD>", Input.NONE, Output.BOXES, "object detection: boxes + category names"),
-    Task("dense_region_caption", "<DENSE_REGION_CAPTION>", Input.NONE, Output.BOXES, "boxes + a short caption each"),
-    Task("region_proposal", "<REGION_PROPOSAL>", Input.NONE, Output.BOXES, "class-agnostic boxes"),
-    Task("ocr", "<OCR>", Input.NONE, Output.TEXT, "all text in the image"),
-    Task("ocr_with_region", "<OCR_WITH_REGION>", Input.NONE, Output.QUADS, "text lines with quadrilaterals"),
-    Task("caption_to_phrase_grounding", "<CAPTION_TO_PHRASE_GROUNDING>", Input.TEXT, Output.BOXES,
-         "boxes for the phrases of --text, or of the image's own caption"),
-    Task("open_vocabulary_detection", "<OPEN_VOCABULARY_DETECTION>", Input.CLASSES, Output.BOXES_OR_POLYGONS,
-         "boxes for each of --classes (or --text)"),
-    Task("referring_expression_segmentation", "<REFERRING_EXPRESSION_SEGMENTATION>", Input.TEXT, Output.POLYGONS,
-         "polygon mask of the object --text describes"),
-    Task("region_to_segmentation", "<REGION_TO_SEGMENTATION>", Input.REGION, Output.POLYGONS,
-         "polygon mask for each box of an earlier detection task"),
-    Task("region_to_category", "<REGION_TO_CATEGORY>", Input.REGION, Output.TEXT,
-         "category name for each box of an earlier detection task"),
-    Task("region_to_description", "<REGION_TO_DESCRIPTION>", Input.REGION, Output.TEXT,
-         "description for each box of an earlier detection task"),
-    Task("region_to_ocr", "<REGION_TO_OCR>", Input.REGION, Output.TEXT,
-         "text inside each box of an earlier detection task"),
+    Task("caption", "<CAPTION>", N, Output.TEXT, "one-sentence caption", is_caption=True),
+    Task("detailed_caption", "<DETAILED_CAPTION>", N, Output.TEXT, "a few sentences", is_caption=True),
+    Task("more_detailed_caption", "<MORE_DETAILED_CAPTION>", N, Output.TEXT, "a paragraph", is_caption=True),
+    Task("od", "<OD>", N, Output.BOXES, "object detection: boxes + category names", Labels.CATEGORY, box_export=1),
+    Task("dense_region_caption", "<DENSE_REGION_CAPTION>", N, Output.BOXES, "boxes + a short caption each",
+         Labels.PHRASE, box_export=4),
+    Task("region_proposal", "<REGION_PROPOSAL>", N, Output.BOXES, "class-agnostic boxes", empty_phrase=True),
+    Task("ocr", "<OCR>", N, Output.TEXT, "all text in the image"),
+    Task("ocr_with_region", "<OCR_WITH_REGION>", N, Output.QUADS, "text lines with quadrilaterals", Labels.TEXT),
+    Task("caption_to_phrase_grounding", "<CAPTION_TO_PHRASE_GROUNDING>", T, Output.BOXES,
+         "boxes for the phrases of --text, or of the image's own caption", Labels.PHRASE, box_export=3),
+    Task("open_vocabulary_detection", "<OPEN_VOCABULARY_DETECTION>", C, Output.BOXES_OR_POLYGONS,
+         "boxes for each of --classes (or --text)", Labels.CATEGORY, box_export=2),
+    Task("referring_expression_segmentation", "<REFERRING_EXPRESSION_SEGMENTATION>", T, Output.POLYGONS,
+         "polygon mask of the object --text describes", Labels.PHRASE, empty_phrase=True),
+    Task("region_to_segmentation", "<REGION_TO_SEGMENTATION>", R, Output.POLYGONS,
+         "polygon mask for each box of an earlier detection task", Labels.PHRASE, empty_phrase=True, box_export=5),
+    Task("region_to_category", "<REGION_TO_CATEGORY>", R, Output.TEXT,
+         "category name for each box of an earlier detection task", Labels.CATEGORY, answer_repeats_box=True),
+    Task("region_to_description", "<REGION_TO_DESCRIPTION>", R, Output.TEXT,
+         "description for each box of an earlier detection task", Labels.TEXT, answer_repeats_box=True),
+    Task("region_to_ocr", "<REGION_TO_OCR>", R, Output.TEXT,
+         "text inside each box of an earlier detection task", Labels.TEXT),
 ]
 
 TASKS: dict[str, Task] = {t.name: t for t in _TASKS}
+BOX_EXPORT_DEFAULTS: tuple[str, ...] = tuple(t.name for t in sorted((t for t in _TASKS if t.box_export),
+                                                                    key=lambda t: t.box_export))
 _BY_TOKEN: dict[str, Task] = {t.token: t for t in _TASKS}
 
 

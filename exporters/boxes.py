@@ -6,52 +6,16 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterator
 
-from annotator.tasks import UnknownTask, get_task
+from annotator.tasks import BOX_EXPORT_DEFAULTS
+from exporters.base import OCR_TASK
 from exporters.classes import ClassSpec, ClassVocab, normalize_label
-from exporters.errors import ExportError
 from exporters.geometry import Instance, row_instances
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import ImageRows, Run
 
-# detection-like tasks used when --task is not given (OCR regions only with --include-ocr)
-DETECTION_DEFAULTS = ("od", "open_vocabulary_detection", "caption_to_phrase_grounding", "dense_region_caption",
-                      "region_to_segmentation")
-OCR_TASK = "ocr_with_region"
+# detection-like tasks used when --task is not given (Task.box_export); OCR regions only with --include-ocr
+DETECTION_DEFAULTS = BOX_EXPORT_DEFAULTS
 TEXT_CLASS = "text"
-
-
-def choose_tasks(run: Run, opts: ExportOptions, defaults: tuple[str, ...], fmt: str) -> list[str]:
-    """--task if given (each must have ok rows), else the defaults the run holds."""
-    counts = run.task_counts()
-    present = {t for t, c in counts.items() if c.get("ok")}
-    held = ", ".join(f"{t} ({sum(c.values())} rows, {c.get('ok', 0)} ok)" for t, c in sorted(counts.items()))
-    if opts.tasks:
-        tasks = []
-        for spec in opts.tasks:
-            try:
-                name = get_task(spec).name
-            except UnknownTask as e:
-                raise ExportError(str(e)) from None
-            if name not in present:
-                raise ExportError(f"no ok rows for task {name!r} in {run.folder}; it holds: {held or 'nothing'}")
-            if name not in tasks:
-                tasks.append(name)
-        return tasks
-    tasks = [t for t in defaults if t in present]
-    if opts.include_ocr and OCR_TASK in present and OCR_TASK not in tasks:
-        tasks.append(OCR_TASK)
-    if not tasks:
-        raise ExportError(
-            f"no rows for the tasks {fmt} exports by default ({', '.join(defaults)}) in {run.folder}; "
-            f"it holds: {held or 'nothing'}; pick with --task"
-        )
-    return tasks
-
-
-def count_errors(run: Run, tasks: list[str], summary: ExportSummary) -> None:
-    n = sum(c.get("error", 0) for t, c in run.task_counts().items() if t in tasks)
-    if n:
-        summary.dropped["error rows"] += n
 
 
 def build_vocab(run: Run, tasks: list[str], opts: ExportOptions, summary: ExportSummary) -> ClassVocab:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 
-from exporters.boxes import DETECTION_DEFAULTS, build_vocab, choose_tasks, count_errors, labelled
+from exporters.base import Export
+from exporters.boxes import DETECTION_DEFAULTS, build_vocab, labelled
 from exporters.geometry import polygon_area, xyxy_to_xywh
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import Run
@@ -38,10 +39,8 @@ def coco_annotation(ann_id: int, image_id: int, category_id: int, inst) -> dict:
 
 @register("coco")
 def export_coco(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
-    summary = ExportSummary("coco", out.root)
-    tasks = choose_tasks(run, opts, DETECTION_DEFAULTS, "coco")
-    summary.tasks = tasks
-    count_errors(run, tasks, summary)
+    ex = Export.start("coco", run, out, opts, DETECTION_DEFAULTS)
+    summary, tasks = ex.summary, ex.tasks
     vocab = build_vocab(run, tasks, opts, summary)
     image_id = {k: i for i, k in enumerate(run.image_keys(), 1)}  # all tasks: stable across exports
     images, annotations = [], []

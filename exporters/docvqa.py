@@ -17,17 +17,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from exporters.boxes import choose_tasks, count_errors
+from annotator.tasks import TASKS, Labels
+from exporters.base import Export
 from exporters.classes import ClassVocab, normalize_label
-from exporters.files import assign_splits, flat_names
+
 from exporters.geometry import clip_polygon, loc_tokens, polygons_extent, row_instances
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import ImageRows, Run
 from exporters.registry import register
-from exporters.safety import OutDir, is_safe_key
+from exporters.safety import OutDir
 
 DEFAULTS = ("ocr", "ocr_with_region", "caption", "detailed_caption", "more_detailed_caption", "od")
-COUNT_TASKS = ("od", "open_vocabulary_detection")
+# detections labelled with category names: "how many cars?"
+COUNT_TASKS = tuple(t.name for t in TASKS.values() if t.is_detection and t.labels is Labels.CATEGORY)
 CAPTION_QUESTIONS = {  # Florence-2's own wording of these tasks
     "caption": "What does the image describe?",
     "detailed_caption": "Describe in detail what is shown in the image.",
@@ -144,10 +146,8 @@ def image_struct(path, name: str) -> dict:
 
 @register("docvqa")
 def export_docvqa(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
-    summary = ExportSummary("docvqa", out.root)
-    tasks = choose_tasks(run, opts, DEFAULTS, "docvqa")
-    summary.tasks = tasks
-    count_errors(run, tasks, summary)
+    ex = Export.start("docvqa", run, out, opts, DEFAULTS)
+    summary, tasks = ex.summary, ex.tasks
     det = [t for t in tasks if t in COUNT_TASKS]
     vocab = ClassVocab.from_spec(opts.classes) if opts.classes is not None else None
     if vocab is None and det:
@@ -155,12 +155,9 @@ def export_docvqa(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
     common = vocab.names[:20] if vocab else []
     summary.classes = list(vocab.names) if vocab else []
     doc_id = {k: i for i, k in enumerate(run.image_keys(), 1)}
-    keys = [k for k in run.image_keys(tasks) if is_safe_key(k)]
-    split_of = assign_splits(keys, opts.val_fraction)
-    names = flat_names(keys)
+    layout = ex.layout()
+    split_of, names = layout.split_of, layout.names
     out.mkdir("data")
-    writers = {s: pq.ParquetWriter(out.path("data", f"{f}-00000-of-00001.parquet"), SCHEMA_WITH_META)
-               for s, f in SPLIT_FILES.items()}
     buffers: dict[str, list[dict]] = {s: [] for s in SPLIT_FILES}
     per_split: Counter = Counter()
     qid = 0
@@ -170,7 +167,9 @@ def export_docvqa(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
             writers[split].write_table(pa.Table.from_pylist(buffers[split], schema=SCHEMA_WITH_META))
             buffers[split] = []
 
-    try:
+    with ex:
+        writers = ex.open_splits(SPLIT_FILES, lambda s: pq.ParquetWriter(
+            out.path("data", f"{SPLIT_FILES[s]}-00000-of-00001.parquet"), SCHEMA_WITH_META))
         for img in run.images(tasks):
             if img.key not in names:
                 summary.dropped["unsafe image key"] += 1
@@ -196,9 +195,5 @@ def export_docvqa(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
             summary.records += len(qa)
         for s in SPLIT_FILES:
             flush(s)
-    finally:
-        for w in writers.values():
-            w.close()
-    summary.images = sum(per_split.values())
-    summary.splits = per_split
+    ex.finish(per_split)
     return summary

@@ -10,21 +10,17 @@ import json
 import re
 from collections import Counter
 
-from annotator.tasks import TASKS, Input, Output
-from exporters.boxes import choose_tasks, count_errors
+from annotator.tasks import TASKS, Input, Labels, Output
+from exporters.base import Export
 from exporters.classes import ClassVocab
-from exporters.files import assign_splits, flat_names, place_image
+from exporters.files import place_image
 from exporters.geometry import clip_box, clip_polygon, loc_tokens, prompt_input
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import Row, Run
 from exporters.registry import register
-from exporters.safety import OutDir, is_safe_key
+from exporters.safety import OutDir
 
 SPLIT_DIRS = {"train": "train", "val": "valid"}
-# tasks whose labels are category names: --classes applies to them
-CATEGORY_TASKS = {"od", "open_vocabulary_detection", "region_to_category"}
-# region tasks whose native answer repeats the region's box after the text
-ANSWER_WITH_BOX = {"region_to_category", "region_to_description"}
 _TAG = re.compile(r"<[^<>]*>")
 
 
@@ -64,7 +60,7 @@ def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
 
     def label_of(i: int) -> str | None:
         label = clean_text(_at(row.labels, i))
-        if vocab is not None and row.task in CATEGORY_TASKS:
+        if vocab is not None and task.labels is Labels.CATEGORY:  # --classes applies to category names
             idx = vocab.index(label)
             if idx is None:
                 drops["label not in classes"] += 1
@@ -74,7 +70,7 @@ def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
 
     prefix = token + clean_text(prompt_input(row.task, row.prompt))
     pairs: list[tuple[str, str]] = []
-    if row.task == "ocr_with_region":
+    if task.output is Output.QUADS:  # ocr_with_region
         parts = []
         for i, quad in enumerate(row.quad_boxes or []):
             q = clip_polygon(quad, w, h) if quad is not None and len(quad) == 8 else None
@@ -88,7 +84,7 @@ def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
     if region_task:  # one training pair per source box
         for i, b in _kept_boxes(row, w, h, keep, drops):
             region = token + loc_tokens(b, w, h)
-            if row.task == "region_to_segmentation":
+            if task.output is Output.POLYGONS:  # region_to_segmentation
                 polys = _clipped_polygons(_at(row.polygons, i), w, h)
                 if not polys:
                     drops["degenerate polygon"] += 1
@@ -100,7 +96,7 @@ def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
                     if label is not None:
                         drops["empty label"] += 1
                     continue
-                pairs.append((region, label + (loc_tokens(b, w, h) if row.task in ANSWER_WITH_BOX else "")))
+                pairs.append((region, label + (loc_tokens(b, w, h) if task.answer_repeats_box else "")))
         return pairs
     if row.polygons:  # referring_expression_segmentation, open_vocabulary_detection with masks
         instances = []
@@ -111,13 +107,13 @@ def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
                 continue
             if not keep(i):
                 continue
-            label = label_of(i) if row.task == "open_vocabulary_detection" else ""
+            label = label_of(i) if task.labels is Labels.CATEGORY else ""  # open_vocabulary_detection
             if label is None:
                 continue
             instances.append((label, "<sep>".join(loc_tokens(p, w, h) for p in polys)))
         if not instances:
             return _empty(drops)
-        if row.task == "open_vocabulary_detection":
+        if task.labels is Labels.CATEGORY:  # open_vocabulary_detection: "<label><poly>...</poly>"
             return [(prefix, "".join(f"{lab}<poly>{locs}</poly>" for lab, locs in instances))]
         if len(instances) == 1:
             return [(prefix, instances[0][1])]
@@ -125,10 +121,10 @@ def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
     # boxes: od, dense_region_caption, region_proposal, caption_to_phrase_grounding, open_vocabulary_detection
     parts = []
     for i, b in _kept_boxes(row, w, h, keep, drops):
-        label = "" if row.task == "region_proposal" else label_of(i)
+        label = "" if task.labels is Labels.NONE else label_of(i)  # region_proposal: boxes alone
         if label is None:
             continue
-        if not label and row.task != "region_proposal":
+        if not label and task.labels is not Labels.NONE:
             drops["empty label"] += 1
             continue
         parts.append(label + loc_tokens(b, w, h))
@@ -157,23 +153,22 @@ def _empty(drops: Counter) -> list:
 
 @register("florence")
 def export_florence(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
-    summary = ExportSummary("florence", out.root)
     present = sorted(run.ok_tasks(), key=list(TASKS).index)
-    tasks = choose_tasks(run, opts, tuple(present), "florence")
-    summary.tasks = tasks
-    count_errors(run, tasks, summary)
+    ex = Export.start("florence", run, out, opts, tuple(present))
+    summary, tasks = ex.summary, ex.tasks
     vocab = ClassVocab.from_spec(opts.classes) if opts.classes is not None else None
     if vocab:
         summary.classes = list(vocab.names)
-    keys = [k for k in run.image_keys(tasks) if is_safe_key(k)]
-    split_of = assign_splits(keys, opts.val_fraction)
-    names = flat_names(keys)
-    files = {}
-    for split, d in SPLIT_DIRS.items():
-        out.mkdir(d)
-        files[split] = open(out.path(d, "annotations.jsonl"), "w", encoding="utf-8")
+    layout = ex.layout()
+    split_of, names = layout.split_of, layout.names
+
+    def open_split(split: str):
+        out.mkdir(SPLIT_DIRS[split])
+        return open(out.path(SPLIT_DIRS[split], "annotations.jsonl"), "w", encoding="utf-8")
+
     per_split: Counter = Counter()
-    try:
+    with ex:
+        files = ex.open_splits(SPLIT_DIRS, open_split)
         for img in run.images(tasks):
             if img.key not in names:
                 summary.dropped["unsafe image key"] += 1
@@ -191,9 +186,4 @@ def export_florence(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary
                 files[split].write(json.dumps({"image": name, "prefix": prefix, "suffix": suffix}, ensure_ascii=False) + "\n")
             per_split[SPLIT_DIRS[split]] += 1
             summary.records += len(pairs)
-    finally:
-        for fh in files.values():
-            fh.close()
-    summary.images = sum(per_split.values())
-    summary.splits = per_split
-    return summary
+    return ex.finish(per_split)

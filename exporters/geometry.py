@@ -1,5 +1,6 @@
 """Small pure geometry converters shared by the formats: clip boxes and polygons to the image,
-drop degenerate ones, turn table rows into instances, and Florence-2's location quantization."""
+drop degenerate ones, turn table rows into instances. Florence-2's location quantization lives in
+annotator/sequence.py (the engine writes region prompts with it) and is re-exported here."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from annotator.tasks import TASKS, Input
-
-BINS = 1000  # Florence-2: <loc_0>..<loc_999> per axis
+from annotator.sequence import BINS, dequantize, loc_tokens, quantize  # noqa: F401 - re-exported
+from annotator.tasks import TASKS, Input, Labels, Output
 
 
 def clip_box(box, width: float, height: float) -> tuple[float, float, float, float] | None:
@@ -68,24 +68,6 @@ def xyxy_to_cxcywh_norm(box, width: float, height: float) -> tuple[float, float,
     return tuple(min(max(v, 0.0), 1.0) for v in (cx, cy, w, h))
 
 
-# --- Florence-2 location tokens ----------------------------------------------------------------
-def quantize(coord: float, size: float) -> int:
-    """Florence-2's BoxQuantizer/CoordinatesQuantizer ('floor' mode): bin = floor(c / (size/1000)),
-    clamped to [0, 999]. Its processor maps a bin back to (bin + 0.5) * size / 1000."""
-    return int(min(max(math.floor(coord / (size / BINS)), 0), BINS - 1))
-
-
-def dequantize(bin_: int, size: float) -> float:
-    return (bin_ + 0.5) * size / BINS
-
-
-def loc_tokens(flat, width: float, height: float) -> str:
-    """[x1, y1, x2, y2, ...] (pixels) -> '<loc_a><loc_b>...' with x against width, y against height."""
-    return "".join(
-        f"<loc_{quantize(v, width if i % 2 == 0 else height)}>" for i, v in enumerate(flat)
-    )
-
-
 # --- rows -> instances -------------------------------------------------------------------------
 @dataclass
 class Instance:
@@ -119,7 +101,9 @@ def row_instances(row, drops: Counter, min_score: float | None = None) -> list[I
         if n:
             drops["no image size"] += n
         return []
-    fallback = prompt_input(row.task, row.prompt) or ("object" if row.task == "region_proposal" else "")
+    task = TASKS.get(row.task)
+    unlabelled = task is not None and task.labels is Labels.NONE and task.output is not Output.TEXT  # region_proposal
+    fallback = prompt_input(row.task, row.prompt) or ("object" if unlabelled else "")
     out: list[Instance] = []
     if row.quad_boxes:
         n, kind = len(row.quad_boxes), "quad"

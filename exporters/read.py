@@ -15,7 +15,7 @@ from typing import Iterator
 import polars as pl
 import pyarrow.parquet as pq
 
-from annotator.store import MANIFEST, OK, PART_GLOB, SCHEMA_VERSION, part_files, scan_parts
+from annotator.store import MANIFEST, OK, PART_GLOB, SCHEMA_VERSION, Annotation, part_files, read_rows
 from exporters.errors import ExportError
 from exporters.safety import check_key, is_safe_key
 
@@ -24,21 +24,7 @@ ROW_COLUMNS = ["image", "width", "height", "task", "prompt", "text", "bboxes", "
                "quad_boxes", "scores"]
 
 
-@dataclass
-class Row:
-    """One ok row: one image x one task."""
-
-    image: str
-    task: str
-    width: int
-    height: int
-    prompt: str | None = None
-    text: str | None = None
-    bboxes: list | None = None
-    labels: list | None = None
-    polygons: list | None = None
-    quad_boxes: list | None = None
-    scores: list | None = None
+Row = Annotation  # one row type for the whole package (store.py); exporters see ok rows only
 
 
 @dataclass
@@ -103,13 +89,7 @@ class Run:
     # --- lazy frames -------------------------------------------------------------------------
     def scan(self) -> pl.LazyFrame:
         """All rows, one per (image, task): an ok row wins over error rows for the same key."""
-        lf = scan_parts(self.parts)  # old parts without later columns read them as null
-        return (
-            lf.with_columns((pl.col("status") != OK).alias("_not_ok"))
-            .sort(["image", "task", "_not_ok"])
-            .unique(subset=["image", "task"], keep="first", maintain_order=True)
-            .drop("_not_ok")
-        )
+        return read_rows(self.parts)
 
     def task_counts(self) -> dict[str, Counter]:
         """task -> Counter(status -> rows), after deduplication."""

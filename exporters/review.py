@@ -7,15 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from annotator.preview import label_color
+from annotator.drawing import label_color
 from annotator.tasks import TASKS, Input, Output
-from exporters.boxes import DETECTION_DEFAULTS, OCR_TASK, build_vocab, choose_tasks, count_errors, labelled
+from exporters.base import Layout, choose_tasks, count_errors
+from exporters.boxes import DETECTION_DEFAULTS, OCR_TASK, build_vocab, labelled
 from exporters.errors import ExportError
-from exporters.files import assign_splits
 from exporters.geometry import Instance
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import Run
-from exporters.safety import is_safe_key
 
 # whole-image text answers: reviewed as free text (Label Studio only; CVAT has no place for them)
 TEXT_TASKS = tuple(t.name for t in TASKS.values() if t.output == Output.TEXT and t.input != Input.REGION)
@@ -58,8 +57,7 @@ def review_images(run: Run, tasks: list[str], opts: ExportOptions, summary: Expo
     count_errors(run, tasks, summary)
     geo_tasks = [t for t in tasks if t not in TEXT_TASKS]
     vocab = build_vocab(run, geo_tasks, opts, summary) if geo_tasks else None
-    keys = [k for k in run.image_keys(tasks) if is_safe_key(k)]
-    split_of = assign_splits(keys, opts.val_fraction)
+    split_of = Layout.of(run.image_keys(tasks), opts.val_fraction).split_of
     out: list[ReviewImage] = []
     stream = labelled(run, tasks, vocab, opts, summary) if vocab else ((img, []) for img in run.images(tasks))
     for img, kept in stream:

@@ -50,6 +50,21 @@ def safe_component(name: str, max_len: int = 180) -> str:
     return s
 
 
+def _clear(root: Path, subfolders: tuple[str, ...] | None) -> None:
+    if subfolders is None:
+        for child in root.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        return
+    for sub in (root / s for s in subfolders):
+        if sub.is_dir() and not sub.is_symlink():
+            for child in sub.iterdir():
+                if child.is_file() and not child.is_symlink():
+                    child.unlink()
+
+
 class OutDir:
     """The output folder. `path("labels", "train", name)` gives a path that is guaranteed to lie
     inside it (components are checked, then the resolved parent is compared)."""
@@ -58,25 +73,25 @@ class OutDir:
         self.root = Path(root).resolve()
 
     @classmethod
-    def prepare(cls, root: Path, overwrite: bool) -> "OutDir":
+    def prepare(cls, root: Path, overwrite: bool, marker: str = MARKER, made_by: str = "annotate export",
+                clear: tuple[str, ...] | None = None) -> "OutDir":
+        """An empty --out, or (with --overwrite) one this command made before, as its `marker`
+        file says: anything else is refused. `clear`: only the plain files of these subfolders
+        are removed (preview); None: everything in the folder (exports)."""
         root = Path(root)
         if root.exists() and not root.is_dir():
             raise ExportError(f"--out {root} exists and is not a folder")
         if root.exists() and any(root.iterdir()):
             if not overwrite:
                 raise ExportError(f"output folder {root} is not empty; pass --overwrite to replace it")
-            if not (root / MARKER).exists():
+            if not (root / marker).exists():
                 raise ExportError(
-                    f"refusing to clear {root}: it was not made by `annotate export` (no {MARKER} file); "
+                    f"refusing to clear {root}: it was not made by `{made_by}` (no {marker} file); "
                     "choose an empty --out"
                 )
-            for child in root.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
+            _clear(root, clear)
         root.mkdir(parents=True, exist_ok=True)
-        (root / MARKER).write_text("made by `annotate export`; --overwrite may clear this folder\n")
+        (root / marker).write_text(f"made by `{made_by}`; --overwrite may clear this folder\n")
         return cls(root)
 
     def path(self, *parts: str) -> Path:

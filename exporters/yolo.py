@@ -9,13 +9,14 @@ from collections import Counter
 
 import yaml
 
-from exporters.boxes import DETECTION_DEFAULTS, build_vocab, choose_tasks, count_errors, labelled
-from exporters.files import assign_splits, flat_names, place_image
+from exporters.base import Export
+from exporters.boxes import DETECTION_DEFAULTS, build_vocab, labelled
+from exporters.files import place_image
 from exporters.geometry import Instance, xyxy_to_cxcywh_norm
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import Run
 from exporters.registry import register
-from exporters.safety import OutDir, is_safe_key
+from exporters.safety import OutDir
 
 SPLITS = ("train", "val")
 
@@ -54,14 +55,11 @@ def yolo_segment_line(cls: int, inst: Instance, width: int, height: int) -> str:
 
 @register("yolo")
 def export_yolo(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
-    summary = ExportSummary("yolo", out.root)
-    tasks = choose_tasks(run, opts, DETECTION_DEFAULTS, "yolo")
-    summary.tasks = tasks
-    count_errors(run, tasks, summary)
+    ex = Export.start("yolo", run, out, opts, DETECTION_DEFAULTS)
+    summary, tasks = ex.summary, ex.tasks
     vocab = build_vocab(run, tasks, opts, summary)
-    keys = [k for k in run.image_keys(tasks) if is_safe_key(k)]
-    split_of = assign_splits(keys, opts.val_fraction)
-    names = flat_names(keys)
+    layout = ex.layout()
+    split_of, names = layout.split_of, layout.names
     for split in SPLITS:
         out.mkdir("images", split)
         out.mkdir("labels", split)
@@ -91,6 +89,4 @@ def export_yolo(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
         "names": {i: n for i, n in enumerate(vocab.names)},
     }
     out.path("data.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    summary.images = sum(per_split.values())
-    summary.splits = per_split
-    return summary
+    return ex.finish(per_split)

@@ -55,3 +55,20 @@ def test_missing_inputs_are_refused_with_the_fix(spec, has_text, has_classes, fi
 
 def test_get_task_accepts_tokens_case_insensitively():
     assert get_task("<ocr_with_region>").name == "ocr_with_region"
+
+
+def test_task_facts_are_the_sets_the_exporters_and_scorer_used_to_spell_out():
+    """Facts moved onto Task (issue 15): the same tasks as the name sets they replaced."""
+    from annotator.tasks import BOX_EXPORT_DEFAULTS, TASKS, Labels
+
+    def having(pred):
+        return {t.name for t in TASKS.values() if pred(t)}
+
+    assert having(lambda t: t.labels is Labels.CATEGORY) == {"od", "open_vocabulary_detection", "region_to_category"}
+    assert having(lambda t: t.labels is Labels.TEXT) == {"ocr_with_region", "region_to_ocr", "region_to_description"}
+    assert having(lambda t: t.answer_repeats_box) == {"region_to_category", "region_to_description"}
+    assert having(lambda t: t.empty_phrase) == {"region_proposal", "referring_expression_segmentation",
+                                                "region_to_segmentation"}
+    assert having(lambda t: t.is_caption) == {"caption", "detailed_caption", "more_detailed_caption"}
+    assert BOX_EXPORT_DEFAULTS == ("od", "open_vocabulary_detection", "caption_to_phrase_grounding",
+                                   "dense_region_caption", "region_to_segmentation")

@@ -1,0 +1,235 @@
+"""Training data: florence JSONL pairs or DocVQA Parquet -> Examples -> tokenised Samples ->
+right-padded TrainBatches. Prompts are built and padded by annotator/sequence.py, the same code
+`annotate run` feeds the model with.
+
+Shapes: B pairs per batch, L prompt tokens (N image tokens + words), T target tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+
+from ..sequence import DOCVQA_TOKEN, PromptCache, pad_right, prompt_ids, prompt_words
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # label value that cross_entropy skips
+
+
+class FinetuneError(RuntimeError):
+    """Bad data or paths: the CLI prints it as a one-line error."""
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass(frozen=True)
+class Example:
+    key: str  # the image's identity: pairs of one image stay on one side of the validation split
+    prompt: str  # "<OD>", "<DocVQA>What is the text in the image?"
+    target: str  # "car<loc_100><loc_200><loc_300><loc_400>", answers[0]
+    image: Path | None = None
+    image_bytes: bytes | None = None  # docvqa rows: one bytes object per distinct image
+    answers: tuple[str, ...] = ()  # docvqa: every accepted answer (the metric takes the best match)
+
+
+@dataclass
+class TrainData:
+    kind: str  # "florence" | "docvqa"
+    train: list[Example]
+    val: list[Example]
+    source: str  # what was read, for the model card
+    val_from: str  # "split file" | "--val-fraction" | "none"
+
+    def describe(self) -> dict:
+        return {"format": self.kind, "source": self.source, "train_pairs": len(self.train),
+                "train_images": len({e.key for e in self.train}), "val_pairs": len(self.val),
+                "val_images": len({e.key for e in self.val}), "validation": self.val_from}
+
+
+def load_data(path: Path, val_fraction: float = 0.1) -> TrainData:
+    path = Path(path)
+    if not path.exists():
+        raise FinetuneError(f"{path}: no such file or folder")
+    train_files, val_files, kind = _data_files(path)
+    read = _read_jsonl if kind == "florence" else _read_parquet
+    images: dict[str, bytes] = {}  # docvqa: rows repeat their image's bytes; keep one copy
+    train = [e for f in train_files for e in read(f, images)]
+    val = [e for f in val_files for e in read(f, images)]
+    if not train:
+        raise FinetuneError(f"{path}: no training pairs")
+    val_from = "split file" if val else "none"
+    if not val and val_fraction > 0:
+        is_val = {k: _in_val(k, val_fraction) for k in {e.key for e in train}}
+        if 0 < sum(is_val.values()) < len(is_val):
+            val = [e for e in train if is_val[e.key]]
+            train = [e for e in train if not is_val[e.key]]
+            val_from = "--val-fraction"
+    return TrainData(kind, train, val, ", ".join(str(f) for f in train_files + val_files), val_from)
+
+
+def _in_val(key: str, fraction: float) -> bool:
+    """Stable by image: the same key lands on the same side in every run and every process."""
+    return int(hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:8], 16) / 2**32 < fraction
+
+
+def _data_files(path: Path) -> tuple[list[Path], list[Path], str]:
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            return [path], [], "florence"
+        if path.suffix == ".parquet":
+            return [path], [], "docvqa"
+        raise FinetuneError(f"{path}: expected a .jsonl (florence export) or .parquet (docvqa export) file")
+    if (path / "train" / "annotations.jsonl").is_file():
+        val = path / "valid" / "annotations.jsonl"
+        return [path / "train" / "annotations.jsonl"], [val] if val.is_file() else [], "florence"
+    if (path / "annotations.jsonl").is_file():
+        return [path / "annotations.jsonl"], [], "florence"
+    folder = path / "data" if (path / "data").is_dir() else path
+    parquet = sorted(folder.glob("*.parquet"))
+    if parquet:
+        val = [p for p in parquet if p.name.startswith(("validation", "valid", "val-", "val_"))]
+        train = [p for p in parquet if p.name.startswith("train")] or [p for p in parquet if p not in val]
+        return train, val, "docvqa"
+    raise FinetuneError(f"{path}: found neither train/annotations.jsonl (annotate export --format florence) "
+                        "nor data/*.parquet (annotate export --format docvqa)")
+
+
+def _read_jsonl(file: Path, _images: dict) -> list[Example]:
+    out = []
+    with open(file, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                image, prefix, suffix = rec["image"], rec["prefix"], rec["suffix"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise FinetuneError(f"{file}:{n}: not a florence pair {{image, prefix, suffix}}: {exc}") from None
+            if not all(isinstance(v, str) for v in (image, prefix, suffix)) or not suffix:
+                raise FinetuneError(f"{file}:{n}: image, prefix and suffix must be strings, suffix not empty")
+            img = file.parent / image
+            out.append(Example(key=str(img), prompt=prefix, target=suffix, image=img))
+    missing = sorted({str(e.image) for e in out if not e.image.is_file()})
+    if missing:
+        raise FinetuneError(f"{file}: {len(missing)} image files not found, e.g. {missing[0]}")
+    return out
+
+
+def _read_parquet(file: Path, images: dict) -> list[Example]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(file, columns=["question", "answers", "image"])
+    except Exception as exc:  # noqa: BLE001 - missing columns, not Parquet, ...
+        raise FinetuneError(f"{file}: not a DocVQA table (question, answers, image): {exc}") from None
+    out, skipped = [], 0
+    for q, answers, image in zip(*(table.column(c).to_pylist() for c in ("question", "answers", "image"))):
+        answers = [a for a in (answers or []) if a and a.strip()]
+        if not q or not answers or not image:
+            skipped += 1
+            continue
+        data, name = image.get("bytes"), image.get("path")
+        if data:
+            key = hashlib.sha1(data).hexdigest()
+            data = images.setdefault(key, data)
+            out.append(Example(key, DOCVQA_TOKEN + q, answers[0], image_bytes=data, answers=tuple(answers)))
+        elif name:
+            p = Path(name) if Path(name).is_absolute() else file.parent / name
+            out.append(Example(str(p), DOCVQA_TOKEN + q, answers[0], image=p, answers=tuple(answers)))
+        else:
+            skipped += 1
+    if skipped:
+        log.warning("%s: skipped %d rows without a question, an answer or an image", file, skipped)
+    return out
+
+
+# --------------------------------------------------------------------------- tokens and batches
+
+# The prompt side is annotator/sequence.py's, under the names examples/ and tests already use.
+prompt_text = prompt_words  # the words the encoder reads (a DocVQA prompt stays literal)
+encode_prompt = prompt_ids  # `<image>`*N `<s>` words `</s>`: token for token what `annotate run` feeds the model
+
+
+def encode_target(processor, target: str, max_tokens: int = 1024) -> list[int]:
+    """`<s>` target `</s>`: what generate produces after the decoder start token."""
+    ids = processor.tokenizer(target)["input_ids"]
+    return ids[:max_tokens]
+
+
+def open_image(ex: Example) -> Image.Image:
+    from ..images import to_rgb
+
+    src = io.BytesIO(ex.image_bytes) if ex.image_bytes is not None else ex.image
+    with Image.open(src) as im:
+        return to_rgb(ImageOps.exif_transpose(im))
+
+
+@dataclass
+class Sample:
+    index: int
+    pixel_values: torch.Tensor  # [3, H, W]
+    input_ids: list[int]
+    labels: list[int]
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[Example], processor, max_target_tokens: int = 1024):
+        self.examples = examples
+        self.processor = processor
+        self.max_target_tokens = max_target_tokens
+        self.prompt_ids = PromptCache(processor)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Sample | None:
+        ex = self.examples[i]
+        try:
+            image = open_image(ex)
+        except Exception as exc:  # noqa: BLE001 - one unreadable image must not stop training
+            log.warning("skipping %s: %s", ex.key, exc)
+            return None
+        pixels = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        ids = self.prompt_ids(ex.prompt)
+        return Sample(i, pixels, ids, encode_target(self.processor, ex.target, self.max_target_tokens))
+
+
+@dataclass
+class TrainBatch:
+    index: list[int]  # into the dataset's examples
+    pixel_values: torch.Tensor  # [B, 3, H, W]
+    input_ids: torch.Tensor  # [B, L], right-padded with <pad>: image tokens keep their positions
+    attention_mask: torch.Tensor  # [B, L], 1 on real tokens
+    labels: torch.Tensor  # [B, T], right-padded with -100: padding is not in the loss
+
+    def to(self, device) -> "TrainBatch":
+        return TrainBatch(self.index, *(t.to(device, non_blocking=True) for t in
+                                        (self.pixel_values, self.input_ids, self.attention_mask, self.labels)))
+
+    def tokens(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+def collate(samples: list[Sample | None], pad_id: int) -> TrainBatch | None:
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        return None
+    input_ids, mask = pad_right([s.input_ids for s in samples], pad_id)  # as the engine pads its prompts
+    labels, _ = pad_right([s.labels for s in samples], IGNORE)
+    return TrainBatch([s.index for s in samples], torch.stack([s.pixel_values for s in samples]),
+                      input_ids, mask, labels)
+
+
+class Collator:  # a class, not a lambda: DataLoader workers may need to pickle it
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, samples):
+        return collate(samples, self.pad_id)

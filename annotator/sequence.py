@@ -1,0 +1,86 @@
+"""The model's input sequence, and how locations are written in it: the one place that says what
+Florence-2's text encoder reads.
+
+    <image>*N  <s>  prompt words  </s>  <pad>...      (N image tokens: 577 at 768px)
+
+`annotate run` (engine.py) and `annotate finetune` both build their prompts and padding here, so
+training and annotation feed the model the same inputs; a test holds them to it.
+
+Locations are `<loc_0>`..`<loc_999>`: 1000 bins per axis, x against the width, y against the height.
+Prompts that carry a box (region_* tasks) and training targets (exporters) quantise them here."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BINS = 1000  # Florence-2: <loc_0>..<loc_999> per axis
+DOCVQA_TOKEN = "<DocVQA>"  # not a Florence-2 task token: the model reads it as the literal text "<DocVQA>"
+
+
+# --------------------------------------------------------------------------- prompts
+
+def prompt_words(processor, prompt: str) -> str:
+    """The words the encoder reads. Florence-2 task tokens become their sentences
+    ("<OD>" -> "Locate the objects in the image."); a DocVQA prompt stays literal, because
+    _construct_prompts would raise on a question that happens to contain a task token such as "<OCR>"."""
+    if prompt.startswith(DOCVQA_TOKEN):
+        return prompt
+    return processor._construct_prompts([prompt])[0]
+
+
+def prompt_ids(processor, prompt: str) -> list[int]:
+    """Token ids of `<image>*N <s> prompt-in-words </s>`: what the processor gives for (text, image)."""
+    tok = processor.tokenizer
+    text = tok.image_token * processor.num_image_tokens + tok.bos_token + prompt_words(processor, prompt) + tok.eos_token
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+class PromptCache:
+    """prompt_ids, cached: most prompts repeat for every image. Region prompts (one per box)
+    rarely repeat, so the cache is emptied when it grows large: memory stays flat."""
+
+    def __init__(self, processor, limit: int = 4096):
+        self.processor, self.limit = processor, limit
+        self._ids: dict[str, list[int]] = {}
+
+    def __call__(self, prompt: str) -> list[int]:
+        ids = self._ids.get(prompt)
+        if ids is None:
+            ids = prompt_ids(self.processor, prompt)
+            if len(self._ids) >= self.limit:
+                self._ids.clear()
+            self._ids[prompt] = ids
+        return ids
+
+
+def pad_right(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences -> (ids [n, L] padded on the right with `value`, mask [n, L]: 1 on real tokens).
+
+    Right, never left: the encoder's positions ignore the mask, so left padding would shift the
+    N image positions of the shorter prompts."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, :len(seq)] = 1
+    return ids, mask
+
+
+# --------------------------------------------------------------------------- locations
+
+def quantize(coord: float, size: float) -> int:
+    """Florence-2's BoxQuantizer/CoordinatesQuantizer ('floor' mode): bin = floor(c / (size/1000)),
+    clamped to [0, 999]. Its processor maps a bin back to (bin + 0.5) * size / 1000."""
+    return int(min(max(math.floor(coord / (size / BINS)), 0), BINS - 1))
+
+
+def dequantize(bin_: int, size: float) -> float:
+    return (bin_ + 0.5) * size / BINS
+
+
+def loc_tokens(flat, width: float, height: float) -> str:
+    """[x1, y1, x2, y2, ...] (pixels) -> '<loc_a><loc_b>...' with x against width, y against height."""
+    return "".join(f"<loc_{quantize(v, width if i % 2 == 0 else height)}>" for i, v in enumerate(flat))
