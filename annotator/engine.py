@@ -21,7 +21,7 @@ from .parse import Parsed, clean_raw, parse_generation, plain_text, refine
 from .scores import instance_scores, text_score, token_text
 from .speed import use_onednn_linear
 from .store import OK, Annotation
-from .tasks import TASKS, Input, Output, Task, plan_sources, task_waves
+from .tasks import Input, Output, Task, plan_sources, task_waves
 
 log = logging.getLogger(__name__)
 
