@@ -95,6 +95,8 @@ class DecodeScheduler:
     admitted in submission order whenever a slot is free; their prompts are encoded (`encode`) on
     admission, so memory holds at most `max_rows` encoder outputs."""
 
+    RAGGED_WASTE = 2.0  # self-attention per row once the padded reads exceed this x the real ones
+
     def __init__(self, model, max_rows: int, encode: Encode, scores: bool = True, stats: DecodeStats | None = None):
         self.model = model  # Florence2ForConditionalGeneration
         self.decoder = model.model.language_model.decoder
@@ -220,7 +222,7 @@ class DecodeScheduler:
         # One masked attention over [n, t] reads every row's K/V up to the longest row; when rows
         # differ a lot (a 900-token page beside fresh captions, as soon as batches join) that is
         # mostly padding, and one attention per row over its own length reads far fewer bytes.
-        ragged = n * t > 2 * sum(lengths)
+        ragged = n * t > self.RAGGED_WASTE * sum(lengths)
         self_mask = None if ragged else \
             (torch.arange(t, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, t]
         cross_mask = cache.cross_mask[:n, None, None, :]  # [n, 1, 1, L]

@@ -184,3 +184,17 @@ def test_a_failing_prompt_in_the_stream_goes_through_generate(eos_lm, monkeypatc
     monkeypatch.setattr(Engine, "_encode_jobs", encode_jobs)
     got, stats = annotate(eos_lm, items, gen, max_prompts=4, scheduler=True, batch_size=2, stream=True)
     assert key(got) == key(expected) and len(calls) > 3
+
+
+@pytest.mark.parametrize("waste", [0.0, float("inf")])
+def test_per_row_and_padded_self_attention_give_the_same_answers(eos_lm, monkeypatch, waste):
+    """Self-attention over each row's own length (0.0: always) or over the longest row's with a
+    mask (inf: never): both are the batch-1 answers, with rows far apart in length (batches join)."""
+    from annotator.scheduler import DecodeScheduler
+
+    gen = GenerationSettings(num_beams=1, max_new_tokens=MAX_NEW, scores=False)
+    items = make_items(eos_lm, SPEC.split(","))
+    one, _ = annotate(eos_lm, items, gen, max_prompts=1, scheduler=False, batch_size=1)
+    monkeypatch.setattr(DecodeScheduler, "RAGGED_WASTE", waste)
+    got, _ = annotate(eos_lm, items, gen, max_prompts=6, scheduler=True, batch_size=2, stream=True)
+    assert key(got) == key(one)
