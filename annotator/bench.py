@@ -159,24 +159,32 @@ def peak_memory_bytes(device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def run_engine(engine, images, batch_size: int, side: Side, first: int = 0) -> None:
-    """What `annotate run` does per batch, minus the DataLoader and Parquet: preprocess
-    (in this thread, so it is counted), vision once, batched generate per task, parse.
+def engine_batches(lm, tasks, images, batch_size: int, first: int = 0):
+    """What `annotate run`'s DataLoader hands the engine, minus decoding files: preprocessed
+    batches, made lazily (in the consuming thread, so the engine's time counts them).
     Image keys are bench<first + i>.png (they select the image's lengths)."""
-
     from .images import ImageItem, collate
 
-    lm, tasks = engine.lm, engine.tasks
     names = tuple(t.name for t in tasks)
     for start in range(0, len(images), batch_size):
         items = []
         for k, im in enumerate(images[start:start + batch_size]):
             pixels = lm.processor.image_processor(images=im, return_tensors="pt")["pixel_values"][0]
             items.append(ImageItem(f"bench{first + start + k}.png", im.width, im.height, pixels, names))
-        rows = engine.annotate(collate(items))
-        side.rows_error += sum(r.status != "ok" for r in rows)
-        side.images += len(items)
-    _sync(lm.device)
+        yield collate(items)
+
+
+def count_rows(side: Side, rows) -> None:
+    side.rows_error += sum(r.status != "ok" for r in rows)
+    side.images += len({r.image for r in rows})
+
+
+def run_engine(engine, images, batch_size: int, side: Side, first: int = 0) -> None:
+    """What `annotate run` does, minus the DataLoader and Parquet: one engine stream over the
+    batches (preprocess, vision once, decoding shared across tasks and batches, parse)."""
+    for rows in engine.annotate_stream(engine_batches(engine.lm, engine.tasks, images, batch_size, first)):
+        count_rows(side, rows)
+    _sync(engine.lm.device)
 
 
 def run_reference(lm, tasks, lengths: list[dict[str, int]], num_beams: int, images, side: Side) -> None:
@@ -248,7 +256,7 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
 
     from .config import ConfigError, GenerationSettings, ModelSpec, TaskInputs
     from .engine import Engine
-    from .lengths import REALISTIC, draw_lengths
+    from .lengths import REALISTIC, ForcedLengths, draw_lengths
     from .scheduler import DecodeStats
     from .model import load_model
     from .speed import stock_linear
@@ -284,7 +292,7 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
     echo("matmul ceiling: " + "  ".join(f"{k} {v:.0f}" for k, v in rates.items()) + " GFLOP/s")
 
     runner = Engine(lm, tasks, TaskInputs(), generation, max_prompts=batch_size * len(tasks))  # patches Linear on CPU
-    runner.forced_lengths = lambda key, task: by_key[key][task]
+    runner.forced_lengths = ForcedLengths(lambda key, task: by_key[key][task])
     runner.use_scheduler = runner.use_scheduler and scheduler  # --no-scheduler: the generate path, for A/B
     engine_kernels = (lambda: stock_linear(lm.model)) if kernels == "stock" else contextlib.nullcontext
     engine, ref = Side(), Side()
@@ -301,19 +309,28 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
         if lm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(lm.device)
         runner.decode_stats = DecodeStats()  # the engine counts its own decoding work (scheduler or generate)
-        # A batch at a time, the two sides in turn: on a shared machine both see the same load.
-        for start in range(0, len(pictures), batch_size):
-            chunk = pictures[start:start + batch_size]
+        # One engine stream over all images (batches join each other's decoding), timed inside the
+        # stream; the reference catches up after each batch the engine returns, so on a shared
+        # machine both sides see the same load.
+        stream = runner.annotate_stream(engine_batches(lm, tasks, pictures, batch_size))
+        while True:
             rec.side = engine
             with engine_kernels():
-                engine.seconds += timed(lambda: run_engine(runner, chunk, batch_size, engine, start))
-            if baseline:
+                t = time.perf_counter()
+                rows = next(stream, None)
+                _sync(lm.device)
+                engine.seconds += time.perf_counter() - t
+            if rows is None:
+                break
+            count_rows(engine, rows)
+            while baseline and ref.images < engine.images:
                 rec.side = ref
+                start = ref.images
                 with stock_linear(lm.model):  # the published loop runs torch's own kernels
                     ref.seconds += timed(lambda: run_reference(lm, tasks, exact[start:start + batch_size], num_beams,
-                                                               chunk, ref))
+                                                               pictures[start:start + batch_size], ref))
             echo(f"  {engine.images}/{images} images: engine {engine.seconds:.1f} s"
-                 + (f", reference {ref.seconds:.1f} s" if baseline else ""))
+                 + (f", reference {ref.seconds:.1f} s ({ref.images} images)" if baseline else ""))
         rec.side = None
     decode = runner.decode_stats
     engine.tokens, engine.generate_calls = dict(decode.tokens), decode.calls

@@ -6,23 +6,23 @@ Shapes: B images per batch, N image tokens (577 at 768px), D model width, P prom
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Iterator
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutput
 
 from .config import GenerationSettings, TaskInputs
 from .images import Batch, ImageItem, describe_error
 from .model import LoadedModel
 from .sequence import PromptCache, loc_tokens, pad_right
+from .lengths import ForcedLengths
 from .scheduler import DecodeScheduler, DecodeStats, Job, rows_for_memory, supports
 from .parse import Parsed, clean_raw, parse_generation, plain_text, refine
 from .scores import LocBins, chosen_logprobs, instance_scores, text_score, token_text
 from .speed import use_onednn_linear
 from .store import OK, Annotation
-from .tasks import TASKS, Input, Output, Task, plan_sources, task_waves
+from .tasks import Input, Output, Task, plan_sources, task_waves
 
 log = logging.getLogger(__name__)
 
@@ -65,46 +65,83 @@ class Engine:
         self.prompt_ids = PromptCache(lm.processor)  # prompt -> `<image>*N <s> words </s>` ids (sequence.py)
         self.stats: dict[str, int] = {}  # quality counters (duplicates removed, ...), see parse.refine
         self.locs = LocBins.of(lm.processor.tokenizer)  # location tokens score with their neighbourhood (scores.py)
-        self.forced_lengths: Callable[[str, str], int] | None = None  # bench: (image key, task) -> exact length
+        self.forced_lengths: ForcedLengths | None = None  # bench only: exact answer lengths (lengths.py)
         self.decode_stats = DecodeStats()  # decoding work, for the bench's slot efficiency
         # Greedy decoding goes through the continuous-batching scheduler (scheduler.py) when it
         # does exactly what generate would; beam search keeps the generate path.
         self.use_scheduler = generation.num_beams == 1 and supports(lm.model.generation_config)
+        self._decoder: DecodeScheduler | None = None  # made on first use, kept across batches
         if lm.device.type == "cpu":
             use_onednn_linear(lm.model)  # fp32 Linear through oneDNN: 2x the GFLOP/s on AMD CPUs (speed.py)
 
-    # ------------------------------------------------------------------ batch -> rows
-    @torch.inference_mode()
+    # ------------------------------------------------------------------ batches -> rows
     def annotate(self, batch: Batch) -> list[Annotation]:
-        rows = [Annotation.failed(f.key, t, f"decode failed: {f.error}") for f in batch.failures for t in f.tasks]
-        if not batch.items:
-            return rows
-        return rows + self._annotate_items(batch.items, batch.pixel_values)
+        """The rows of one batch: decode failures first, then per image its tasks in order."""
+        return [row for rows in self.annotate_stream([batch]) for row in rows]
 
-    def _annotate_items(self, items: list[ImageItem], pixel_values: torch.Tensor) -> list[Annotation]:
+    @torch.inference_mode()
+    def annotate_stream(self, batches: Iterable[Batch]) -> Iterator[list[Annotation]]:
+        """The rows of each batch, a batch at a time, as batches finish (not always in input order).
+
+        On the scheduler path the prompts of the next batches join the decoding while long answers
+        of earlier ones still run: a batch is taken from `batches` (vision runs on it, its prompts
+        wait for slots) only when a decoding slot would otherwise stay empty. So rows in flight
+        stay <= max_prompts, waiting prompts <= one batch's more, and the batches open at once are
+        those with a row in flight, plus one. On the generate path each batch is done before the next."""
+        source, more = iter(batches), True
+        open_: list[_Work] = []
+        try:
+            while more or open_:
+                if more and self._wants_batch():
+                    batch = next(source, None)
+                    more = batch is not None
+                    if more:
+                        open_.append(self._start(batch))
+                for work in [w for w in open_ if w.finished]:
+                    open_.remove(work)
+                    yield work.rows()
+                if not (more and self._wants_batch()) and open_:
+                    if self._decoder is None or not self._decoder.busy:
+                        raise RuntimeError("engine: open batches wait on a decoder with nothing to do")
+                    self._decode_step()
+        finally:
+            if open_:  # left early (Ctrl-C, an error, the caller stopped): no stale rows in the next stream
+                self._decoder = None
+
+    def _wants_batch(self) -> bool:
+        return not self.use_scheduler or self._decoder is None or self._decoder.room > 0
+
+    def _start(self, batch: Batch) -> "_Work":
+        """Decode failures become rows, vision runs, and each image group's first wave starts."""
+        failed = [Annotation.failed(f.key, t, f"decode failed: {f.error}") for f in batch.failures for t in f.tasks]
+        parts = [failed] + (self._vision(batch.items, batch.pixel_values) if batch.items else [])
+        for part in parts:
+            if isinstance(part, _Group):
+                self._advance(part)
+        return _Work(parts, len(self.waves))
+
+    def _vision(self, items: list[ImageItem], pixel_values: torch.Tensor) -> list["_Group | list[Annotation]"]:
+        """Vision features once per image, `max_images` at a time: image groups, or error rows for
+        the images it failed on (in item order)."""
         step = self.max_images or len(items)
         if len(items) > step:
-            return [row for s in range(0, len(items), step)
-                    for row in self._annotate_items(items[s:s + step], pixel_values[s:s + step])]
+            return [part for s in range(0, len(items), step)
+                    for part in self._vision(items[s:s + step], pixel_values[s:s + step])]
         try:
             features = self.image_features(pixel_values)  # [B, N, D]
         except Exception as exc:  # noqa: BLE001 - one image's failure must not stop the others
             _free_cache(self.lm.device)
             if len(items) == 1:
                 item = items[0]
-                return [Annotation.failed(item.key, t, f"vision encoder failed: {describe_error(exc)}",
-                                          item.width, item.height) for t in item.tasks]
+                return [[Annotation.failed(item.key, t, f"vision encoder failed: {describe_error(exc)}",
+                                           item.width, item.height) for t in item.tasks]]
             if is_oom(exc):
                 self.max_images = max(1, len(items) // 2)
                 log.warning("out of memory encoding %d images; going on with %d", len(items), self.max_images)
-                return self._annotate_items(items, pixel_values)
+                return self._vision(items, pixel_values)
             log.warning("vision encoder failed on %d images (%s); retrying one by one", len(items), describe_error(exc))
-            return [row for i in range(len(items)) for row in self._annotate_items(items[i:i + 1], pixel_values[i:i + 1])]
-        needed = [self._needed(item.tasks) for item in items]
-        done: dict[tuple[int, str], Annotation] = {}
-        for wave in self.waves:
-            self._run_wave(wave, needed, items, features, done)
-        return [done[(i, t)] for i, item in enumerate(items) for t in item.tasks]
+            return [part for i in range(len(items)) for part in self._vision(items[i:i + 1], pixel_values[i:i + 1])]
+        return [_Group(items, features, [self._needed(item.tasks) for item in items])]
 
     def take_stats(self) -> dict[str, int]:
         """The quality counters since the last call (see parse.refine), handed over and reset:
@@ -126,34 +163,117 @@ class Engine:
         pixel_values = pixel_values.to(lm.device, lm.dtype, non_blocking=True)
         return lm.model.get_image_features(pixel_values, return_dict=True).pooler_output
 
-    def _run_wave(self, wave: list[Task], needed: list[set[str]], items: list[ImageItem], features: torch.Tensor,
-                  done: dict[tuple[int, str], Annotation]) -> None:
-        """Every task of the wave for every image that needs it, in shared generate calls:
-        decoding is memory-bound, so a step costs about the same for 8 prompts as for 32, and
-        the number of steps is the longest answer instead of the sum over tasks."""
+    # ------------------------------------------------------------------ waves
+    def _advance(self, group: "_Group") -> None:
+        """Start the group's next wave: every task of the wave for every image that needs it, in
+        shared decoding (decoding is memory-bound: a step costs about the same for 8 prompts as for
+        32, and the steps are the longest answer instead of the sum over tasks). On the generate
+        path the wave runs here; on the scheduler path its prompts are submitted and
+        `_deliver` comes back here once all are answered."""
+        while group.wave < len(self.waves):
+            group.requests, group.failed = self._wave_requests(group)
+            group.results = [None] * len(group.requests)
+            if group.requests and self.use_scheduler:
+                group.left = len(group.requests)
+                self._submit(group)
+                return
+            if group.requests:
+                group.results = self.generate(group.requests, group.features)
+            self._finish_wave(group)
+
+    def _wave_requests(self, group: "_Group") -> tuple[list[Request], dict[tuple[int, str], str]]:
         requests: list[Request] = []
         failed: dict[tuple[int, str], str] = {}
-        for task in wave:
+        done, items = group.done, group.items
+        for task in self.waves[group.wave]:
             src = self.sources.get(task.name)
-            for i in (i for i, need in enumerate(needed) if task.name in need):
+            for i in (i for i, need in enumerate(group.needed) if task.name in need):
                 if src and done[(i, src)].status != OK:
                     failed[(i, task.name)] = f"needs {src}, which failed: {done[(i, src)].error}"
                     continue
                 requests.extend(self.requests(task, i, items[i].width, items[i].height, done.get((i, src)) if src else None))
         if self.forced_lengths:
             requests = [replace(r, forced=self.forced_lengths(items[r.image].key, r.task)) for r in requests]
-        results = self.generate(requests, features)
+        return requests, failed
+
+    def _finish_wave(self, group: "_Group") -> None:
+        """The wave's answers -> parsed rows of its tasks."""
         answers: dict[tuple[int, str], list[tuple[Request, Generation | BaseException]]] = {}
-        for req, res in zip(requests, results):
+        for req, res in zip(group.requests, group.results):
             answers.setdefault((req.image, req.task), []).append((req, res))
-        for task in wave:
-            for i in (i for i, need in enumerate(needed) if task.name in need):
-                item = items[i]
-                if (i, task.name) in failed:
-                    row = Annotation.failed(item.key, task.name, failed[(i, task.name)], item.width, item.height)
+        for task in self.waves[group.wave]:
+            for i in (i for i, need in enumerate(group.needed) if task.name in need):
+                item = group.items[i]
+                if (i, task.name) in group.failed:
+                    row = Annotation.failed(item.key, task.name, group.failed[(i, task.name)], item.width, item.height)
                 else:
                     row = self.assemble(task, item.key, item.width, item.height, answers.get((i, task.name), []))
-                done[(i, task.name)] = row
+                group.done[(i, task.name)] = row
+        group.requests, group.results, group.failed = [], [], {}
+        group.wave += 1
+
+    # ------------------------------------------------------------------ the decode scheduler
+    def _submit(self, group: "_Group") -> None:
+        gen = self.generation
+        self._scheduler().submit([Job(len(self.prompt_ids(r.prompt)), r.forced, r.forced or gen.max_new_tokens,
+                                      tag=(group, i)) for i, r in enumerate(group.requests)])
+
+    def _scheduler(self) -> DecodeScheduler:
+        """The engine's one decode scheduler, made on first use; slots = max_prompts, fewer on a GPU
+        whose free memory would not hold their KV cache."""
+        if self._decoder is None:
+            lm, gen = self.lm, self.generation
+            dec = DecodeScheduler(lm.model, self.max_prompts, self._encode_jobs, scores=gen.scores, locs=self.locs)
+            per_row = dec.kv_bytes_per_row(gen.max_new_tokens, lm.processor.num_image_tokens + 64)
+            dec.max_rows = rows_for_memory(lm.device, per_row, self.max_prompts)
+            self._decoder = dec
+        return self._decoder
+
+    def _encode_jobs(self, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scheduler's encode: jobs from any groups, their prompts encoded together."""
+        requests = [group.requests[i] for group, i in (j.tag for j in jobs)]
+        features = torch.stack([group.features[group.requests[i].image] for group, i in (j.tag for j in jobs)])
+        _, mask, states = self._encode_requests(requests, features)
+        return states, mask
+
+    def _decode_step(self) -> None:
+        """One scheduler step; answers go to their groups. A failure takes every unfinished job out
+        of the scheduler: on OOM they restart with half the rows in flight, otherwise they go
+        through the generate path, which sorts out the prompts that fail."""
+        dec = self._decoder
+        dec.stats = self.decode_stats  # the bench swaps in fresh counters after its warm-up
+        try:
+            finished = dec.step()
+        except Exception as exc:  # noqa: BLE001 - see docstring
+            _free_cache(self.lm.device)
+            jobs, self._decoder = dec.unfinished(), None
+            if is_oom(exc) and dec.max_rows > 1:
+                self.max_prompts = dec.max_rows // 2
+                log.warning("out of memory with %d rows in flight; going on with %d", dec.max_rows, self.max_prompts)
+                self._scheduler().submit(jobs)  # the same prompts, restarted from their first token
+                return
+            log.warning("decode scheduler failed (%s); using generate for its %d prompts", describe_error(exc), len(jobs))
+            by_group: dict[int, tuple[_Group, list[int]]] = {}
+            for group, i in (j.tag for j in jobs):
+                by_group.setdefault(id(group), (group, []))[1].append(i)
+            for group, index in by_group.values():
+                for i, res in zip(index, self.generate([group.requests[i] for i in index], group.features)):
+                    self._deliver(group, i, res)
+            return
+        tok = self.lm.processor.tokenizer
+        for job, answer in finished:
+            group, i = job.tag
+            self.decode_stats.add_tokens(group.requests[i].task, len(answer.ids))
+            text = tok.decode([dec.start] + answer.ids, skip_special_tokens=False)
+            self._deliver(group, i, Generation(text, truncated=not answer.ended, ids=tuple(answer.ids),
+                                               logprobs=None if answer.logprobs is None else tuple(answer.logprobs)))
+
+    def _deliver(self, group: "_Group", i: int, result: "Generation | BaseException") -> None:
+        group.results[i] = result
+        group.left -= 1
+        if group.left == 0:
+            self._finish_wave(group)
+            self._advance(group)
 
     # ------------------------------------------------------------------ prompts
     def requests(self, task: Task, i: int, width: int, height: int, source: Annotation | None) -> list[Request]:
@@ -171,20 +291,9 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: list[Request], features: torch.Tensor) -> list[Generation | BaseException]:
-        """Generate every request, `max_prompts` at a time. A failing chunk is retried prompt by
-        prompt so that only the offending image gets an error; OOM halves the chunk size."""
-        while self.use_scheduler and requests:
-            try:
-                return self._schedule(requests, features)
-            except Exception as exc:  # noqa: BLE001 - OOM: fewer slots; else generate sorts out the bad rows
-                _free_cache(self.lm.device)
-                slots = min(self.max_prompts, len(requests))
-                if is_oom(exc) and slots > 1:
-                    self.max_prompts = slots // 2
-                    log.warning("out of memory with %d rows in flight; going on with %d", slots, self.max_prompts)
-                    continue
-                log.warning("decode scheduler failed (%s); using generate for these prompts", describe_error(exc))
-                break
+        """The generate path (beam search; greedy without the scheduler): every request,
+        `max_prompts` at a time. A failing chunk is retried prompt by prompt so that only the
+        offending image gets an error; OOM halves the chunk size."""
         out: list[Generation | BaseException] = []
         for group in self._groups(requests):
             pos = 0
@@ -203,16 +312,11 @@ class Engine:
         return out
 
     def _groups(self, requests: list[Request]) -> list[list[Request]]:
-        """Requests come grouped by task (similar answer lengths side by side). Tasks share a
-        generate call, except when lengths are forced per task (bench) under beam search,
-        where generate has no per-row length limit."""
-        forced = self.generation.min_new_tokens or self.forced_lengths
-        if not (forced and self.generation.num_beams > 1):
-            return [requests] if requests else []
-        groups: dict[str, list[Request]] = {}
-        for req in requests:
-            groups.setdefault(req.task, []).append(req)
-        return list(groups.values())
+        """Requests come grouped by task (similar answer lengths side by side) and share generate
+        calls; the bench's forced lengths may split them (lengths.ForcedLengths.groups)."""
+        if self.forced_lengths:
+            return self.forced_lengths.groups(requests, self.generation.num_beams)
+        return [requests] if requests else []
 
     def _one_by_one(self, chunk: list[Request], features, exc: BaseException) -> list[Generation | BaseException]:
         if len(chunk) == 1:
@@ -228,50 +332,31 @@ class Engine:
         return results
 
     def _encode_requests(self, chunk: list[Request], features: torch.Tensor):
-        """Prompts of the chunk, right padded -> (input_ids [P, L], mask [P, L], encoder states [P, L, D])."""
+        """Prompts of the chunk, right padded, with their images' features [P, N, D]
+        -> (input_ids [P, L], mask [P, L], encoder states [P, L, D])."""
         lm = self.lm
         input_ids, mask = pad_right([self.prompt_ids(r.prompt) for r in chunk], lm.processor.tokenizer.pad_token_id)
         input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
-        index = torch.tensor([r.image for r in chunk], device=features.device)
-        return input_ids, mask, self.encode(input_ids, mask, features.index_select(0, index))
-
-    def _schedule(self, requests: list[Request], features: torch.Tensor) -> list[Generation]:
-        """Greedy, all requests of the wave through the continuous-batching scheduler."""
-        gen, tok = self.generation, self.lm.processor.tokenizer
-        jobs = [Job(len(self.prompt_ids(r.prompt)), r.forced or gen.min_new_tokens.get(TASKS[r.task].token, 0),
-                    r.forced or gen.max_new_tokens) for r in requests]
-        sched = DecodeScheduler(self.lm.model, self.max_prompts, scores=gen.scores, locs=self.locs)
-        per_row = sched.kv_bytes_per_row(max(j.max_new for j in jobs), max(j.prompt_len for j in jobs))
-        sched.max_rows = rows_for_memory(self.lm.device, per_row, self.max_prompts)
-
-        def encode(indices: list[int]):
-            _, mask, states = self._encode_requests([requests[i] for i in indices], features)
-            return states, mask
-
-        answers = sched.run(jobs, encode, self.decode_stats)
-        out = []
-        for req, a in zip(requests, answers):
-            self.decode_stats.add_tokens(req.task, len(a.ids))
-            text = tok.decode([sched.start] + a.ids, skip_special_tokens=False)
-            out.append(Generation(text, truncated=not a.ended, ids=tuple(a.ids),
-                                  logprobs=None if a.logprobs is None else tuple(a.logprobs)))
-        return out
+        return input_ids, mask, self.encode(input_ids, mask, features)
 
     def _generate_chunk(self, chunk: list[Request], features: torch.Tensor) -> list[Generation]:
         lm, gen = self.lm, self.generation
         tok = lm.processor.tokenizer
-        input_ids, mask, encoded = self._encode_requests(chunk, features)  # encoded: [P, L, D]
+        index = torch.tensor([r.image for r in chunk], device=features.device)
+        input_ids, mask, encoded = self._encode_requests(chunk, features.index_select(0, index))  # encoded: [P, L, D]
+        forced = self.forced_lengths
+        lengths = forced.generate_kwargs(chunk, gen.num_beams, tok.eos_token_id, lm.device) if forced \
+            else {"max_new_tokens": gen.max_new_tokens}
         sequences = lm.model.generate(
             # input_ids only tell generate the batch size (and observers the prompt): the encoder
             # is not re-run. A fresh wrapper, because beam search expands it in place.
             input_ids=input_ids, encoder_outputs=BaseModelOutput(last_hidden_state=encoded), attention_mask=mask,
-            num_beams=gen.num_beams, do_sample=False, **self._lengths(chunk),
+            num_beams=gen.num_beams, do_sample=False, **lengths,
         )  # [P, 1 + T]: decoder start token, then the generated tokens
         texts = tok.batch_decode(sequences, skip_special_tokens=False)
         rows = [_answer_ids(seq[1:].tolist(), tok.eos_token_id, tok.pad_token_id) for seq in sequences]
-        if any(r.forced for r in chunk) and gen.num_beams > 1:  # bench: beams ran to the chunk's longest; cut
-            rows = [(ids[:r.forced], False) for r, (ids, _) in zip(chunk, rows)]
-            texts = [tok.decode(sequences[0, :1].tolist() + ids) for ids, _ in rows]
+        if forced and gen.num_beams > 1:  # bench: beams ran to the chunk's longest; cut each row to its length
+            rows, texts = forced.cut(chunk, rows, sequences, tok)
         self._count(chunk, [ids for ids, _ in rows], sequences.shape[1] - 1)
         logprobs = self.token_logprobs(encoded, mask, sequences, [len(ids) for ids, _ in rows]) if gen.scores \
             else [None] * len(rows)
@@ -287,22 +372,6 @@ class Engine:
         stats.slot_steps += steps * max(self.max_prompts, len(chunk))
         for req, ids in zip(chunk, answers):
             stats.add_tokens(req.task, len(ids))
-
-    def _lengths(self, chunk: list[Request]) -> dict:
-        """Length arguments for generate. Forced lengths (bench: equal work on both sides) are
-        exact per row: one value for the chunk, or per-row limits when tasks share the call
-        (greedy; beam search runs to the longest and `_generate_chunk` cuts each row)."""
-        gen = self.generation
-        forced = [r.forced or gen.min_new_tokens.get(TASKS[r.task].token, 0) for r in chunk]
-        if not any(forced):
-            return {"max_new_tokens": gen.max_new_tokens}
-        if gen.num_beams > 1:
-            forced = [max(forced)] * len(forced)
-        if len(set(forced)) == 1:
-            return {"max_new_tokens": forced[0], "min_new_tokens": forced[0]}
-        limits = torch.tensor(forced, device=self.lm.device)
-        return {"max_new_tokens": max(forced), "logits_processor": LogitsProcessorList([RowMinNewTokens(limits, self.lm.processor.tokenizer.eos_token_id)]),
-                "stopping_criteria": StoppingCriteriaList([RowMaxNewTokens(limits)])}
 
     def encode(self, input_ids: torch.Tensor, mask: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """The text encoder over `<image>*N` + prompt, the image placeholders replaced by the
@@ -418,29 +487,41 @@ def _answer_ids(ids: list[int], eos: int, pad: int) -> tuple[list[int], bool]:
     return ids, False
 
 
-class RowMinNewTokens(LogitsProcessor):
-    """No </s> before each row's own minimum (greedy: rows are the prompts)."""
-
-    def __init__(self, limits: torch.Tensor, eos_token_id: int):
-        self.limits, self.eos = limits, eos_token_id
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        generated = input_ids.shape[1] - 1  # after the decoder start token
-        early = self.limits > generated  # [P]
-        scores[early, self.eos] = -float("inf")
-        return scores
-
-
-class RowMaxNewTokens(StoppingCriteria):
-    """Stop each row at its own maximum (greedy: rows are the prompts)."""
-
-    def __init__(self, limits: torch.Tensor):
-        self.limits = limits
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return self.limits <= input_ids.shape[1] - 1
-
-
 def _free_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+@dataclass
+class _Group:
+    """Images of one batch whose vision features were computed together, on their way through the
+    task waves (`done` holds the rows of finished waves; the current wave's requests wait for results)."""
+
+    items: list[ImageItem]
+    features: torch.Tensor  # [B, N, D]: kept until the last wave ends (later waves and a fallback read them)
+    needed: list[set[str]]  # per image: tasks to run (pending + their sources)
+    done: dict[tuple[int, str], Annotation] = field(default_factory=dict)
+    wave: int = 0  # index into Engine.waves
+    requests: list[Request] = field(default_factory=list)  # the current wave's
+    results: list = field(default_factory=list)  # per request: Generation | BaseException | None (not yet)
+    failed: dict[tuple[int, str], str] = field(default_factory=dict)  # rows of the wave that cannot run
+    left: int = 0  # requests of the current wave not answered yet
+
+
+@dataclass
+class _Work:
+    """One batch in the stream: row lists (decode and vision failures) and image groups, in item order."""
+
+    parts: list
+    waves: int
+
+    @property
+    def finished(self) -> bool:
+        return all(p.wave >= self.waves for p in self.parts if isinstance(p, _Group))
+
+    def rows(self) -> list[Annotation]:
+        out = []
+        for part in self.parts:
+            out += [part.done[(i, t)] for i, item in enumerate(part.items) for t in item.tasks] \
+                if isinstance(part, _Group) else part
+        return out

@@ -271,8 +271,9 @@ def annotate_work(cfg: RunConfig, lm: LoadedModel, work: list[WorkItem], writer:
                                 tileable(tasks, engine.sources))
         annotator = TiledAnnotator(engine, dataset, vision_batch=cfg.batch_size)
     sink = RowSink(writer, work)
-    for batch in make_loader(work, lm, cfg, dataset):
-        rows = annotator.annotate(batch)
+    # A stream, not a call per batch: prompts of the next batches join the decoding while long
+    # answers still run; each batch's rows come back whole, once done (keys, not order, matter).
+    for rows in annotator.annotate_stream(make_loader(work, lm, cfg, dataset)):
         on_batch(sink.add(rows, engine.take_stats()))
 
 

@@ -11,14 +11,19 @@ The decoder step is BART's (post-LayerNorm), written out so that each row has it
 Rows in flight are kept packed in slots [0, n): a finished row's slot takes the last row's cache,
 so a step works on views of the first n slots, never on copies.
 
+The scheduler is persistent: the engine keeps one and submits the prompts of each new batch of
+images as slots free up, so a long answer of one batch decodes beside the prompts of the next ones
+(Engine.annotate_stream) instead of alone.
+
 Greedy only, and only with the logits rules written here (forced <s> first, forced </s> last,
 per-row min/max lengths); anything else in the model's generation config -> `supports()` is False
 and the engine keeps its `generate` path (beam search always does)."""
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +43,7 @@ UNSUPPORTED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no
 class DecodeStats:
     """Decoding work, for the bench's slot efficiency. A row is one prompt (beams count once)."""
 
-    calls: int = 0  # generate calls or scheduler runs
+    calls: int = 0  # generate calls, or scheduler admissions (prompts encoded together)
     steps: int = 0  # decoder steps
     row_steps: int = 0  # sum over steps of rows computed in that step
     slot_steps: int = 0  # sum over steps of slots available (the cap on rows in flight)
@@ -67,6 +72,7 @@ class Job:
     prompt_len: int  # encoder length (image tokens + prompt), for sizing the cross cache
     min_new: int = 0  # no </s> before this many tokens
     max_new: int = 1024  # stop after this many tokens
+    tag: Any = field(default=None, compare=False)  # the caller's: which request this job answers
 
 
 @dataclass
@@ -76,21 +82,41 @@ class Answer:
     logprobs: list[float] | None  # raw model log p of each id (None: scoring off)
 
 
+# encode(jobs) -> (encoder states [k, L, D], mask [k, L]) of the jobs being admitted
+Encode = Callable[[list[Job]], tuple[torch.Tensor, torch.Tensor]]
+
+
 def supports(generation_config) -> bool:
     """True when greedy decoding with this config is exactly what `DecodeScheduler` does."""
     return all(getattr(generation_config, key, default) in (default, None) for key, default in UNSUPPORTED.items())
 
 
 class DecodeScheduler:
-    def __init__(self, model, max_rows: int, scores: bool = True, locs: LocBins | None = None):
+    """A persistent decoding loop: `submit` jobs at any time (e.g. the prompts of the next batch of
+    images while long answers of the last one still run), `step` until `busy` is False. Jobs are
+    admitted in submission order whenever a slot is free; their prompts are encoded (`encode`) on
+    admission, so memory holds at most `max_rows` encoder outputs."""
+
+    RAGGED_WASTE = 2.0  # self-attention per row once the padded reads exceed this x the real ones
+
+    def __init__(self, model, max_rows: int, encode: Encode, scores: bool = True, stats: DecodeStats | None = None,
+                 locs: LocBins | None = None):
         self.model = model  # Florence2ForConditionalGeneration
         self.decoder = model.model.language_model.decoder
         self.max_rows = max_rows  # slots: the cap on rows in flight (and on KV-cache bytes, see kv_bytes_per_row)
+        self.encode = encode
         self.scores = scores
         self.locs = locs  # how location tokens are scored (scores.chosen_logprobs)
+        self.stats = stats
         gc = model.generation_config
         self.start, self.eos = gc.decoder_start_token_id, gc.eos_token_id
         self.forced_bos, self.forced_eos = gc.forced_bos_token_id, gc.forced_eos_token_id
+        self.waiting: deque[Job] = deque()
+        self.rows: list[Job] = []  # job per packed slot [0, n)
+        self.ids: list[list[int]] = []
+        self.lps: list[list[float]] = []
+        self.cache: _Cache | None = None
+        self.tokens = torch.empty(0, dtype=torch.long)
 
     def kv_bytes_per_row(self, max_new: int, prompt_len: int) -> int:
         """Self (max_new + 1 positions) and cross (prompt_len) K and V, every decoder layer."""
@@ -98,65 +124,82 @@ class DecodeScheduler:
         itemsize = self.decoder.embed_tokens.weight.element_size()
         return 2 * len(self.decoder.layers) * cfg.d_model * (max_new + 1 + prompt_len) * itemsize
 
+    def submit(self, jobs: Sequence[Job]) -> None:
+        self.waiting.extend(jobs)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    @property
+    def room(self) -> int:
+        """Slots that no row in flight or waiting prompt will fill: > 0 means feed more prompts."""
+        return self.max_rows - len(self.rows) - len(self.waiting)
+
+    def unfinished(self) -> list[Job]:
+        """Every job in flight or waiting, taken out (after a failure: they restart from their first
+        token elsewhere; decoding is deterministic, so nothing changes but the work)."""
+        jobs = self.rows + list(self.waiting)
+        self.rows, self.ids, self.lps, self.waiting, self.cache = [], [], [], deque(), None
+        return jobs
 
     @torch.inference_mode()
-    def run(self, jobs: Sequence[Job], encode: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
-            stats: DecodeStats | None = None) -> list[Answer]:
-        """Answer every job. `encode(job indices)` -> (encoder states [k, L, D], mask [k, L]) for
-        the jobs being admitted: encoding happens as slots free up, so memory holds at most
-        `max_rows` encoder outputs."""
-        if not jobs:
+    def step(self) -> list[tuple[Job, Answer]]:
+        """Admit waiting jobs into free slots, run one decoder step, return the jobs that ended."""
+        self._admit()
+        if not self.rows:
             return []
-        slots = min(self.max_rows, len(jobs))
-        cache = _Cache(self.decoder, slots, max(j.max_new for j in jobs) + 1, max(j.prompt_len for j in jobs))
-        answers: list[Answer | None] = [None] * len(jobs)
-        rows: list[int] = []  # job index per packed slot
-        ids: list[list[int]] = []
-        lps: list[list[float]] = []
-        waiting = 0  # next job to admit (jobs are admitted in order)
-        tokens = torch.empty(0, dtype=torch.long, device=cache.device)
-        while waiting < len(jobs) or rows:
-            if waiting < len(jobs) and len(rows) < slots:  # refill free slots with waiting prompts
-                new = list(range(waiting, min(len(jobs), waiting + slots - len(rows))))
-                states, mask = encode(new)
-                cache.admit(len(rows), states, mask)
-                rows += new
-                ids += [[] for _ in new]
-                lps += [[] for _ in new]
-                tokens = torch.cat([tokens, torch.full((len(new),), self.start, dtype=torch.long, device=cache.device)])
-                waiting = new[-1] + 1
-            n = len(rows)
-            logits = self._step(cache, tokens, n)  # [n, V]
-            chosen = self._choose(logits, [jobs[j] for j in rows], [len(x) for x in ids])
-            chosen_list = chosen.tolist()
+        cache, n = self.cache, len(self.rows)
+        logits = self._step(cache, self.tokens, n)  # [n, V]
+        chosen = self._choose(logits, self.rows, [len(x) for x in self.ids])
+        chosen_list = chosen.tolist()
+        if self.scores:
+            lp = chosen_logprobs(logits, chosen, self.locs)
+        if self.stats is not None:
+            self.stats.steps += 1
+            self.stats.row_steps += n
+            self.stats.slot_steps += self.max_rows
+        cache.advance(n)
+        done = []
+        for r in range(n):
+            self.ids[r].append(chosen_list[r])
             if self.scores:
-                lp = chosen_logprobs(logits, chosen, self.locs)
-            if stats is not None:
-                stats.steps += 1
-                stats.row_steps += n
-                stats.slot_steps += slots
-            cache.advance(n)
-            done = []
-            for r in range(n):
-                ids[r].append(chosen_list[r])
-                if self.scores:
-                    lps[r].append(lp[r])
-                if chosen_list[r] == self.eos or len(ids[r]) >= jobs[rows[r]].max_new:
-                    done.append(r)
-            tokens = chosen
-            for r in reversed(done):  # highest first: moving the last row down never moves a finished one
-                j = rows[r]
-                answers[j] = Answer(ids[r], ids[r][-1] == self.eos, lps[r] if self.scores else None)
-                last = len(rows) - 1
-                if r != last:
-                    cache.move(last, r)
-                    rows[r], ids[r], lps[r] = rows[last], ids[last], lps[last]
-                    tokens[r] = tokens[last]
-                rows.pop(), ids.pop(), lps.pop()
-                tokens = tokens[:last]
-        if stats is not None:
-            stats.calls += 1
-        return answers  # type: ignore[return-value]
+                self.lps[r].append(lp[r])
+            if chosen_list[r] == self.eos or len(self.ids[r]) >= self.rows[r].max_new:
+                done.append(r)
+        self.tokens = chosen
+        finished = []
+        for r in reversed(done):  # highest first: moving the last row down never moves a finished one
+            ids = self.ids[r]
+            finished.append((self.rows[r], Answer(ids, ids[-1] == self.eos, self.lps[r] if self.scores else None)))
+            last = len(self.rows) - 1
+            if r != last:
+                cache.move(last, r)
+                self.rows[r], self.ids[r], self.lps[r] = self.rows[last], self.ids[last], self.lps[last]
+                self.tokens[r] = self.tokens[last]
+            self.rows.pop(), self.ids.pop(), self.lps.pop()
+            self.tokens = self.tokens[:last]
+        return finished[::-1]
+
+    def _admit(self) -> None:
+        """Waiting jobs into the free slots [n, max_rows), their prompts encoded together."""
+        free = self.max_rows - len(self.rows)
+        if not self.waiting or free <= 0:
+            return
+        new = [self.waiting[i] for i in range(min(free, len(self.waiting)))]
+        states, mask = self.encode(new)  # before taking them: a failure leaves them waiting
+        for _ in new:
+            self.waiting.popleft()
+        self.cache = _Cache.fit(self.cache, self.decoder, self.max_rows, len(self.rows),
+                                max(j.max_new for j in self.rows + new) + 1, states.shape[1])
+        self.cache.admit(len(self.rows), states, mask)
+        self.rows += new
+        self.ids += [[] for _ in new]
+        self.lps += [[] for _ in new]
+        start = torch.full((len(new),), self.start, dtype=torch.long, device=self.cache.device)
+        self.tokens = torch.cat([self.tokens.to(self.cache.device), start])
+        if self.stats is not None:
+            self.stats.calls += 1  # admissions: prompt encodings batched together
 
     def _choose(self, logits: torch.Tensor, jobs: list[Job], generated: list[int]) -> torch.Tensor:
         """Greedy next token per row, after the rules generate applies (see module doc)."""
@@ -178,8 +221,14 @@ class DecodeScheduler:
         pos = cache.pos[:n]
         h = dec.embed_tokens(tokens[:, None]) + dec.embed_positions.weight[pos + dec.embed_positions.offset][:, None]
         h = dec.layernorm_embedding(h)  # [n, 1, D]
-        t = int(pos.max()) + 1
-        self_mask = (torch.arange(t, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, t]
+        lengths = (pos + 1).tolist()  # keys each row attends to
+        t = max(lengths)
+        # One masked attention over [n, t] reads every row's K/V up to the longest row; when rows
+        # differ a lot (a 900-token page beside fresh captions, as soon as batches join) that is
+        # mostly padding, and one attention per row over its own length reads far fewer bytes.
+        ragged = n * t > self.RAGGED_WASTE * sum(lengths)
+        self_mask = None if ragged else \
+            (torch.arange(t, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, t]
         cross_mask = cache.cross_mask[:n, None, None, :]  # [n, 1, 1, L]
         rows = torch.arange(n, device=pos.device)
         for i, layer in enumerate(dec.layers):
@@ -187,8 +236,13 @@ class DecodeScheduler:
             q, k, v = (_heads(p(h), att.head_dim) for p in (att.q_proj, att.k_proj, att.v_proj))  # [n, H, 1, hd]
             cache.k[i][rows, :, pos] = k[:, :, 0]
             cache.v[i][rows, :, pos] = v[:, :, 0]
-            o = F.scaled_dot_product_attention(q, cache.k[i][:n, :, :t], cache.v[i][:n, :, :t], self_mask,
-                                               scale=att.scaling)
+            if ragged:
+                o = torch.cat([F.scaled_dot_product_attention(q[r:r + 1], cache.k[i][r:r + 1, :, :m],
+                                                              cache.v[i][r:r + 1, :, :m], scale=att.scaling)
+                               for r, m in enumerate(lengths)])
+            else:
+                o = F.scaled_dot_product_attention(q, cache.k[i][:n, :, :t], cache.v[i][:n, :, :t], self_mask,
+                                                   scale=att.scaling)
             h = layer.self_attn_layer_norm(h + att.out_proj(_merge(o)))
             xa = layer.encoder_attn
             q = _heads(xa.q_proj(h), xa.head_dim)
@@ -217,7 +271,9 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Cache:
-    """The static per-slot KV cache (see module doc). Allocated once per run, sized by its jobs."""
+    """The static per-slot KV cache (see module doc): `slots` rows of `positions` self-attention and
+    `prompt_len` cross-attention entries. Grows (rarely: a longer prompt or answer limit than any
+    before) by copying into a larger one; a persistent scheduler keeps it between batches."""
 
     def __init__(self, decoder, slots: int, positions: int, prompt_len: int):
         self.decoder = decoder
@@ -225,6 +281,7 @@ class _Cache:
         self.device = w.device
         layer = decoder.layers[0].self_attn
         heads, hd = layer.embed_dim // layer.head_dim, layer.head_dim
+        self.slots, self.positions, self.prompt_len = slots, positions, prompt_len
         shape_self, shape_cross = (slots, heads, positions, hd), (slots, heads, prompt_len, hd)
         n = len(decoder.layers)
         self.k = [torch.zeros(shape_self, dtype=w.dtype, device=self.device) for _ in range(n)]
@@ -233,6 +290,28 @@ class _Cache:
         self.cv = [torch.zeros(shape_cross, dtype=w.dtype, device=self.device) for _ in range(n)]
         self.cross_mask = torch.zeros((slots, prompt_len), dtype=torch.bool, device=self.device)
         self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)  # next position to write, per slot
+
+    @classmethod
+    def fit(cls, cache: "_Cache | None", decoder, slots: int, used: int, positions: int, prompt_len: int) -> "_Cache":
+        """`cache` if it holds `slots` x `positions` x `prompt_len`, else a larger one with its first
+        `used` slots copied over."""
+        if cache is not None and cache.slots >= slots and cache.positions >= positions \
+                and cache.prompt_len >= prompt_len:
+            return cache
+        if cache is not None:
+            slots, positions = max(slots, cache.slots), max(positions, cache.positions)
+            prompt_len = max(prompt_len, cache.prompt_len)
+        new = cls(decoder, slots, positions, prompt_len)
+        if cache is not None and used:
+            for dst, src in ((new.k, cache.k), (new.v, cache.v)):
+                for d, s in zip(dst, src):
+                    d[:used, :, :cache.positions] = s[:used]
+            for dst, src in ((new.ck, cache.ck), (new.cv, cache.cv)):
+                for d, s in zip(dst, src):
+                    d[:used, :, :cache.prompt_len] = s[:used]
+            new.cross_mask[:used, :cache.prompt_len] = cache.cross_mask[:used]
+            new.pos[:used] = cache.pos[:used]
+        return new
 
     def admit(self, first: int, states: torch.Tensor, mask: torch.Tensor) -> None:
         """Encoder states [k, L, D] of new rows into slots [first, first + k): their cross K/V, once."""

@@ -273,12 +273,17 @@ class TiledAnnotator:
         self._count("tiles", len(tiles))
         return self.merge(whole, tiles, [r for r in rows if SEP in r.image])
 
+    def annotate_stream(self, batches):
+        """As Engine.annotate_stream; tiles of one batch share the engine's stream (see _run)."""
+        for batch in batches:
+            yield self.annotate(batch)
+
     def _run(self, items: list[ImageItem]) -> list[Annotation]:
-        rows = []
-        for s in range(0, len(items), self.vision_batch):
-            chunk = items[s:s + self.vision_batch]
-            rows += self.engine.annotate(Batch(chunk, torch.stack([it.pixel_values for it in chunk]), []))
-        return rows
+        """`vision_batch` images at a time through one engine stream: the prompts of the next
+        tiles join while long answers of earlier ones still run."""
+        chunks = (items[s:s + self.vision_batch] for s in range(0, len(items), self.vision_batch))
+        batches = (Batch(chunk, torch.stack([it.pixel_values for it in chunk]), []) for chunk in chunks)
+        return [row for rows in self.engine.annotate_stream(batches) for row in rows]
 
     def merge(self, whole: list[Annotation], tiles: list[TileItem], tile_rows: list[Annotation]) -> list[Annotation]:
         box = {t.key: t for t in tiles}

@@ -12,6 +12,7 @@ from PIL import Image
 
 from annotator.config import GenerationSettings, TaskInputs
 from annotator.engine import Engine
+from annotator.lengths import ForcedLengths
 from annotator.scheduler import supports
 from annotator.tasks import parse_task_list
 from test_engine import batches, make_items
@@ -31,11 +32,17 @@ def eos_lm(tiny_lm):
     return lm
 
 
-def annotate(lm, items, gen, max_prompts, scheduler, batch_size=5, forced=None):
+def annotate(lm, items, gen, max_prompts, scheduler, batch_size=5, forced=None, stream=False):
+    """Rows of every batch, in item order; `stream`: through one engine stream (batches join)."""
     engine = Engine(lm, parse_task_list(SPEC), TaskInputs(), gen, max_prompts=max_prompts)
     engine.use_scheduler = scheduler
-    engine.forced_lengths = forced
-    rows = [r for b in batches(items, batch_size) for r in engine.annotate(b)]
+    engine.forced_lengths = forced and ForcedLengths(forced)
+    if stream:
+        order = {(it.key, t): n for n, (it, t) in enumerate((it, t) for it in items for t in it.tasks)}
+        rows = sorted((r for rows in engine.annotate_stream(batches(items, batch_size)) for r in rows),
+                      key=lambda r: order[(r.image, r.task)])
+    else:
+        rows = [r for b in batches(items, batch_size) for r in engine.annotate(b)]
     return rows, engine.decode_stats
 
 
@@ -118,15 +125,76 @@ def test_oom_halves_the_rows_in_flight_and_changes_nothing(eos_lm, monkeypatch):
     gen = GenerationSettings(num_beams=1, max_new_tokens=MAX_NEW, scores=False)
     items = make_items(eos_lm, SPEC.split(","))
     expected, _ = annotate(eos_lm, items, gen, max_prompts=15, scheduler=True)
-    real, caps = DecodeScheduler.run, []
+    real, caps = DecodeScheduler.step, []
 
-    def run(self, jobs, encode, stats=None):
-        caps.append(self.max_rows)
-        if self.max_rows > 4:
+    def step(self):
+        if not caps or caps[-1] != self.max_rows:
+            caps.append(self.max_rows)
+        if self.max_rows > 4 and len(self.rows) > 4:  # fails once more than 4 rows are in flight
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, jobs, encode, stats)
+        return real(self)
 
-    monkeypatch.setattr(DecodeScheduler, "run", run)
+    monkeypatch.setattr(DecodeScheduler, "step", step)
     got, _ = annotate(eos_lm, items, gen, max_prompts=15, scheduler=True)
     assert key(got) == key(expected)
     assert caps == [15, 7, 3]  # then it fits, and the engine keeps 3
+
+
+def test_next_batches_join_while_long_answers_run(eos_lm):
+    """One stream over many batches: prompts of later batches take slots that finished rows free,
+    the answers stay those of batch-1 decoding, each batch comes back whole, and batches are pulled
+    only when a slot would otherwise stay empty (not all at once)."""
+    gen = GenerationSettings(num_beams=1, max_new_tokens=MAX_NEW, scores=False)
+    items = make_items(eos_lm, SPEC.split(","))
+    one, _ = annotate(eos_lm, items, gen, max_prompts=1, scheduler=True, batch_size=1)
+    per_batch, alone = annotate(eos_lm, items, gen, max_prompts=6, scheduler=True, batch_size=2)
+    joined, stats = annotate(eos_lm, items, gen, max_prompts=6, scheduler=True, batch_size=2, stream=True)
+    assert key(joined) == key(one) == key(per_batch)
+    assert stats.steps < alone.steps and stats.occupancy > alone.occupancy  # fewer steps: slots stay busy
+
+    engine = Engine(eos_lm, parse_task_list(SPEC), TaskInputs(), gen, max_prompts=6)
+    pulled, seen = [], []
+
+    def source():
+        for n, b in enumerate(batches(items, 2)):
+            pulled.append(n)
+            yield b
+
+    for rows in engine.annotate_stream(source()):
+        seen.append((len(pulled), sorted({r.image for r in rows})))
+    assert [n for n, _ in seen][0] < 3  # the first batch came back before the last one was pulled
+    assert sorted(img for _, imgs in seen for img in imgs) == [it.key for it in items]
+    assert all(len(rows) <= 2 for _, rows in seen)  # a batch at a time, whole
+
+
+def test_a_failing_prompt_in_the_stream_goes_through_generate(eos_lm, monkeypatch):
+    """A non-OOM failure inside the scheduler: its unfinished prompts (of any batch) are answered by
+    the generate path, the same tokens; later batches use the scheduler again."""
+    gen = GenerationSettings(num_beams=1, max_new_tokens=MAX_NEW, scores=False)
+    items = make_items(eos_lm, SPEC.split(","))
+    expected, _ = annotate(eos_lm, items, gen, max_prompts=1, scheduler=True, batch_size=1)
+    real, calls = Engine._encode_jobs, []
+
+    def encode_jobs(self, jobs):
+        calls.append(len(jobs))
+        if len(calls) == 3:
+            raise RuntimeError("device fault")
+        return real(self, jobs)
+
+    monkeypatch.setattr(Engine, "_encode_jobs", encode_jobs)
+    got, stats = annotate(eos_lm, items, gen, max_prompts=4, scheduler=True, batch_size=2, stream=True)
+    assert key(got) == key(expected) and len(calls) > 3
+
+
+@pytest.mark.parametrize("waste", [0.0, float("inf")])
+def test_per_row_and_padded_self_attention_give_the_same_answers(eos_lm, monkeypatch, waste):
+    """Self-attention over each row's own length (0.0: always) or over the longest row's with a
+    mask (inf: never): both are the batch-1 answers, with rows far apart in length (batches join)."""
+    from annotator.scheduler import DecodeScheduler
+
+    gen = GenerationSettings(num_beams=1, max_new_tokens=MAX_NEW, scores=False)
+    items = make_items(eos_lm, SPEC.split(","))
+    one, _ = annotate(eos_lm, items, gen, max_prompts=1, scheduler=False, batch_size=1)
+    monkeypatch.setattr(DecodeScheduler, "RAGGED_WASTE", waste)
+    got, _ = annotate(eos_lm, items, gen, max_prompts=6, scheduler=True, batch_size=2, stream=True)
+    assert key(got) == key(one)
