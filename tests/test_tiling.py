@@ -184,5 +184,7 @@ def test_auto_tiles_an_image_whose_answer_was_truncated(tmp_path):
     summary = run(cfg)
     (r,) = rows(cfg.out).iter_rows(named=True)
     # random weights never stop within 6 tokens: truncated, so auto tiled it, with tiles of the
-    # model's input side (64 px for random:tiny): 2 x 2
-    assert r["status"] == "ok" and r["tiles"] == 4 and summary.quality["retiled_truncated"] == 1
+    # model's input side (64 px for random:tiny): 2 x 2; each tile truncated too, so each is split
+    # once more (2 x 2 pieces of 36 px), and the pieces replace it: 16
+    assert r["status"] == "ok" and r["tiles"] == 16
+    assert summary.quality["retiled_truncated"] == 1 and summary.quality["tiles_split_truncated"] == 4
