@@ -127,6 +127,12 @@ def test_ocr_text_is_assembled_from_the_tiles_lines():
     assert merged.text == "Hello world again\nx=1\nsecond line" and not merged.truncated and merged.tiles == 2
 
 
+def test_ocr_text_never_shows_location_tokens():
+    parts = [(LEFT, row("ocr_with_region", quad_boxes=[quad(10, 10, 60, 20), quad(10, 40, 60, 50)],
+                        labels=["red<loc_3><loc_9>blue", "<loc_7>"]))]
+    assert merge_row(row("ocr", text=""), parts).text == "red blue"
+
+
 def test_splice_text():
     assert splice_text("Hello wor", "world again") == "Hello world again"
     assert splice_text("abc", "xyz") == "abc xyz"
