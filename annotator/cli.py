@@ -285,8 +285,8 @@ def eval_cmd(prediction: Path, gt: Path, iou: float | None, segm: bool, as_json:
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--n", default=50, show_default=True, type=click.IntRange(1), help="How many images.")
 @click.option("--seed", default=0, show_default=True, help="Same seed, same files.")
-@click.option("--kind", type=click.Choice(["scenes", "documents", "mixed"]), default="mixed", show_default=True,
-              help="Coloured shapes, pages of text, or both.")
+@click.option("--kind", type=click.Choice(["scenes", "documents", "mixed", "pages"]), default="mixed", show_default=True,
+              help="Coloured shapes, pages of text, or both; pages: long dense pages (for tiling).")
 def samples_cmd(out: Path, n: int, seed: int, kind: str) -> None:
     """Draw synthetic images with their ground truth (the demo model's world): OUT/*.png,
     OUT/ground_truth.json (COCO) and OUT/texts.jsonl (caption, ocr, ocr_regions)."""

@@ -24,7 +24,7 @@ COLOURS = {"red": (215, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), 
 CATEGORIES = [f"{c} {s}" for c in COLOURS for s in SHAPES]  # COCO ids are positions + 1
 BACKGROUNDS = ("flat", "gradient", "noise")
 SHIFTED_BACKGROUNDS = ("stripes",)  # never in the demo model's training data: the pseudo-label loop's shift
-KINDS = ("scenes", "documents", "mixed")
+KINDS = ("scenes", "documents", "mixed", "pages")
 NUMBERS = ("a", "two", "three", "four", "five", "six", "seven", "eight")
 WORDS = ("the", "of", "and", "to", "in", "is", "for", "on", "with", "as", "by", "at", "from", "total", "date",
          "invoice", "order", "number", "price", "amount", "paid", "due", "item", "name", "address", "city",
@@ -175,9 +175,34 @@ def document(rng: np.random.Generator, max_lines: int = 6) -> Drawn:
     return Drawn(im, "document", lines=lines)
 
 
+def page(rng: np.random.Generator) -> Drawn:
+    """A long, dense page (`--kind pages`, never in the demo model's training data): a 600-1000 x
+    1000-1800 px canvas filled with lines of 1-4 words at 22-32 px, so that a tile of the model's
+    input size holds text of a `documents` page's scale while the whole page, downscaled, does not."""
+    w, h = int(rng.integers(600, 1001)), int(rng.integers(1000, 1801))
+    im = Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(225, 256, 3)))
+    draw = ImageDraw.Draw(im)
+    ink = tuple(int(v) for v in rng.integers(0, 70, 3))
+    y, lines = float(rng.uniform(0.02, 0.05) * h), []
+    while True:
+        size = int(rng.integers(22, 33))
+        font = ImageFont.load_default(size=size)
+        text = " ".join(str(rng.choice(WORDS)) for _ in range(int(rng.integers(1, 5))))
+        x0, y0, x1, y1 = font.getbbox(text)
+        x = min(float(rng.uniform(0.03, 0.25) * w), w - 8 - x1)
+        if y + y1 > h - 0.03 * h:
+            break
+        draw.text((x, y), text, fill=ink, font=font)
+        lines.append((text, [x + x0, y + y0, x + x1, y + y0, x + x1, y + y1, x + x0, y + y1]))
+        y += size * float(rng.uniform(1.4, 2.2))
+    return Drawn(im, "document", lines=lines)
+
+
 def draw(rng: np.random.Generator, kind: str, backgrounds=BACKGROUNDS) -> Drawn:
     if kind == "mixed":
         kind = "documents" if rng.random() < 0.3 else "scenes"
+    if kind == "pages":
+        return page(rng)
     return scene(rng, backgrounds) if kind == "scenes" else document(rng)
 
 

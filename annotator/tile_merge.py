@@ -13,6 +13,7 @@ Three steps, the same for boxes, polygons and OCR quads:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .parse import bounds, iou
@@ -23,6 +24,7 @@ NMS_IOU = 0.5  # same group and this much overlap: one object seen twice
 FRAGMENT_IOS = 0.7  # a cut instance this much inside a kept one is a fragment of it
 LINE_UP = 0.5  # two parts of a cut object overlap this much on the axis along the cut
 MIN_TEXT_OVERLAP = 3  # characters two parts of a cut text line must share to be spliced there
+_LOC = re.compile(r"<loc_\d+>")
 
 
 @dataclass
@@ -164,6 +166,13 @@ def reading_order(lines: list[Instance]) -> list[Instance]:
     return [line for row in reading_rows(lines) for line in row]
 
 
+def line_text(label: str) -> str:
+    """A line's label as `ocr` text: location tokens a malformed line holds ("purple<loc_110>blue
+    star", the model's quad cut short) become spaces, as `ocr` on the whole image never shows them."""
+    return " ".join(_LOC.sub(" ", label).split())
+
+
 def ocr_text(lines: list[Instance]) -> str:
     """One text: a space between the lines of a row, a newline between rows."""
-    return "\n".join(" ".join(line.label for line in row) for row in reading_rows(lines))
+    rows = [[t for t in (line_text(line.label) for line in row) if t] for row in reading_rows(lines)]
+    return "\n".join(" ".join(row) for row in rows if row)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from .config import TileSettings
-from .images import Batch, ImageDataset, ImageItem, WorkItem, collate
+from .images import Batch, DecodeFailure, ImageDataset, ImageItem, WorkItem, collate
 from .store import OK, Annotation
 from .tasks import TASKS, Output, Task
 from .parse import bounds
@@ -168,10 +168,26 @@ class TilingDataset(ImageDataset):
 
     def retile(self, key: str, tasks: tuple[str, ...]) -> list[TileItem]:
         """Tiles of one image, decoded again in this process (auto: its answer was truncated)."""
+        image, whole = self._load(key)
+        return self.tiles(image, whole, tasks, force=True) if image is not None else []
+
+    def split(self, tile: TileItem, tasks: tuple[str, ...]) -> list[TileItem]:
+        """A tile whose answer was truncated (auto), cut as auto cuts a truncated image (two to
+        four overlapping pieces); keys "<tile key>.<n>". The caller splits a tile once only."""
+        image, _ = self._load(tile.parent)
+        if image is None or tile.box is None:
+            return []
+        b = tile.box
+        side = auto_tile_side(b.width, b.height, self.side, self.settings.overlap)
+        pieces = [TileBox(b.x0 + p.x0, b.y0 + p.y0, b.x0 + p.x1, b.y0 + p.y1)
+                  for p in tile_grid(b.width, b.height, side, side, self.settings.overlap)]
+        return [TileItem(f"{tile.key}.{n}", p.width, p.height, self.pixels(image.crop((p.x0, p.y0, p.x1, p.y1))),
+                         tasks, parent=tile.parent, box=p) for n, p in enumerate(pieces)]
+
+    def _load(self, key: str) -> tuple[Image.Image | None, ImageItem | DecodeFailure]:
         if self._index is None:
             self._index = {w.ref.key: i for i, w in enumerate(self.work)}
-        image, whole = self.load(self._index[key])
-        return self.tiles(image, whole, tasks, force=True) if image is not None else []
+        return self.load(self._index[key])
 
 
 def collate_tiles(samples: list[list]) -> Batch:
@@ -270,6 +286,7 @@ class TiledAnnotator:
             self._count("retiled_truncated", len({t.parent for t in more}))
             tiles += more
             rows += self._run(more)
+            tiles, rows = self._split_truncated(tiles, rows)
         self._count("tiles", len(tiles))
         return self.merge(whole, tiles, [r for r in rows if SEP in r.image])
 
@@ -277,6 +294,21 @@ class TiledAnnotator:
         """As Engine.annotate_stream; tiles of one batch share the engine's stream (see _run)."""
         for batch in batches:
             yield self.annotate(batch)
+
+    def _split_truncated(self, tiles: list[TileItem], rows: list[Annotation]) -> tuple[list[TileItem], list[Annotation]]:
+        """auto: a tile whose answer was truncated still held more than the model may write (a
+        dense page's piece): its pieces are run and replace its row for that task. Once: a piece
+        that is truncated again keeps its truncated row."""
+        cut: dict[str, tuple[str, ...]] = {}
+        for r in rows:
+            if SEP in r.image and r.status == OK and r.truncated:
+                cut[r.image] = cut.get(r.image, ()) + (r.task,)
+        if not cut:
+            return tiles, rows
+        pieces = [p for t in tiles if t.key in cut for p in self.dataset.split(t, cut[t.key])]
+        split = {(p.key.rsplit(".", 1)[0], task) for p in pieces for task in p.tasks}
+        self._count("tiles_split_truncated", len({k for k, _ in split}))
+        return tiles + pieces, [r for r in rows if (r.image, r.task) not in split] + self._run(pieces)
 
     def _run(self, items: list[ImageItem]) -> list[Annotation]:
         """`vision_batch` images at a time through one engine stream: the prompts of the next

@@ -1,15 +1,19 @@
-"""Does tiling help? Detection recall / AP50 (and optionally OCR character error rate) on a folder
-of large images, with and without `--tile`, through the real CLI.
+"""Does tiling help? Detection recall / AP50 and OCR character error rate on a folder of large
+images or long pages, with and without `--tile`, through the real CLI.
 
-    python examples/bench_tiling.py IMAGES GT.json --model demo [--tile auto] [--ocr-gt texts.json]
+    python examples/bench_tiling.py IMAGES GT.json --model demo [--tile auto] [--ocr-gt texts.jsonl]
 
 GT.json is COCO ground truth whose images' `file_name` are the keys `annotate run` gives them
-(paths relative to IMAGES). --ocr-gt, optional, maps the same keys to the full page text (a JSON
-object, or the texts.jsonl that `annotate samples` writes beside its ground_truth.json); with it
-the `ocr` task is scored by character error rate (edit distance / reference length).
+(paths relative to IMAGES); `od` is run and scored when it holds any object. --ocr-gt maps the same
+keys to the full page text (a JSON object, or the texts.jsonl that `annotate samples` writes beside
+its ground_truth.json); with it `ocr` is scored by character error rate (edit distance / reference
+length, whitespace runs folded), and with texts.jsonl's line quads `ocr_with_region` too: its lines
+are matched one to one to the true lines at IoU >= 0.5 (recall), and its CER counts every
+character of a matched line's text that is wrong, of a missed line, and of a line that matches none.
 Every run goes to --work (default ./bench-tiling) and is resumed if it is already there (then
 its seconds mean nothing: delete --work for timings).
-Prints one line per setting: AP50, recall (AR100 at IoU 0.5), CER, rows truncated, seconds.
+Prints one line per setting: AP50, recall (AR100 at IoU 0.5), CER, region recall and CER, images
+tiled / tiles, rows truncated, seconds.
 """
 
 from __future__ import annotations
@@ -34,25 +38,78 @@ def annotate(*args: str) -> None:
         sys.exit(f"annotate {args[0]} failed with exit code {rc}")
 
 
+def _norm(s: str | None) -> str:
+    return " ".join((s or "").split())  # line breaks and spacing are not errors
+
+
+def task_rows(out: Path, task: str) -> dict[str, dict]:
+    df = pl.scan_parquet(str(out / "part-*.parquet")).filter(pl.col("task") == task).collect()
+    return {r["image"]: r for r in df.iter_rows(named=True)}
+
+
 def cer(out: Path, texts: dict[str, str]) -> float:
-    """Character error rate over the pages, whitespace runs folded to one space on both sides."""
-    df = pl.scan_parquet(str(out / "part-*.parquet")).filter(pl.col("task") == "ocr").select("image", "text").collect()
-    got = dict(df.iter_rows())
-    norm = lambda s: " ".join((s or "").split())  # noqa: E731 - line breaks are not errors
-    errors = sum(levenshtein(norm(got.get(k)), norm(ref)) for k, ref in texts.items())
-    return errors / max(1, sum(len(norm(ref)) for ref in texts.values()))
+    """`ocr` character error rate over the pages."""
+    got = task_rows(out, "ocr")
+    errors = sum(levenshtein(_norm((got.get(k) or {}).get("text")), _norm(ref)) for k, ref in texts.items())
+    return errors / max(1, sum(len(_norm(ref)) for ref in texts.values()))
 
 
-def load_texts(path: Path) -> dict[str, str]:
-    """{key: text} JSON, or the synthetic world's texts.jsonl (`annotate samples`: {"image", "ocr"})."""
+def region_scores(out: Path, regions: dict[str, list]) -> tuple[float, float]:
+    """`ocr_with_region` against the true lines: (line recall at IoU 0.5, CER of the lines). Lines
+    are matched greedily by IoU; a missed true line costs its length, an unmatched predicted line
+    its length, a matched pair their edit distance."""
+    from annotator.parse import bounds, iou
+
+    got = task_rows(out, "ocr_with_region")
+    found = errors = chars = 0
+    for key, truth in regions.items():
+        row = got.get(key) or {}
+        preds = [(bounds(q), _norm(t)) for q, t in zip(row.get("quad_boxes") or [], row.get("labels") or [])]
+        gts = [(bounds(q), _norm(t)) for q, t in truth]
+        pairs = sorted(((iou(g[0], p[0]), i, j) for i, g in enumerate(gts) for j, p in enumerate(preds)), reverse=True)
+        used_g, used_p = set(), set()
+        for overlap, i, j in pairs:
+            if overlap >= 0.5 and i not in used_g and j not in used_p:
+                used_g.add(i), used_p.add(j)
+                errors += levenshtein(preds[j][1], gts[i][1])
+        errors += sum(len(t) for i, (_, t) in enumerate(gts) if i not in used_g)
+        errors += sum(len(t) for j, (_, t) in enumerate(preds) if j not in used_p)
+        found += len(used_g)
+        chars += sum(len(t) for _, t in gts)
+    return found / max(1, sum(len(t) for t in regions.values())), errors / max(1, chars)
+
+
+def load_texts(path: Path) -> tuple[dict[str, str], dict[str, list]]:
+    """{key: text} JSON, or the synthetic world's texts.jsonl ({"image", "ocr", "ocr_regions"});
+    returns the page texts and, from texts.jsonl, each page's [quad, text] lines."""
     if path.suffix == ".jsonl":
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return {r["image"]: r["ocr"] for r in rows if r.get("ocr")}
-    return json.loads(path.read_text())
+        rows = [r for r in rows if r.get("ocr")]
+        return {r["image"]: r["ocr"] for r in rows}, {r["image"]: r.get("ocr_regions") or [] for r in rows}
+    return json.loads(path.read_text()), {}
+
+
+def tiled(out: Path) -> tuple[int, int]:
+    """(images tiled, tiles run): an image's tiles serve all its tasks, so its largest count."""
+    df = (pl.scan_parquet(str(out / "part-*.parquet")).group_by("image").agg(pl.col("tiles").max())
+          .filter(pl.col("tiles") > 0).collect())
+    return df.height, int(df["tiles"].sum() or 0)
 
 
 def truncated(out: Path) -> int:
     return pl.scan_parquet(str(out / "part-*.parquet")).filter(pl.col("truncated")).select(pl.len()).collect().item()
+
+
+def detection(work: Path, out: Path, tile: str, gt: Path) -> tuple[float, float]:
+    from annotator.evaluate import EvalError, evaluate
+
+    annotate("export", str(out), "--format", "coco", "--task", "od", "--out", str(work / f"coco-{tile}"), "--overwrite")
+    try:
+        report = evaluate(work / f"coco-{tile}", gt, iou=0.5)
+        return report.stats["AP@0.5"], report.stats["AR100"]
+    except EvalError as exc:  # e.g. no predicted label is a ground-truth class
+        print(f"  ({tile}: {exc})")
+        return 0.0, 0.0
 
 
 def main() -> None:
@@ -62,32 +119,31 @@ def main() -> None:
     ap.add_argument("--model", default="demo")
     ap.add_argument("--tile", default="auto", help="the tiled setting to compare with --tile off")
     ap.add_argument("--tile-overlap", default="0.2")
-    ap.add_argument("--ocr-gt", type=Path, default=None, help="JSON {image key: page text}")
+    ap.add_argument("--ocr-gt", type=Path, default=None, help="JSON {image key: page text}, or texts.jsonl")
     ap.add_argument("--work", type=Path, default=Path("bench-tiling"))
     ap.add_argument("--run-args", default="", help="extra `annotate run` options, e.g. '--batch-size 16 --devices cuda'")
     args = ap.parse_args()
 
-    from annotator.evaluate import EvalError, evaluate  # after argparse: --help stays fast
-
-    tasks = "od,ocr" if args.ocr_gt else "od"
-    texts = load_texts(args.ocr_gt) if args.ocr_gt else None
-    print(f"{'tile':<12}{'AP50':>8}{'recall50':>10}{'CER':>8}{'truncated':>11}{'seconds':>9}")
+    has_objects = bool(json.loads(args.gt.read_text()).get("annotations"))
+    texts, regions = load_texts(args.ocr_gt) if args.ocr_gt else ({}, {})
+    tasks = (["od"] if has_objects else []) + (["ocr"] if texts else []) + (["ocr_with_region"] if regions else [])
+    if not tasks:
+        sys.exit("nothing to score: the ground truth holds no objects and no --ocr-gt was given")
+    print(f"{'tile':<10}{'AP50':>7}{'recall50':>9}{'CER':>7}{'lines50':>8}{'lineCER':>8}{'tiled':>7}{'tiles':>7}"
+          f"{'truncated':>10}{'seconds':>9}")
     for tile in ("off", args.tile):
         out = args.work / f"run-{tile}"
         start = time.monotonic()
-        annotate("run", str(args.images), "--tasks", tasks, "--model", args.model, "--out", str(out), "--tile", tile,
-                 "--tile-overlap", args.tile_overlap, "--no-progress", *args.run_args.split())
+        annotate("run", str(args.images), "--tasks", ",".join(tasks), "--model", args.model, "--out", str(out),
+                 "--tile", tile, "--tile-overlap", args.tile_overlap, "--no-progress", *args.run_args.split())
         seconds = time.monotonic() - start
-        annotate("export", str(out), "--format", "coco", "--task", "od", "--out", str(args.work / f"coco-{tile}"),
-                 "--overwrite")
-        try:
-            report = evaluate(args.work / f"coco-{tile}", args.gt, iou=0.5)
-            ap50, recall = report.stats["AP@0.5"], report.stats["AR100"]
-        except EvalError as exc:  # e.g. no predicted label is a ground-truth class
-            print(f"  ({tile}: {exc})")
-            ap50 = recall = 0.0
-        shown_cer = f"{cer(out, texts):.3f}" if texts else "-"
-        print(f"{tile:<12}{ap50:>8.3f}{recall:>10.3f}{shown_cer:>8}{truncated(out):>11}{seconds:>9.1f}")
+        ap50, recall = detection(args.work, out, tile, args.gt) if has_objects else (None, None)
+        page_cer = cer(out, texts) if texts else None
+        lines, line_cer = region_scores(out, regions) if regions else (None, None)
+        show = lambda v, w: f"{v:>{w}.3f}" if v is not None else f"{'-':>{w}}"  # noqa: E731
+        n_tiled, n_tiles = tiled(out)
+        print(f"{tile:<10}{show(ap50, 7)}{show(recall, 9)}{show(page_cer, 7)}{show(lines, 8)}{show(line_cer, 8)}"
+              f"{n_tiled:>7}{n_tiles:>7}{truncated(out):>10}{seconds:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,12 @@ def test_ocr_text_is_assembled_from_the_tiles_lines():
     assert merged.text == "Hello world again\nx=1\nsecond line" and not merged.truncated and merged.tiles == 2
 
 
+def test_ocr_text_never_shows_location_tokens():
+    parts = [(LEFT, row("ocr_with_region", quad_boxes=[quad(10, 10, 60, 20), quad(10, 40, 60, 50)],
+                        labels=["red<loc_3><loc_9>blue", "<loc_7>"]))]
+    assert merge_row(row("ocr", text=""), parts).text == "red blue"
+
+
 def test_splice_text():
     assert splice_text("Hello wor", "world again") == "Hello world again"
     assert splice_text("abc", "xyz") == "abc xyz"
@@ -184,5 +190,36 @@ def test_auto_tiles_an_image_whose_answer_was_truncated(tmp_path):
     summary = run(cfg)
     (r,) = rows(cfg.out).iter_rows(named=True)
     # random weights never stop within 6 tokens: truncated, so auto tiled it, with tiles of the
-    # model's input side (64 px for random:tiny): 2 x 2
-    assert r["status"] == "ok" and r["tiles"] == 4 and summary.quality["retiled_truncated"] == 1
+    # model's input side (64 px for random:tiny): 2 x 2; each tile truncated too, so each is split
+    # once more (2 x 2 pieces of 36 px), and the pieces replace it: 16
+    assert r["status"] == "ok" and r["tiles"] == 16
+    assert summary.quality["retiled_truncated"] == 1 and summary.quality["tiles_split_truncated"] == 4
+
+
+# --------------------------------------------------------------------------- the measurement's inputs
+def test_long_pages_hold_many_lines_inside_the_page(tmp_path):
+    from annotator import samples
+
+    samples.write(tmp_path, n=2, seed=1, kind="pages")
+    texts = [json.loads(line) for line in (tmp_path / "texts.jsonl").read_text().splitlines()]
+    for t in texts:
+        w, h = Image.open(tmp_path / t["image"]).size
+        assert 600 <= w <= 1000 and 1000 <= h <= 1800 and len(t["ocr_regions"]) >= 15
+        assert t["ocr"] == "\n".join(text for _, text in t["ocr_regions"])
+        for q, _ in t["ocr_regions"]:
+            assert 0 <= min(q[0::2]) and max(q[0::2]) <= w and 0 <= min(q[1::2]) and max(q[1::2]) <= h
+
+
+def test_bench_scores_region_lines(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_tiling", Path(__file__).parents[1] / "examples" / "bench_tiling.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pred = row("ocr_with_region", quad_boxes=[quad(0, 0, 50, 10), quad(0, 60, 50, 70)], labels=["hello", "junk"])
+    pq.write_table(pa.Table.from_pylist([vars(pred)], schema=SCHEMA), tmp_path / "part-r0000-x-000000.parquet")
+    truth = {"a.png": [[quad(1, 0, 50, 10), "hallo"], [quad(0, 30, 50, 40), "world"]]}
+    recall, line_cer = bench.region_scores(tmp_path, truth)
+    # one of two lines found; errors: 1 (hallo/hello) + 5 (world missed) + 4 (junk invented) over 10
+    assert recall == 0.5 and line_cer == 1.0
