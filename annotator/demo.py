@@ -10,7 +10,6 @@ learn to localise in minutes on a CPU. `examples/train_demo.py` trains it.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .parse import bounds, iou
+from .parse import iou
 
 SIDES = ("left", "top", "right", "bottom")
 FACING = {"right": "left", "bottom": "top"}  # a cut on a's right meets a cut on b's left
