@@ -164,6 +164,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--tasks", default=",".join(TASK_WEIGHTS), help="comma-separated subset of " + ",".join(TASK_WEIGHTS))
+    ap.add_argument("--weights", default="", help="task=weight,... to override the default mix, e.g. ocr=0.3")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", type=Path, default=None, help="start from this checkpoint of the script")
     ap.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (the schedule keeps --steps)")
@@ -180,6 +181,11 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = {t: TASK_WEIGHTS[t] for t in args.tasks.split(",")}
+    for item in filter(None, args.weights.split(",")):
+        name, weight = item.split("=")
+        if name not in tasks:
+            ap.error(f"--weights: {name!r} is not one of the --tasks ({args.tasks})")
+        tasks[name] = float(weight)
 
     if args.init:  # go on from a checkpoint of this script (a new schedule; the dense head is re-learned)
         from transformers import AutoProcessor, Florence2ForConditionalGeneration
