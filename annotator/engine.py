@@ -1,54 +1,34 @@
 """The per-device loop body: one batch of images -> vision features once -> for each task a
 batched generate -> parse -> Annotation rows.
 
+The engine does the model work: vision features, prompts, the text encoder, the generate path and
+token scores. What runs when, across batches and through the decode scheduler, is the stream's
+(stream.py); answers become rows in assemble.py.
+
 Shapes: B images per batch, N image tokens (577 at 768px), D model width, P prompts of a task."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
 from typing import Iterable, Iterator
 
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
+from .assemble import Assembler, Generation, Request
 from .config import GenerationSettings, TaskInputs
-from .images import Batch, ImageItem, describe_error
-from .model import LoadedModel
+from .images import Batch, describe_error
+from .model import LoadedModel, free_cache, is_oom
 from .sequence import PromptCache, loc_tokens, pad_right
 from .lengths import ForcedLengths
-from .scheduler import DecodeScheduler, DecodeStats, Job, rows_for_memory, supports
-from .parse import Parsed, clean_raw, parse_generation, plain_text, refine
-from .scores import LocBins, chosen_logprobs, instance_scores, text_score, token_text
+from .scheduler import DecodeStats, supports
+from .scores import LocBins, chosen_logprobs
 from .speed import use_onednn_linear
-from .store import OK, Annotation
-from .tasks import Input, Output, Task, plan_sources, task_waves
+from .store import Annotation
+from .stream import BatchStream
+from .tasks import Input, Task, plan_sources, task_waves
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Request:
-    """One prompt to generate for one image of the batch."""
-
-    image: int  # index into Batch.items
-    task: str  # task name
-    prompt: str  # task token plus its input, e.g. "<REGION_TO_SEGMENTATION><loc_1><loc_2><loc_8><loc_9>"
-    box: tuple[float, ...] | None = None  # region tasks: the source box, in pixels
-    label: str | None = None  # region tasks: the source label; OVD with --classes: the class
-    forced: int = 0  # bench only: the answer has exactly this many new tokens (0: the model decides)
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str  # decoded, special and location tokens kept
-    truncated: bool  # stopped by max_new_tokens, not by </s>
-    ids: tuple[int, ...] = ()  # generated token ids after the decoder start token
-    logprobs: tuple[float, ...] | None = None  # log p of each of `ids` (None: scoring off)
-
-
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 class Engine:
@@ -59,18 +39,17 @@ class Engine:
         self.inputs = task_inputs
         self.generation = generation
         self.max_prompts = max_prompts  # prompts per generate call; halved on OOM
-        self.max_images: int | None = None  # images per vision forward; set (halved) on OOM
         self.sources = plan_sources(tasks, bool(task_inputs.text), bool(task_inputs.classes))
         self.waves = task_waves(tasks, self.sources)
         self.prompt_ids = PromptCache(lm.processor)  # prompt -> `<image>*N <s> words </s>` ids (sequence.py)
-        self.stats: dict[str, int] = {}  # quality counters (duplicates removed, ...), see parse.refine
+        self.assembler = Assembler(lm.processor, task_inputs)  # answers -> rows, and the quality counters
         self.locs = LocBins.of(lm.processor.tokenizer)  # location tokens score with their neighbourhood (scores.py)
         self.forced_lengths: ForcedLengths | None = None  # bench only: exact answer lengths (lengths.py)
         self.decode_stats = DecodeStats()  # decoding work, for the bench's slot efficiency
         # Greedy decoding goes through the continuous-batching scheduler (scheduler.py) when it
         # does exactly what generate would; beam search keeps the generate path.
         self.use_scheduler = generation.num_beams == 1 and supports(lm.model.generation_config)
-        self._decoder: DecodeScheduler | None = None  # made on first use, kept across batches
+        self.stream = BatchStream(self)  # what runs when: vision, task waves, the decode scheduler
         if lm.device.type == "cpu":
             use_onednn_linear(lm.model)  # fp32 Linear through oneDNN: 2x the GFLOP/s on AMD CPUs (speed.py)
 
@@ -79,201 +58,25 @@ class Engine:
         """The rows of one batch: decode failures first, then per image its tasks in order."""
         return [row for rows in self.annotate_stream([batch]) for row in rows]
 
-    @torch.inference_mode()
     def annotate_stream(self, batches: Iterable[Batch]) -> Iterator[list[Annotation]]:
-        """The rows of each batch, a batch at a time, as batches finish (not always in input order).
-
-        On the scheduler path the prompts of the next batches join the decoding while long answers
-        of earlier ones still run: a batch is taken from `batches` (vision runs on it, its prompts
-        wait for slots) only when a decoding slot would otherwise stay empty. So rows in flight
-        stay <= max_prompts, waiting prompts <= one batch's more, and the batches open at once are
-        those with a row in flight, plus one. On the generate path each batch is done before the next."""
-        source, more = iter(batches), True
-        open_: list[_Work] = []
-        try:
-            while more or open_:
-                if more and self._wants_batch():
-                    batch = next(source, None)
-                    more = batch is not None
-                    if more:
-                        open_.append(self._start(batch))
-                for work in [w for w in open_ if w.finished]:
-                    open_.remove(work)
-                    yield work.rows()
-                if not (more and self._wants_batch()) and open_:
-                    if self._decoder is None or not self._decoder.busy:
-                        raise RuntimeError("engine: open batches wait on a decoder with nothing to do")
-                    self._decode_step()
-        finally:
-            if open_:  # left early (Ctrl-C, an error, the caller stopped): no stale rows in the next stream
-                self._decoder = None
-
-    def _wants_batch(self) -> bool:
-        return not self.use_scheduler or self._decoder is None or self._decoder.room > 0
-
-    def _start(self, batch: Batch) -> "_Work":
-        """Decode failures become rows, vision runs, and each image group's first wave starts."""
-        failed = [Annotation.failed(f.key, t, f"decode failed: {f.error}") for f in batch.failures for t in f.tasks]
-        parts = [failed] + (self._vision(batch.items, batch.pixel_values) if batch.items else [])
-        for part in parts:
-            if isinstance(part, _Group):
-                self._advance(part)
-        return _Work(parts, len(self.waves))
-
-    def _vision(self, items: list[ImageItem], pixel_values: torch.Tensor) -> list["_Group | list[Annotation]"]:
-        """Vision features once per image, `max_images` at a time: image groups, or error rows for
-        the images it failed on (in item order)."""
-        step = self.max_images or len(items)
-        if len(items) > step:
-            return [part for s in range(0, len(items), step)
-                    for part in self._vision(items[s:s + step], pixel_values[s:s + step])]
-        try:
-            features = self.image_features(pixel_values)  # [B, N, D]
-        except Exception as exc:  # noqa: BLE001 - one image's failure must not stop the others
-            _free_cache(self.lm.device)
-            if len(items) == 1:
-                item = items[0]
-                return [[Annotation.failed(item.key, t, f"vision encoder failed: {describe_error(exc)}",
-                                           item.width, item.height) for t in item.tasks]]
-            if is_oom(exc):
-                self.max_images = max(1, len(items) // 2)
-                log.warning("out of memory encoding %d images; going on with %d", len(items), self.max_images)
-                return self._vision(items, pixel_values)
-            log.warning("vision encoder failed on %d images (%s); retrying one by one", len(items), describe_error(exc))
-            return [part for i in range(len(items)) for part in self._vision(items[i:i + 1], pixel_values[i:i + 1])]
-        return [_Group(items, features, [self._needed(item.tasks) for item in items])]
+        """The rows of each batch, a batch at a time, as batches finish (not always in input order);
+        see BatchStream.run (stream.py) for how batches join the decoding."""
+        return self.stream.run(batches)
 
     def take_stats(self) -> dict[str, int]:
         """The quality counters since the last call (see parse.refine), handed over and reset:
         the driver reports them with the batch's rows."""
-        stats, self.stats = self.stats, {}
-        return stats
+        return self.assembler.take_stats()
 
-    def _needed(self, pending: tuple[str, ...]) -> set[str]:
-        """Pending tasks plus the producers they read from (re-run on resume; outputs are deterministic)."""
-        need = set(pending)
-        for name in pending:
-            while name in self.sources:
-                name = self.sources[name]
-                need.add(name)
-        return need
+    @property
+    def stats(self) -> dict[str, int]:
+        """The quality counters so far (the assembler's; tiling adds its own)."""
+        return self.assembler.stats
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         lm = self.lm
         pixel_values = pixel_values.to(lm.device, lm.dtype, non_blocking=True)
         return lm.model.get_image_features(pixel_values, return_dict=True).pooler_output
-
-    # ------------------------------------------------------------------ waves
-    def _advance(self, group: "_Group") -> None:
-        """Start the group's next wave: every task of the wave for every image that needs it, in
-        shared decoding (decoding is memory-bound: a step costs about the same for 8 prompts as for
-        32, and the steps are the longest answer instead of the sum over tasks). On the generate
-        path the wave runs here; on the scheduler path its prompts are submitted and
-        `_deliver` comes back here once all are answered."""
-        while group.wave < len(self.waves):
-            group.requests, group.failed = self._wave_requests(group)
-            group.results = [None] * len(group.requests)
-            if group.requests and self.use_scheduler:
-                group.left = len(group.requests)
-                self._submit(group)
-                return
-            if group.requests:
-                group.results = self.generate(group.requests, group.features)
-            self._finish_wave(group)
-
-    def _wave_requests(self, group: "_Group") -> tuple[list[Request], dict[tuple[int, str], str]]:
-        requests: list[Request] = []
-        failed: dict[tuple[int, str], str] = {}
-        done, items = group.done, group.items
-        for task in self.waves[group.wave]:
-            src = self.sources.get(task.name)
-            for i in (i for i, need in enumerate(group.needed) if task.name in need):
-                if src and done[(i, src)].status != OK:
-                    failed[(i, task.name)] = f"needs {src}, which failed: {done[(i, src)].error}"
-                    continue
-                requests.extend(self.requests(task, i, items[i].width, items[i].height, done.get((i, src)) if src else None))
-        if self.forced_lengths:
-            requests = [replace(r, forced=self.forced_lengths(items[r.image].key, r.task)) for r in requests]
-        return requests, failed
-
-    def _finish_wave(self, group: "_Group") -> None:
-        """The wave's answers -> parsed rows of its tasks."""
-        answers: dict[tuple[int, str], list[tuple[Request, Generation | BaseException]]] = {}
-        for req, res in zip(group.requests, group.results):
-            answers.setdefault((req.image, req.task), []).append((req, res))
-        for task in self.waves[group.wave]:
-            for i in (i for i, need in enumerate(group.needed) if task.name in need):
-                item = group.items[i]
-                if (i, task.name) in group.failed:
-                    row = Annotation.failed(item.key, task.name, group.failed[(i, task.name)], item.width, item.height)
-                else:
-                    row = self.assemble(task, item.key, item.width, item.height, answers.get((i, task.name), []))
-                group.done[(i, task.name)] = row
-        group.requests, group.results, group.failed = [], [], {}
-        group.wave += 1
-
-    # ------------------------------------------------------------------ the decode scheduler
-    def _submit(self, group: "_Group") -> None:
-        gen = self.generation
-        self._scheduler().submit([Job(len(self.prompt_ids(r.prompt)), r.forced, r.forced or gen.max_new_tokens,
-                                      tag=(group, i)) for i, r in enumerate(group.requests)])
-
-    def _scheduler(self) -> DecodeScheduler:
-        """The engine's one decode scheduler, made on first use; slots = max_prompts, fewer on a GPU
-        whose free memory would not hold their KV cache."""
-        if self._decoder is None:
-            lm, gen = self.lm, self.generation
-            dec = DecodeScheduler(lm.model, self.max_prompts, self._encode_jobs, scores=gen.scores, locs=self.locs)
-            per_row = dec.kv_bytes_per_row(gen.max_new_tokens, lm.processor.num_image_tokens + 64)
-            dec.max_rows = rows_for_memory(lm.device, per_row, self.max_prompts)
-            self._decoder = dec
-        return self._decoder
-
-    def _encode_jobs(self, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scheduler's encode: jobs from any groups, their prompts encoded together."""
-        requests = [group.requests[i] for group, i in (j.tag for j in jobs)]
-        features = torch.stack([group.features[group.requests[i].image] for group, i in (j.tag for j in jobs)])
-        _, mask, states = self._encode_requests(requests, features)
-        return states, mask
-
-    def _decode_step(self) -> None:
-        """One scheduler step; answers go to their groups. A failure takes every unfinished job out
-        of the scheduler: on OOM they restart with half the rows in flight, otherwise they go
-        through the generate path, which sorts out the prompts that fail."""
-        dec = self._decoder
-        dec.stats = self.decode_stats  # the bench swaps in fresh counters after its warm-up
-        try:
-            finished = dec.step()
-        except Exception as exc:  # noqa: BLE001 - see docstring
-            _free_cache(self.lm.device)
-            jobs, self._decoder = dec.unfinished(), None
-            if is_oom(exc) and dec.max_rows > 1:
-                self.max_prompts = dec.max_rows // 2
-                log.warning("out of memory with %d rows in flight; going on with %d", dec.max_rows, self.max_prompts)
-                self._scheduler().submit(jobs)  # the same prompts, restarted from their first token
-                return
-            log.warning("decode scheduler failed (%s); using generate for its %d prompts", describe_error(exc), len(jobs))
-            by_group: dict[int, tuple[_Group, list[int]]] = {}
-            for group, i in (j.tag for j in jobs):
-                by_group.setdefault(id(group), (group, []))[1].append(i)
-            for group, index in by_group.values():
-                for i, res in zip(index, self.generate([group.requests[i] for i in index], group.features)):
-                    self._deliver(group, i, res)
-            return
-        tok = self.lm.processor.tokenizer
-        for job, answer in finished:
-            group, i = job.tag
-            self.decode_stats.add_tokens(group.requests[i].task, len(answer.ids))
-            text = tok.decode([dec.start] + answer.ids, skip_special_tokens=False)
-            self._deliver(group, i, Generation(text, truncated=not answer.ended, ids=tuple(answer.ids),
-                                               logprobs=None if answer.logprobs is None else tuple(answer.logprobs)))
-
-    def _deliver(self, group: "_Group", i: int, result: "Generation | BaseException") -> None:
-        group.results[i] = result
-        group.left -= 1
-        if group.left == 0:
-            self._finish_wave(group)
-            self._advance(group)
 
     # ------------------------------------------------------------------ prompts
     def requests(self, task: Task, i: int, width: int, height: int, source: Annotation | None) -> list[Request]:
@@ -305,7 +108,7 @@ class Engine:
                     if is_oom(exc) and len(chunk) > 1:
                         self.max_prompts = max(1, len(chunk) // 2)
                         log.warning("out of memory with %d prompts; going on with %d", len(chunk), self.max_prompts)
-                        _free_cache(self.lm.device)
+                        free_cache(self.lm.device)
                         continue  # same position, smaller chunk
                     out.extend(self._one_by_one(chunk, features, exc))
                 pos += len(chunk)
@@ -327,11 +130,11 @@ class Engine:
             try:
                 results.extend(self._generate_chunk([req], features))
             except Exception as one:  # noqa: BLE001 - becomes this image's error row
-                _free_cache(self.lm.device)
+                free_cache(self.lm.device)
                 results.append(one)
         return results
 
-    def _encode_requests(self, chunk: list[Request], features: torch.Tensor):
+    def encode_requests(self, chunk: list[Request], features: torch.Tensor):
         """Prompts of the chunk, right padded, with their images' features [P, N, D]
         -> (input_ids [P, L], mask [P, L], encoder states [P, L, D])."""
         lm = self.lm
@@ -343,7 +146,7 @@ class Engine:
         lm, gen = self.lm, self.generation
         tok = lm.processor.tokenizer
         index = torch.tensor([r.image for r in chunk], device=features.device)
-        input_ids, mask, encoded = self._encode_requests(chunk, features.index_select(0, index))  # encoded: [P, L, D]
+        input_ids, mask, encoded = self.encode_requests(chunk, features.index_select(0, index))  # encoded: [P, L, D]
         forced = self.forced_lengths
         lengths = forced.generate_kwargs(chunk, gen.num_beams, tok.eos_token_id, lm.device) if forced \
             else {"max_new_tokens": gen.max_new_tokens}
@@ -397,86 +200,6 @@ class Engine:
         return out
 
 
-    # ------------------------------------------------------------------ rows
-    def assemble(self, task: Task, key: str, width: int, height: int,
-                 results: list[tuple[Request, Generation | BaseException]]) -> Annotation:
-        prompt = "\n".join(req.prompt for req, _ in results) or None
-        row = Annotation(image=key, task=task.name, status=OK, width=width, height=height, prompt=prompt)
-        errors = [res for _, res in results if isinstance(res, BaseException)]
-        if errors:
-            row.status, row.error = "error", f"generation failed: {describe_error(errors[0])}"
-            return row
-        gens = [res for _, res in results]
-        row.raw = "\n".join(clean_raw(g.text) for g in gens) if gens else None
-        row.truncated = any(g.truncated for g in gens)
-        try:
-            parsed = self._parse(task, width, height, results)
-        except Exception as exc:  # noqa: BLE001 - a parser crash on odd output is this row's error
-            row.status, row.error = "error", f"parse failed: {describe_error(exc)}"
-            return row
-        row.text, row.bboxes, row.labels = parsed.text, parsed.bboxes, parsed.labels
-        row.polygons, row.quad_boxes = parsed.polygons, parsed.quad_boxes
-        row.scores, row.text_score = parsed.scores, parsed.text_score
-        return row
-
-    def parse_one(self, task: Task, gen: Generation, size: tuple[int, int]) -> Parsed:
-        """One generation -> columns with aligned scores, after the quality rules."""
-        parsed = parse_generation(self.lm.processor, task, gen.text, size)
-        tt = self._token_text(gen)
-        if tt is not None:
-            if task.output is Output.TEXT:
-                parsed.text_score = text_score(tt)
-            else:
-                found = instance_scores(task, tt)
-                n = len(parsed.bboxes or parsed.polygons or parsed.quad_boxes or [])
-                parsed.scores = found if len(found) == n and None not in found else None
-                if parsed.scores is None:  # null rather than misaligned (scores.py); counted, not silent
-                    self.stats["scores_not_aligned"] = self.stats.get("scores_not_aligned", 0) + 1
-        if task.output is not Output.TEXT:
-            parsed = refine(parsed, gen.truncated, size[0], size[1], self.stats)
-        return parsed
-
-    def _token_text(self, gen: Generation):
-        """The generation's tokens with their log p, as scores.py aligns them (None: scoring off)."""
-        return token_text(self.lm.processor.tokenizer, list(gen.ids), list(gen.logprobs)) if gen.logprobs else None
-
-    def _parse(self, task: Task, width: int, height: int, results) -> Parsed:
-        size = (width, height)
-        if task.input is Input.REGION:
-            return self._parse_regions(task, size, results)
-        if task.input is Input.CLASSES and self.inputs.classes:
-            return self._merge_classes(task, size, results)
-        (req, gen), = results
-        return self.parse_one(task, gen, size)
-
-    def _merge_classes(self, task: Task, size, results) -> Parsed:
-        """One prompt per class: the label is the class asked for, whatever the model wrote."""
-        merged = Parsed(labels=[], scores=[])
-        for req, gen in results:
-            part = self.parse_one(task, gen, size)
-            field_name = "polygons" if part.polygons else "bboxes"
-            items = getattr(part, field_name) or []
-            setattr(merged, field_name, (getattr(merged, field_name) or []) + items)
-            merged.labels += [req.label] * len(items)
-            merged.scores = None if merged.scores is None or part.scores is None else merged.scores + part.scores
-        if merged.bboxes is None and merged.polygons is None:
-            merged.bboxes = []
-        return merged
-
-    def _parse_regions(self, task: Task, size, results) -> Parsed:
-        """One instance per source box: its box, the answer for it, and that answer's score."""
-        boxes = [list(req.box) for req, _ in results]
-        scores = [text_score(tt) if (tt := self._token_text(gen)) else None for _, gen in results]
-        scores = scores if None not in scores else None
-        if task.output is Output.POLYGONS:
-            polygons = []
-            for _, gen in results:
-                part = parse_generation(self.lm.processor, task, gen.text, size)
-                polygons.append([p for inst in part.polygons for p in inst])  # all parts of this box's mask
-            return Parsed(bboxes=boxes, polygons=polygons, labels=[req.label or "" for req, _ in results], scores=scores)
-        return Parsed(bboxes=boxes, labels=[plain_text(gen.text) for _, gen in results], scores=scores)
-
-
 def _answer_ids(ids: list[int], eos: int, pad: int) -> tuple[list[int], bool]:
     """A row's generated ids up to and including </s> (True), or, for a row stopped by its
     length limit, without the padding generate appends once it is done (False)."""
@@ -485,43 +208,3 @@ def _answer_ids(ids: list[int], eos: int, pad: int) -> tuple[list[int], bool]:
     while ids and ids[-1] == pad:
         ids = ids[:-1]
     return ids, False
-
-
-def _free_cache(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-@dataclass
-class _Group:
-    """Images of one batch whose vision features were computed together, on their way through the
-    task waves (`done` holds the rows of finished waves; the current wave's requests wait for results)."""
-
-    items: list[ImageItem]
-    features: torch.Tensor  # [B, N, D]: kept until the last wave ends (later waves and a fallback read them)
-    needed: list[set[str]]  # per image: tasks to run (pending + their sources)
-    done: dict[tuple[int, str], Annotation] = field(default_factory=dict)
-    wave: int = 0  # index into Engine.waves
-    requests: list[Request] = field(default_factory=list)  # the current wave's
-    results: list = field(default_factory=list)  # per request: Generation | BaseException | None (not yet)
-    failed: dict[tuple[int, str], str] = field(default_factory=dict)  # rows of the wave that cannot run
-    left: int = 0  # requests of the current wave not answered yet
-
-
-@dataclass
-class _Work:
-    """One batch in the stream: row lists (decode and vision failures) and image groups, in item order."""
-
-    parts: list
-    waves: int
-
-    @property
-    def finished(self) -> bool:
-        return all(p.wave >= self.waves for p in self.parts if isinstance(p, _Group))
-
-    def rows(self) -> list[Annotation]:
-        out = []
-        for part in self.parts:
-            out += [part.done[(i, t)] for i, item in enumerate(part.items) for t in item.tasks] \
-                if isinstance(part, _Group) else part
-        return out

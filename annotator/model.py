@@ -74,6 +74,16 @@ class LoadedModel:
     device: torch.device
 
 
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def free_cache(device: torch.device) -> None:
+    """After a failure on the GPU: hand the failed call's cached blocks back before the retry."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def resolve_dtype(name: str, device: torch.device, warn: bool = True) -> torch.dtype:
     """auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU (CPU half matmuls are slow)."""
     if name == "float16" and device.type == "cpu":

@@ -262,7 +262,7 @@ def annotate_work(cfg: RunConfig, lm: LoadedModel, work: list[WorkItem], writer:
                   on_batch: Callable[[BatchDone], None]) -> None:
     """The device loop: decode in DataLoader workers, annotate, hand rows to the writer;
     `on_batch` hears about every batch."""
-    # prompts per generate call: every task of a batch together (see Engine._run_wave)
+    # prompts per generate call: every task of a batch together (see stream.py, BatchStream._advance)
     tasks = engine_tasks(list(cfg.tasks), cfg.tiling)
     engine = Engine(lm, tasks, cfg.task_inputs, cfg.generation, max_prompts=cfg.batch_size * len(cfg.tasks))
     annotator, dataset = engine, None

@@ -218,11 +218,11 @@ def test_a_failed_source_fails_its_dependent_task_for_that_image_only(tiny_lm):
 
 
 def test_a_parser_crash_is_that_rows_error_and_keeps_the_raw_text(tiny_lm, monkeypatch):
-    import annotator.engine as engine_module
+    import annotator.assemble as assemble_module
 
     engine = Engine(tiny_lm, parse_task_list("od,caption"), TaskInputs(), GREEDY)
     scripted(engine, [])
-    real = engine_module.parse_generation
+    real = assemble_module.parse_generation
     calls = {"n": 0}
 
     def crash_on_first_od(processor, task, text, size):
@@ -231,7 +231,7 @@ def test_a_parser_crash_is_that_rows_error_and_keeps_the_raw_text(tiny_lm, monke
             raise IndexError("odd output")
         return real(processor, task, text, size)
 
-    monkeypatch.setattr(engine_module, "parse_generation", crash_on_first_od)
+    monkeypatch.setattr(assemble_module, "parse_generation", crash_on_first_od)
     rows = {(r.image, r.task): r for r in engine.annotate(two_images(("od", "caption")))}
     bad = rows[("a.png", "od")]
     assert bad.status == "error" and bad.error == "parse failed: IndexError: odd output"

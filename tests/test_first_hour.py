@@ -130,14 +130,14 @@ def test_schema_1_folder_resumes_and_a_poisoned_one_is_refused_with_the_fix(twin
 # ------------------------------------------------------------------ malformed generations
 
 def test_location_fragment_labels_and_inverted_boxes_are_dropped_and_counted(tmp_path, monkeypatch):
-    import annotator.engine as engine
+    import annotator.assemble as assemble
 
-    real = engine.parse_generation
+    real = assemble.parse_generation
     scripted = ("<loc_150><loc_500><loc_100><loc_600><loc_700>"  # label `loc_150>`: a fragment
                 "dog<loc_10><loc_10><loc_500><loc_500>"  # a sound instance
                 "car<loc_600><loc_10><loc_100><loc_500>"  # x2 < x1: inverted
                 "cat<loc_10><loc_10><loc_900><loc_900>")  # the tail, dropped when generation was truncated
-    monkeypatch.setattr(engine, "parse_generation", lambda proc, task, text, size: real(proc, task, scripted, size))
+    monkeypatch.setattr(assemble, "parse_generation", lambda proc, task, text, size: real(proc, task, scripted, size))
     noise_images(tmp_path / "in", 2)
     result = annotate("run", str(tmp_path / "in"), "--out", str(tmp_path / "X"), "--tasks", "od", *FAST, "--no-scores")
     assert result.exit_code == 0, result.output

@@ -14,6 +14,7 @@ from annotator.config import GenerationSettings, TaskInputs
 from annotator.engine import Engine
 from annotator.lengths import ForcedLengths
 from annotator.scheduler import supports
+from annotator.stream import BatchStream
 from annotator.tasks import parse_task_list
 from test_engine import batches, make_items
 
@@ -173,7 +174,7 @@ def test_a_failing_prompt_in_the_stream_goes_through_generate(eos_lm, monkeypatc
     gen = GenerationSettings(num_beams=1, max_new_tokens=MAX_NEW, scores=False)
     items = make_items(eos_lm, SPEC.split(","))
     expected, _ = annotate(eos_lm, items, gen, max_prompts=1, scheduler=True, batch_size=1)
-    real, calls = Engine._encode_jobs, []
+    real, calls = BatchStream._encode_jobs, []
 
     def encode_jobs(self, jobs):
         calls.append(len(jobs))
@@ -181,7 +182,7 @@ def test_a_failing_prompt_in_the_stream_goes_through_generate(eos_lm, monkeypatc
             raise RuntimeError("device fault")
         return real(self, jobs)
 
-    monkeypatch.setattr(Engine, "_encode_jobs", encode_jobs)
+    monkeypatch.setattr(BatchStream, "_encode_jobs", encode_jobs)
     got, stats = annotate(eos_lm, items, gen, max_prompts=4, scheduler=True, batch_size=2, stream=True)
     assert key(got) == key(expected) and len(calls) > 3
 

@@ -92,7 +92,7 @@ def test_scores_fill_the_table_for_every_instance_kind(tiny_lm):
                        ("caption", "a red car")]:
         ids = tuple(tok("<s>" + text + "</s>", add_special_tokens=False)["input_ids"])
         gen = Generation("</s><s>" + text + "</s>", False, ids, tuple([math.log(0.8)] * len(ids)))
-        parsed = engine.parse_one(TASKS[task], gen, (1000, 1000))
+        parsed = engine.assembler.parse_one(TASKS[task], gen, (1000, 1000))
         if task == "caption":
             assert parsed.text_score == pytest.approx(0.8)
         else:
@@ -144,15 +144,15 @@ def test_region_tasks_score_each_box_by_its_own_answer(tiny_lm):
     boxes = [(10.0, 10.0, 50.0, 50.0), (60.0, 20.0, 90.0, 80.0)]
     cat = [(Request(0, "region_to_category", "<R>", b), _gen(tok, text, p))
            for b, text, p in zip(boxes, ["car", "dog"], [0.8, 0.3])]
-    row = engine.assemble(TASKS["region_to_category"], "a.png", 100, 100, cat)
+    row = engine.assembler.assemble(TASKS["region_to_category"], "a.png", 100, 100, cat)
     assert row.labels == ["car", "dog"] and row.scores == [pytest.approx(0.8), pytest.approx(0.3)]
     seg = [(Request(0, "region_to_segmentation", "<R>", b, "x"), _gen(tok, "<loc_100><loc_100><loc_400><loc_100><loc_400><loc_400>", p))
            for b, p in zip(boxes, [0.6, 0.1])]
-    row = engine.assemble(TASKS["region_to_segmentation"], "a.png", 100, 100, seg)
+    row = engine.assembler.assemble(TASKS["region_to_segmentation"], "a.png", 100, 100, seg)
     assert len(row.polygons) == 2 and row.scores == [pytest.approx(0.6), pytest.approx(0.1)]
     # one answer without log p (scoring off for it): no partial column
     seg[1] = (seg[1][0], seg[1][1].__class__(seg[1][1].text, False))
-    assert engine.assemble(TASKS["region_to_segmentation"], "a.png", 100, 100, seg).scores is None
+    assert engine.assembler.assemble(TASKS["region_to_segmentation"], "a.png", 100, 100, seg).scores is None
 
 
 def test_per_class_prompts_keep_each_class_answers_scores(tiny_lm):
@@ -166,24 +166,24 @@ def test_per_class_prompts_keep_each_class_answers_scores(tiny_lm):
                 _gen(tok, "car<loc_100><loc_100><loc_300><loc_300>", 0.8)),
                (Request(0, "open_vocabulary_detection", "<OVD>bus", label="bus"),
                 _gen(tok, "bus<loc_500><loc_500><loc_700><loc_700>bus<loc_10><loc_600><loc_200><loc_900>", 0.3))]
-    row = engine.assemble(TASKS["open_vocabulary_detection"], "a.png", 1000, 1000, results)
+    row = engine.assembler.assemble(TASKS["open_vocabulary_detection"], "a.png", 1000, 1000, results)
     assert row.labels == ["car", "bus", "bus"]
     assert row.scores == [pytest.approx(0.8), pytest.approx(0.3), pytest.approx(0.3)]
 
 
 def test_misaligned_scores_are_null_and_counted(tiny_lm, monkeypatch):
-    import annotator.engine as engine_module
+    import annotator.assemble as assemble_module
     from annotator.config import GenerationSettings, TaskInputs
     from annotator.engine import Engine
 
     tok = tiny_lm.processor.tokenizer
     engine = Engine(tiny_lm, [TASKS["od"]], TaskInputs(), GenerationSettings(num_beams=1))
     gen = _gen(tok, "car<loc_1><loc_2><loc_3><loc_4>bus<loc_5><loc_6><loc_7><loc_8>", 0.8)
-    assert engine.parse_one(TASKS["od"], gen, (1000, 1000)).scores == [pytest.approx(0.8)] * 2
+    assert engine.assembler.parse_one(TASKS["od"], gen, (1000, 1000)).scores == [pytest.approx(0.8)] * 2
     assert "scores_not_aligned" not in engine.stats
-    real = engine_module.instance_scores
-    monkeypatch.setattr(engine_module, "instance_scores", lambda task, tt: real(task, tt)[:1])  # one short
-    parsed = engine.parse_one(TASKS["od"], gen, (1000, 1000))
+    real = assemble_module.instance_scores
+    monkeypatch.setattr(assemble_module, "instance_scores", lambda task, tt: real(task, tt)[:1])  # one short
+    parsed = engine.assembler.parse_one(TASKS["od"], gen, (1000, 1000))
     assert len(parsed.bboxes) == 2 and parsed.scores is None
     assert engine.stats["scores_not_aligned"] == 1
 

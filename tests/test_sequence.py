@@ -64,7 +64,7 @@ def test_training_example_encoder_input_equals_what_the_engine_feeds(tiny_lm, tm
     item = ImageDataset([WorkItem(ImageRef("img.png", image), (task,))], proc.image_processor, 10**8)[0]
     run_batch = collate([item])
     features = engine.image_features(run_batch.pixel_values)
-    input_ids, mask, _ = engine._encode_requests([Request(0, task, prompt)], features)
+    input_ids, mask, _ = engine.encode_requests([Request(0, task, prompt)], features)
 
     assert torch.equal(batch.input_ids, input_ids.cpu())
     assert torch.equal(batch.attention_mask, mask.cpu())
