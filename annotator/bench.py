@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 import click
 
 from .clikit import Aliased
+from .measure import count_flops, matmul_rates, peak_memory_bytes, sync, timed
 
 # Forced new tokens per task: roughly what the real model writes on a busy photo.
 DEFAULT_TOKENS = {"caption": 20, "od": 100, "dense_region_caption": 200, "ocr": 100}
@@ -87,9 +87,10 @@ class GenerateRecorder:
     The task is recognised from the prompt words, which are the same on both sides."""
 
     def __init__(self, lm, tasks):
+        from .sequence import prompt_words  # the engine's words for the task token
+
         self.lm = lm
-        proc = lm.processor
-        self.by_words = {proc._construct_prompts([t.token])[0].strip(): t.name for t in tasks}
+        self.by_words = {prompt_words(lm.processor, t.token).strip(): t.name for t in tasks}
         self.side: Side | None = None
 
     def __enter__(self):
@@ -114,49 +115,6 @@ class GenerateRecorder:
     def __exit__(self, *exc):
         del self.lm.model.generate
 
-
-def matmul_rates(dtype, device, n: int | None = None, reps: int = 5) -> dict[str, float]:
-    """GFLOP/s of a large dense matmul in `dtype`: torch.mm, and on CPU also the oneDNN Linear
-    the engine uses (on AMD the two differ by 2x). The best is the machine's ceiling."""
-    import torch
-
-    from .speed import onednn_available
-
-    n = n or (8192 if device.type == "cuda" else 3072)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    kernels = {"torch.mm": lambda: torch.mm(a, b)}
-    if device.type == "cpu" and onednn_available():
-        kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    rates = {}
-    for name, fn in kernels.items():
-        fn()
-        best = float("inf")
-        for _ in range(reps):
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            best = min(best, time.perf_counter() - t)
-        rates[name] = 2 * n ** 3 / best / 1e9
-    return rates
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_bytes(device) -> int:
-    """GPU: torch's peak allocation. CPU: the process's peak RSS (Linux reports KiB)."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def engine_batches(lm, tasks, images, batch_size: int, first: int = 0):
@@ -184,7 +142,7 @@ def run_engine(engine, images, batch_size: int, side: Side, first: int = 0) -> N
     batches (preprocess, vision once, decoding shared across tasks and batches, parse)."""
     for rows in engine.annotate_stream(engine_batches(engine.lm, engine.tasks, images, batch_size, first)):
         count_rows(side, rows)
-    _sync(engine.lm.device)
+    sync(engine.lm.device)
 
 
 def run_reference(lm, tasks, lengths: list[dict[str, int]], num_beams: int, images, side: Side) -> None:
@@ -203,47 +161,9 @@ def run_reference(lm, tasks, lengths: list[dict[str, int]], num_beams: int, imag
             except Exception:  # noqa: BLE001 - random output may not parse; the work was done
                 side.rows_error += 1
         side.images += 1
-    _sync(lm.device)
+    sync(lm.device)
 
 
-def count_flops(fn) -> int:
-    """FLOPs of fn() by torch's FlopCounterMode (matmuls, convolutions, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    _register_onednn_flops()
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-_registered = False
-
-
-def _register_onednn_flops() -> None:
-    """Teach FlopCounterMode the oneDNN Linear (speed.py): x [..., K] @ w[N, K]^T."""
-    global _registered
-    import torch
-
-    from .speed import onednn_available
-
-    if _registered or not onednn_available():
-        return
-    from torch.utils.flop_counter import register_flop_formula
-
-    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
-    def _linear_flops(x_shape, w_shape, *args, **kwargs) -> int:
-        rows = 1
-        for d in x_shape[:-1]:
-            rows *= d
-        return 2 * rows * x_shape[-1] * w_shape[0]
-
-    _registered = True
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_region_caption,ocr", images: int = 8,
@@ -318,7 +238,7 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
             with engine_kernels():
                 t = time.perf_counter()
                 rows = next(stream, None)
-                _sync(lm.device)
+                sync(lm.device)
                 engine.seconds += time.perf_counter() - t
             if rows is None:
                 break
