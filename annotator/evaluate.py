@@ -29,6 +29,9 @@ class EvalReport:
     per_class: dict[str, float] = field(default_factory=dict)
     matched_images: int = 0
     unmatched_labels: dict[str, int] = field(default_factory=dict)
+    # (score, matched) per predicted box at IoU 0.5 (or --iou), by COCOeval's own matching; a box
+    # whose label is not in the ground truth is wrong here, though AP ignores it (unmatched_labels)
+    matches: list[tuple[float, bool]] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"images matched: {self.matched_images}"]
@@ -69,6 +72,7 @@ def to_results(pred: dict, gt: dict, report: EvalReport) -> list[dict]:
             continue
         if cat is None:
             report.unmatched_labels[name] = report.unmatched_labels.get(name, 0) + 1
+            report.matches.append((float(ann.get("score", 1.0)), False))
             continue
         results.append({"image_id": image_id, "category_id": cat, "bbox": ann["bbox"],
                         "score": float(ann.get("score", 1.0)), **({"segmentation": ann["segmentation"]}
@@ -120,11 +124,25 @@ def evaluate_data(pred: dict, gt: dict, iou: float | None = None, iou_type: str 
     names = STAT_NAMES if iou is None else [f"AP@{iou:g}"] + STAT_NAMES[1:]
     report.stats = {n: float(v) for n, v in zip(names, ev.stats)}
     report.per_class = _per_class(ev, gt_coco)
+    report.matches = sorted(report.matches + _matches(ev, 0.5 if iou is None else iou), key=lambda m: -m[0])
     for t in thresholds:
         kept = [r for r in results if r["score"] >= t]
         sub = _cocoeval(gt_coco, kept, iou_type, iou)
         report.by_threshold[t] = float(sub.stats[0]) if sub is not None else 0.0
     return report
+
+
+def _matches(ev, iou: float) -> list[tuple[float, bool]]:
+    """(score, matched) per judged box at IoU `iou`: COCOeval's greedy matching (by score, within
+    an image and category, each ground-truth box once), read from evalImgs (area all; like AP,
+    it judges an image's 100 best boxes per category)."""
+    t = int(np.argmin(np.abs(ev.params.iouThrs - iou)))
+    out = []
+    for e in ev.evalImgs:
+        if e is not None and e["aRng"] == ev.params.areaRng[0]:
+            out += [(float(s), bool(m > 0)) for s, m, ignore in zip(e["dtScores"], e["dtMatches"][t], e["dtIgnore"][t])
+                    if not ignore]
+    return out
 
 
 def _per_class(ev, gt_coco) -> dict[str, float]:

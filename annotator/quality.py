@@ -56,45 +56,18 @@ class Quality:
         return d
 
 
-def iou(a, b) -> float:
-    """IoU of two COCO xywh boxes."""
-    from .parse import iou as iou_xyxy
-
-    return iou_xyxy([a[0], a[1], a[0] + a[2], a[1] + a[3]], [b[0], b[1], b[0] + b[2], b[1] + b[3]])
-
-
-def match(pred: dict, gt: dict, threshold: float = 0.5) -> list[tuple[float, bool]]:
-    """(score, matched) for every predicted box: greedy by score, same image (by file name) and
-    category (by name), IoU >= threshold, each ground-truth box matched at most once."""
-    gt_file = {im["id"]: im["file_name"] for im in gt["images"]}
-    gt_cat = {c["id"]: c["name"] for c in gt["categories"]}
-    truth: dict[tuple[str, str], list] = {}
-    for a in gt["annotations"]:
-        truth.setdefault((gt_file[a["image_id"]], gt_cat[a["category_id"]]), []).append([a["bbox"], False])
-    pred_file = {im["id"]: im["file_name"] for im in pred["images"]}
-    pred_cat = {c["id"]: c["name"] for c in pred["categories"]}
-    out = []
-    for a in sorted(pred["annotations"], key=lambda a: -a.get("score", 1.0)):
-        cands = truth.get((pred_file[a["image_id"]], pred_cat[a["category_id"]]), [])
-        best = max((c for c in cands if not c[1]), key=lambda c: iou(a["bbox"], c[0]), default=None)
-        ok = best is not None and iou(a["bbox"], best[0]) >= threshold
-        if ok:
-            best[1] = True
-        out.append((float(a.get("score", 1.0)), ok))
-    return out
-
-
 def box_quality(pred_path: Path, gt_path: Path, q: Quality) -> None:
     from .evaluate import evaluate_data
 
     pred, gt = json.loads(pred_path.read_text()), json.loads(gt_path.read_text())
-    q.od = evaluate_data(pred, gt, thresholds=()).stats
+    report = evaluate_data(pred, gt, thresholds=())
+    q.od = report.stats
     q.od_scores_one = evaluate_data(dict(pred, annotations=[dict(a, score=1.0) for a in pred["annotations"]]), gt,
                                     thresholds=()).stats
     one = [{"id": 1, "name": "object"}]  # every label the same: are the boxes right?
     q.od_any_class = evaluate_data(*(dict(d, categories=one, annotations=[dict(a, category_id=1) for a in d["annotations"]])
                                      for d in (pred, gt)), thresholds=()).stats
-    matched = match(pred, gt)
+    matched = report.matches  # (score, right) per box at IoU 0.5, as COCOeval matched them
     n_gt = len(gt["annotations"])
     for t in THRESHOLDS:
         kept = [ok for s, ok in matched if s >= t]

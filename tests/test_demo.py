@@ -40,7 +40,7 @@ def test_demo_meets_the_floor_on_held_out_scenes_and_its_scores_rank(scenes, tmp
 def test_demo_golden_boxes_and_labels_through_the_cli(scenes, tmp_path):
     """Six fixed scenes through `annotate run`: most drawn objects get a box at IoU >= 0.5 that
     carries their label."""
-    from annotator.quality import iou
+    from annotator.parse import iou
 
     res = run_cli("run", str(scenes), "--model", "demo", "--tasks", "od", "--out", str(tmp_path / "a"),
                   "--limit", "6", "--workers", "0", "--no-progress", timeout=300)
@@ -49,12 +49,13 @@ def test_demo_golden_boxes_and_labels_through_the_cli(scenes, tmp_path):
     names = {c["id"]: c["name"] for c in gt["categories"]}
     rows = by_key(tmp_path / "a")
     hits = total = 0
+    xyxy = lambda b: [b[0], b[1], b[0] + b[2], b[1] + b[3]]  # noqa: E731 - COCO's xywh
     for im in gt["images"][:6]:
         row = rows[(im["file_name"], "od")]
         found = list(zip(row["labels"] or [], row["bboxes"] or []))
         for a in (a for a in gt["annotations"] if a["image_id"] == im["id"]):
             total += 1
-            hits += any(label == names[a["category_id"]] and iou(a["bbox"], [b[0], b[1], b[2] - b[0], b[3] - b[1]]) >= 0.5
+            hits += any(label == names[a["category_id"]] and iou(xyxy(a["bbox"]), b) >= 0.5
                         for label, b in found)
     assert hits / total >= 0.6, (hits, total)
 

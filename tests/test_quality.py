@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from annotator.quality import Quality, box_quality, iou, match
+from annotator.evaluate import evaluate_data
+from annotator.quality import Quality, box_quality
 
 
 def _coco(boxes, names=("red circle", "blue square")):
@@ -19,18 +20,17 @@ def _coco(boxes, names=("red circle", "blue square")):
 GT = _coco([(1, [10, 10, 20, 20], None), (2, [50, 50, 30, 30], None)])
 
 
-def test_iou():
-    assert iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
-    assert abs(iou([0, 0, 10, 10], [5, 0, 10, 10]) - 1 / 3) < 1e-9
-    assert iou([0, 0, 10, 10], [20, 20, 5, 5]) == 0.0
-
-
 def test_match_is_greedy_by_score_one_truth_once_and_class_aware():
+    """The per-box verdicts are COCOeval's own (evaluate.py), plus: a label the truth lacks is wrong."""
     pred = _coco([(1, [10, 10, 20, 20], 0.9),  # right
                   (1, [11, 11, 20, 20], 0.8),  # a duplicate of the same object: the truth is taken
                   (1, [50, 50, 30, 30], 0.7),  # right place, wrong class
-                  (2, [52, 52, 30, 30], 0.2)])  # right, low score
-    assert match(pred, GT) == [(0.9, True), (0.8, False), (0.7, False), (0.2, True)]
+                  (2, [52, 52, 30, 30], 0.2),  # right, low score
+                  (3, [50, 50, 30, 30], 0.5)],  # a label the ground truth does not have
+                 names=("red circle", "blue square", "green blob"))
+    report = evaluate_data(pred, GT, thresholds=())
+    assert report.matches == [(0.9, True), (0.8, False), (0.7, False), (0.5, False), (0.2, True)]
+    assert report.unmatched_labels == {"green blob": 1}
 
 
 def test_scores_that_rank_right_above_wrong_raise_ap_over_scores_of_one(tmp_path):
