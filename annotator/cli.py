@@ -9,10 +9,10 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .clikit import Aliased, env_names
+from .clikit import EXIT_CANNOT_START, EXIT_INTERRUPTED, Aliased, env_names
 from .config import ConfigError, GenerationSettings, ModelSpec, RunConfig, TaskInputs, TileSettings, DTYPES, ATTENTIONS
 from .model import ModelLoadError
-from .runner import EXIT_CANNOT_START, EXIT_INTERRUPTED, RunError
+from .runner import RunError
 from .sources import SourceError
 from .tasks import TASKS, PlanError, UnknownTask, parse_task_list, plan_sources
 

@@ -24,8 +24,7 @@ from pathlib import Path
 import polars as pl
 from PIL import Image
 
-# Style is re-exported: tests import the drawing API from here
-from .drawing import Style, add_text_band, draw_annotations, fit, instances_of, label_color, open_scaled, text_lines  # noqa: F401
+from .drawing import add_text_band, draw_annotations, fit, instances_of, label_color, open_scaled, text_lines
 from .store import OK
 from .tasks import TASKS, Labels
 

@@ -17,6 +17,7 @@ from typing import Callable, Protocol
 import torch
 
 from . import __version__
+from .clikit import EXIT_OK, EXIT_ROW_ERRORS, EXIT_WORKER_FAILED
 from .config import RunConfig
 from .engine import Engine
 from .images import ImageDataset, WorkItem, collate
@@ -27,9 +28,6 @@ from .store import ERROR, MANIFEST, OK, Manifest, PartWriter, drop_error_rows, p
 from .tiling import TiledAnnotator, TilingDataset, collate_tiles, engine_tasks, tileable
 
 log = logging.getLogger(__name__)
-
-from .clikit import (EXIT_CANNOT_START, EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS,  # noqa: F401 (re-exported)
-                     EXIT_USAGE, EXIT_WORKER_FAILED)
 
 
 class RunError(RuntimeError):

@@ -239,7 +239,7 @@ def florence_pairs(d: Drawn) -> dict[str, tuple[str, str]]:
     """task name -> (prompt, target): the ground truth written the way Florence-2 answers, with
     locations quantized exactly as the exporters quantize them. Objects and lines are in reading
     order (top to bottom, then left to right), so one scene has one right answer."""
-    from exporters.geometry import quantize
+    from .sequence import quantize
 
     w, h = d.image.size
 

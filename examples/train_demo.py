@@ -108,7 +108,7 @@ def cell_targets(drawn: list[samples.Drawn], grid: int, tokens: Callable[[str], 
     location bins, quantized as the answers quantize them, and [B, grid*grid, 2] the token ids of
     the words that name it: a shape's colour and shape, or the printed word at that cell of a text
     line (words placed by their share of the line's characters); -100 where none (or no `tokens`)."""
-    from exporters.geometry import quantize
+    from annotator.sequence import quantize
 
     classes = torch.zeros(len(drawn), grid, grid, dtype=torch.long)
     bins = torch.zeros(len(drawn), grid, grid, 4, dtype=torch.long)

@@ -17,11 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
+from annotator.sequence import loc_tokens
 from annotator.tasks import TASKS, Labels
 from exporters.base import Export
 from exporters.classes import ClassVocab, normalize_label
 
-from exporters.geometry import clip_polygon, loc_tokens, polygons_extent, row_instances
+from exporters.geometry import clip_polygon, polygons_extent, row_instances
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import ImageRows, Run
 from exporters.registry import register

@@ -10,11 +10,12 @@ import json
 import re
 from collections import Counter
 
+from annotator.sequence import loc_tokens
 from annotator.tasks import TASKS, Input, Labels, Output
 from exporters.base import Export
 from exporters.classes import ClassVocab
 from exporters.files import place_image
-from exporters.geometry import clip_box, clip_polygon, loc_tokens, prompt_input
+from exporters.geometry import clip_box, clip_polygon, prompt_input
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import Row, Run
 from exporters.registry import register

@@ -1,6 +1,6 @@
 """Small pure geometry converters shared by the formats: clip boxes and polygons to the image,
 drop degenerate ones, turn table rows into instances. Florence-2's location quantization lives in
-annotator/sequence.py (the engine writes region prompts with it) and is re-exported here."""
+annotator/sequence.py (the engine writes region prompts with it)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from annotator.sequence import BINS, dequantize, loc_tokens, quantize  # noqa: F401 - re-exported
 from annotator.tasks import TASKS, Input, Labels, Output
 
 

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 import annotator.runner as runner
-from annotator.runner import EXIT_ROW_ERRORS, run
+from annotator.clikit import EXIT_ROW_ERRORS
+from annotator.runner import run
 from annotator.sources import printable_key
 from run_helpers import FAST, by_key, make_cfg, noise_images, run_cli
 

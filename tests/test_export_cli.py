@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from annotator.store import SCHEMA_VERSION, SCHEMA, Annotation, rows_to_table
+from annotator.store import SCHEMA_VERSION, Annotation, rows_to_table
 from exporters import EXPORTERS
 from exporters.cli import export
 from export_fixtures import make_run, ok

@@ -11,8 +11,9 @@ from exporters.docvqa import article, plural, qa_pairs
 from exporters.errors import ExportError, UnsafePath
 from exporters.files import assign_splits, flat_names
 from exporters.florence import clean_text, florence_pairs
-from exporters.geometry import (clip_box, clip_polygon, dequantize, loc_tokens, polygon_area, quantize,
-                                row_instances, xyxy_to_cxcywh_norm, xyxy_to_xywh)
+from annotator.sequence import dequantize, loc_tokens, quantize
+from exporters.geometry import (clip_box, clip_polygon, polygon_area, row_instances, xyxy_to_cxcywh_norm,
+                                xyxy_to_xywh)
 from exporters.read import ImageRows, Row
 from exporters.safety import check_key, safe_component
 from exporters.yolo import merge_parts

@@ -7,7 +7,6 @@ import io
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from exporters import run_export

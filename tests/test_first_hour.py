@@ -9,7 +9,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 from annotator.cli import cli
 from annotator.store import MANIFEST, SCHEMA_VERSION, Manifest, part_files

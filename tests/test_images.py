@@ -1,7 +1,5 @@
 """Decoding: EXIF orientation, odd modes to RGB, failures as values."""
 
-import io
-
 import numpy as np
 import pytest
 from PIL import Image

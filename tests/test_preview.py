@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from annotator.cli import cli
-from annotator.preview import PreviewError, Style, draw_annotations, label_color, preview
+from annotator.drawing import Style, draw_annotations, label_color
+from annotator.preview import PreviewError, preview
 from annotator.store import Annotation
 from export_fixtures import make_run, ok, standard_rows
 

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from annotator.cli import cli
 from annotator.config import GenerationSettings, ModelSpec
-from annotator.runner import EXIT_INTERRUPTED, EXIT_USAGE, RunError, run
+from annotator.clikit import EXIT_INTERRUPTED, EXIT_USAGE
+from annotator.runner import RunError, run
 from annotator.stopping import stop_on_signals
 from annotator.store import MANIFEST, Manifest, part_files
 from run_helpers import FAST, annotate_argv, by_key, cli_env, comparable, make_cfg, noise_images, rows, run_cli
