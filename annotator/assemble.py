@@ -38,6 +38,8 @@ class Generation:
 
 
 class Assembler:
+    """A task's (request, generation) pairs of one image -> its Annotation row."""
+
     def __init__(self, processor, task_inputs: TaskInputs):
         self.processor = processor
         self.inputs = task_inputs

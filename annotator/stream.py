@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class BatchStream:
+    """The engine's one stream (Engine.stream): batches in, each batch's rows out as it finishes."""
+
     def __init__(self, engine: Engine):
         self.engine = engine
         self.max_images: int | None = None  # images per vision forward; set (halved) on OOM
