@@ -67,9 +67,9 @@ class Engine:
         self.locs = LocBins.of(lm.processor.tokenizer)  # location tokens score with their neighbourhood (scores.py)
         self.forced_lengths: ForcedLengths | None = None  # bench only: exact answer lengths (lengths.py)
         self.decode_stats = DecodeStats()  # decoding work, for the bench's slot efficiency
-        # Greedy decoding goes through the continuous-batching scheduler (scheduler.py) when it
-        # does exactly what generate would; beam search keeps the generate path.
-        self.use_scheduler = generation.num_beams == 1 and supports(lm.model.generation_config)
+        # Greedy and beam search go through the continuous-batching scheduler (scheduler.py) when
+        # it does exactly what generate would.
+        self.use_scheduler = supports(lm.model.generation_config)
         self._decoder: DecodeScheduler | None = None  # made on first use, kept across batches
         if lm.device.type == "cpu":
             use_onednn_linear(lm.model)  # fp32 Linear through oneDNN: 2x the GFLOP/s on AMD CPUs (speed.py)
@@ -223,9 +223,11 @@ class Engine:
         whose free memory would not hold their KV cache."""
         if self._decoder is None:
             lm, gen = self.lm, self.generation
-            dec = DecodeScheduler(lm.model, self.max_prompts, self._encode_jobs, scores=gen.scores, locs=self.locs)
+            k = gen.num_beams  # rows per prompt: max_prompts prompts in flight, as on the generate path
+            dec = DecodeScheduler(lm.model, self.max_prompts * k, self._encode_jobs, scores=gen.scores, locs=self.locs,
+                                  num_beams=k)
             per_row = dec.kv_bytes_per_row(gen.max_new_tokens, lm.processor.num_image_tokens + 64)
-            dec.max_rows = rows_for_memory(lm.device, per_row, self.max_prompts)
+            dec.max_rows = rows_for_memory(lm.device, per_row, self.max_prompts * k)
             self._decoder = dec
         return self._decoder
 
@@ -247,8 +249,8 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - see docstring
             _free_cache(self.lm.device)
             jobs, self._decoder = dec.unfinished(), None
-            if is_oom(exc) and dec.max_rows > 1:
-                self.max_prompts = dec.max_rows // 2
+            if is_oom(exc) and dec.capacity > 1:
+                self.max_prompts = dec.capacity // 2
                 log.warning("out of memory with %d rows in flight; going on with %d", dec.max_rows, self.max_prompts)
                 self._scheduler().submit(jobs)  # the same prompts, restarted from their first token
                 return
