@@ -288,7 +288,8 @@ class DecodeScheduler:
         ragged = n * t > self.RAGGED_WASTE * sum(lengths)
         self_mask = None if ragged else \
             (torch.arange(t, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, t]
-        cross_mask = cache.cross_mask[:n, None, None, :]  # [n, 1, 1, L]
+        w = self.width  # a job's k beams share its prompt: their k queries read its cross K/V once
+        cross_mask = cache.cross_mask[:n:w, None, None, :]  # [J, 1, 1, L]
         rows = torch.arange(n, device=pos.device)
         for i, layer in enumerate(dec.layers):
             att = layer.self_attn
@@ -305,7 +306,9 @@ class DecodeScheduler:
             h = layer.self_attn_layer_norm(h + att.out_proj(_merge(o)))
             xa = layer.encoder_attn
             q = _heads(xa.q_proj(h), xa.head_dim)
-            o = F.scaled_dot_product_attention(q, cache.ck[i][:n], cache.cv[i][:n], cross_mask, scale=xa.scaling)
+            q = q.view(n // w, w, *q.shape[1:]).transpose(1, 2).flatten(2, 3)  # [n, H, 1, hd] -> [J, H, k, hd]
+            o = F.scaled_dot_product_attention(q, cache.ck[i][:n:w], cache.cv[i][:n:w], cross_mask, scale=xa.scaling)
+            o = o.view(n // w, o.shape[1], w, 1, o.shape[-1]).transpose(1, 2).flatten(0, 1)  # -> [n, H, 1, hd]
             h = layer.encoder_attn_layer_norm(h + xa.out_proj(_merge(o)))
             h = layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
         return self.model.lm_head(h[:, 0])
