@@ -270,7 +270,8 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
     echo(f"engine decoding: {'scheduler (continuous batching)' if runner.use_scheduler else 'generate'}  "
          f"{decode.steps} steps  {decode.row_steps / max(decode.steps, 1):.1f} rows in flight per step  "
          f"slot efficiency {decode.efficiency:.0%} (useful tokens / (steps x rows in flight))  "
-         f"occupancy {decode.occupancy:.0%} of {runner.max_prompts} slots")
+         f"occupancy {decode.occupancy:.0%} of {runner.max_prompts} slots"
+         + (f" (prompts; x {num_beams} beam rows each)" if num_beams > 1 else ""))
     if baseline:
         echo(f"reference: {ref.images} images in {ref.seconds:.1f} s = {ref.images_per_s:.3f} images/s  "
              f"{ref_flops * ref.images_per_s / 1e9:.0f} GFLOP/s  tokens {sum(ref.tokens.values())}")
@@ -314,7 +315,8 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
               help="Answer lengths: fixed per task (--tokens), or drawn per image and task from "
                    "realistic per-task distributions (annotator/lengths.py; --seed).")
 @click.option("--scheduler/--no-scheduler", default=True, show_default=True,
-              help="Greedy engine decoding through the continuous-batching scheduler (off: one generate per chunk).")
+              help="Engine decoding (greedy or beams) through the continuous-batching scheduler "
+                   "(off: one generate per chunk).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--attention", type=click.Choice(["auto", "sdpa", "eager", "flash_attention_2"]), default="auto",
               show_default=True)

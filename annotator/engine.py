@@ -46,9 +46,9 @@ class Engine:
         self.locs = LocBins.of(lm.processor.tokenizer)  # location tokens score with their neighbourhood (scores.py)
         self.forced_lengths: ForcedLengths | None = None  # bench only: exact answer lengths (lengths.py)
         self.decode_stats = DecodeStats()  # decoding work, for the bench's slot efficiency
-        # Greedy decoding goes through the continuous-batching scheduler (scheduler.py) when it
-        # does exactly what generate would; beam search keeps the generate path.
-        self.use_scheduler = generation.num_beams == 1 and supports(lm.model.generation_config)
+        # Greedy and beam search go through the continuous-batching scheduler (scheduler.py) when
+        # it does exactly what generate would.
+        self.use_scheduler = supports(lm.model.generation_config)
         self.stream = BatchStream(self)  # what runs when: vision, task waves, the decode scheduler
         if lm.device.type == "cpu":
             use_onednn_linear(lm.model)  # fp32 Linear through oneDNN: 2x the GFLOP/s on AMD CPUs (speed.py)

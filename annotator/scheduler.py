@@ -1,4 +1,4 @@
-"""Continuous batching for greedy decoding: a fixed number of decoding slots, each holding one
+"""Continuous batching for greedy decoding and beam search: a fixed number of decoding slots, each holding one
 answer in flight; when an answer ends its slot is refilled with the next waiting prompt, so a
 20-token caption does not keep its slot while a 900-token OCR page is still being written.
 
@@ -15,9 +15,13 @@ The scheduler is persistent: the engine keeps one and submits the prompts of eac
 images as slots free up, so a long answer of one batch decodes beside the prompts of the next ones
 (Engine.annotate_stream) instead of alone.
 
-Greedy only, and only with the logits rules written here (forced <s> first, forced </s> last,
-per-row min/max lengths); anything else in the model's generation config -> `supports()` is False
-and the engine keeps its `generate` path (beam search always does)."""
+Beam search (beams.py): a job with k beams holds k consecutive slots, its beams' self-attention
+caches are copied among its own rows each step, and its k slots free up together when it ends;
+admission needs k free slots. Greedy is the case k = 1 (argmax, as generate's greedy search).
+
+Only the logits rules written here (forced <s> first, forced </s> last, per-row min/max lengths;
+for beams the model's length_penalty and early_stopping); anything else in the model's generation
+config -> `supports()` is False and the engine keeps its `generate` path."""
 
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .scores import LocBins, chosen_logprobs
+from .beams import Beams, BeamSettings, candidates
+from .scores import LocBins, chosen_logprobs, logprobs_of
 
 # generation_config rules that shape greedy logits and that this module does not implement: each
 # must keep its no-op value. (It implements decoder_start/bos/eos/pad ids and forced_bos/forced_eos;
@@ -36,12 +41,16 @@ from .scores import LocBins, chosen_logprobs
 UNSUPPORTED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
                "min_length": 0, "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
                "encoder_repetition_penalty": 1.0, "exponential_decay_length_penalty": None,
-               "sequence_bias": None, "renormalize_logits": False}
+               "sequence_bias": None, "renormalize_logits": False, "min_new_tokens": 0,
+               # beam search variants beams.py does not implement
+               "num_return_sequences": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "constraints": None,
+               "force_words_ids": None, "low_memory": False}
 
 
 @dataclass
 class DecodeStats:
-    """Decoding work, for the bench's slot efficiency. A row is one prompt (beams count once)."""
+    """Decoding work, for the bench's slot efficiency. Counted in prompts: a beam job's k rows would
+    multiply row_steps and useful tokens alike by k, so the efficiency is the same either way."""
 
     calls: int = 0  # generate calls, or scheduler admissions (prompts encoded together)
     steps: int = 0  # decoder steps
@@ -87,7 +96,7 @@ Encode = Callable[[list[Job]], tuple[torch.Tensor, torch.Tensor]]
 
 
 def supports(generation_config) -> bool:
-    """True when greedy decoding with this config is exactly what `DecodeScheduler` does."""
+    """True when greedy decoding and beam search with this config are exactly what `DecodeScheduler` does."""
     return all(getattr(generation_config, key, default) in (default, None) for key, default in UNSUPPORTED.items())
 
 
@@ -100,10 +109,12 @@ class DecodeScheduler:
     RAGGED_WASTE = 2.0  # self-attention per row once the padded reads exceed this x the real ones
 
     def __init__(self, model, max_rows: int, encode: Encode, scores: bool = True, stats: DecodeStats | None = None,
-                 locs: LocBins | None = None):
+                 locs: LocBins | None = None, num_beams: int = 1):
         self.model = model  # Florence2ForConditionalGeneration
         self.decoder = model.model.language_model.decoder
         self.max_rows = max_rows  # slots: the cap on rows in flight (and on KV-cache bytes, see kv_bytes_per_row)
+        self.width = num_beams  # rows per job: 1 greedy, k for beam search (beams.py)
+        self.beam_settings = BeamSettings.of(num_beams, model.generation_config)
         self.encode = encode
         self.scores = scores
         self.locs = locs  # how location tokens are scored (scores.chosen_logprobs)
@@ -112,9 +123,10 @@ class DecodeScheduler:
         self.start, self.eos = gc.decoder_start_token_id, gc.eos_token_id
         self.forced_bos, self.forced_eos = gc.forced_bos_token_id, gc.forced_eos_token_id
         self.waiting: deque[Job] = deque()
-        self.rows: list[Job] = []  # job per packed slot [0, n)
-        self.ids: list[list[int]] = []
-        self.lps: list[list[float]] = []
+        self.rows: list[Job] = []  # jobs in flight; job j holds the packed slots [j * width, (j + 1) * width)
+        self.ids: list[list[int]] = []  # greedy: per job, its ids so far
+        self.lps: list[list[float]] = []  # greedy: their log p
+        self.beams: list[Beams] = []  # beam search: per job, its beams
         self.cache: _Cache | None = None
         self.tokens = torch.empty(0, dtype=torch.long)
 
@@ -132,15 +144,20 @@ class DecodeScheduler:
         return bool(self.rows or self.waiting)
 
     @property
+    def capacity(self) -> int:
+        """Jobs in flight at most: max_rows // width (one job even if its beams overflow max_rows)."""
+        return max(1, self.max_rows // self.width)
+
+    @property
     def room(self) -> int:
-        """Slots that no row in flight or waiting prompt will fill: > 0 means feed more prompts."""
-        return self.max_rows - len(self.rows) - len(self.waiting)
+        """Jobs that could start and that no job in flight or waiting fills: > 0 means feed more prompts."""
+        return self.capacity - len(self.rows) - len(self.waiting)
 
     def unfinished(self) -> list[Job]:
         """Every job in flight or waiting, taken out (after a failure: they restart from their first
         token elsewhere; decoding is deterministic, so nothing changes but the work)."""
         jobs = self.rows + list(self.waiting)
-        self.rows, self.ids, self.lps, self.waiting, self.cache = [], [], [], deque(), None
+        self.rows, self.ids, self.lps, self.beams, self.waiting, self.cache = [], [], [], [], deque(), None
         return jobs
 
     @torch.inference_mode()
@@ -149,54 +166,96 @@ class DecodeScheduler:
         self._admit()
         if not self.rows:
             return []
-        cache, n = self.cache, len(self.rows)
+        cache, n = self.cache, len(self.rows) * self.width
         logits = self._step(cache, self.tokens, n)  # [n, V]
+        if self.stats is not None:  # in prompts (jobs): a beam job's k rows scale both terms of efficiency alike
+            self.stats.steps += 1
+            self.stats.row_steps += len(self.rows)
+            self.stats.slot_steps += self.capacity
+        cache.advance(n)
+        done = self._greedy(logits) if self.width == 1 else self._beam(logits)
+        finished = []
+        for j, answer in reversed(done):  # highest first: moving the last job down never moves a finished one
+            finished.append((self.rows[j], answer))
+            self._retire(j)
+        return finished[::-1]
+
+    def _greedy(self, logits: torch.Tensor) -> list[tuple[int, Answer]]:
+        """Each row's next token; the rows that ended, with their answers."""
         chosen = self._choose(logits, self.rows, [len(x) for x in self.ids])
         chosen_list = chosen.tolist()
         if self.scores:
             lp = chosen_logprobs(logits, chosen, self.locs)
-        if self.stats is not None:
-            self.stats.steps += 1
-            self.stats.row_steps += n
-            self.stats.slot_steps += self.max_rows
-        cache.advance(n)
         done = []
-        for r in range(n):
-            self.ids[r].append(chosen_list[r])
+        for r, token in enumerate(chosen_list):
+            self.ids[r].append(token)
             if self.scores:
                 self.lps[r].append(lp[r])
-            if chosen_list[r] == self.eos or len(self.ids[r]) >= self.rows[r].max_new:
-                done.append(r)
+            if token == self.eos or len(self.ids[r]) >= self.rows[r].max_new:
+                ids = self.ids[r]
+                done.append((r, Answer(ids, ids[-1] == self.eos, self.lps[r] if self.scores else None)))
         self.tokens = chosen
-        finished = []
-        for r in reversed(done):  # highest first: moving the last row down never moves a finished one
-            ids = self.ids[r]
-            finished.append((self.rows[r], Answer(ids, ids[-1] == self.eos, self.lps[r] if self.scores else None)))
-            last = len(self.rows) - 1
-            if r != last:
-                cache.move(last, r)
-                self.rows[r], self.ids[r], self.lps[r] = self.rows[last], self.ids[last], self.lps[last]
-                self.tokens[r] = self.tokens[last]
-            self.rows.pop(), self.ids.pop(), self.lps.pop()
-            self.tokens = self.tokens[:last]
-        return finished[::-1]
+        return done
+
+    def _beam(self, logits: torch.Tensor) -> list[tuple[int, Answer]]:
+        """Beam search step of every job (beams.py): its k rows' caches reordered to the beams they
+        continue, the jobs that ended with their best hypothesis."""
+        k, vocab = self.width, logits.shape[-1]
+        running = torch.stack([b.running for b in self.beams]).to(logits.device)
+        rules = [(b.generated, job.min_new, job.max_new) for b, job in zip(self.beams, self.rows)]
+        vals, index, raw = candidates(logits, running, rules, k, self.eos, self.forced_bos, self.forced_eos)
+        lps = None
+        if self.scores:  # raw log p of every candidate token, under the logits of the beam it extends
+            rows = (index // vocab + torch.arange(len(self.rows), device=index.device)[:, None] * k).flatten()
+            lps = logprobs_of(raw, (index % vocab).flatten(), self.locs, rows=rows)
+        vals, index = vals.cpu(), index.tolist()
+        source, tokens, done = [], [], []
+        for j, beams in enumerate(self.beams):
+            origin = beams.advance(vals[j], index[j], vocab, lps and lps[j * 2 * k:(j + 1) * 2 * k])
+            source += [j * k + b for b in origin]
+            tokens += beams.tokens()
+            if beams.ended:
+                ids, lp = beams.best()
+                done.append((j, Answer(ids, bool(ids) and ids[-1] == self.eos, lp)))
+        self.cache.reorder(source)
+        self.tokens = torch.tensor(tokens, dtype=torch.long, device=self.cache.device)
+        return done
+
+    def _retire(self, j: int) -> None:
+        """Job j has ended: the last job's rows move into its slots, so rows stay packed."""
+        k, last = self.width, len(self.rows) - 1
+        if j != last:
+            for i in range(k):
+                self.cache.move(last * k + i, j * k + i)
+            self.tokens[j * k:(j + 1) * k] = self.tokens[last * k:(last + 1) * k]
+            for state in (self.rows, self.ids, self.lps, self.beams):
+                if state:
+                    state[j] = state[last]
+        for state in (self.rows, self.ids, self.lps, self.beams):
+            if state:
+                state.pop()
+        self.tokens = self.tokens[:last * k]
 
     def _admit(self) -> None:
-        """Waiting jobs into the free slots [n, max_rows), their prompts encoded together."""
-        free = self.max_rows - len(self.rows)
+        """Waiting jobs into the free slots (k = width per job), their prompts encoded together."""
+        free = self.capacity - len(self.rows)
         if not self.waiting or free <= 0:
             return
         new = [self.waiting[i] for i in range(min(free, len(self.waiting)))]
         states, mask = self.encode(new)  # before taking them: a failure leaves them waiting
         for _ in new:
             self.waiting.popleft()
-        self.cache = _Cache.fit(self.cache, self.decoder, self.max_rows, len(self.rows),
+        k, used = self.width, len(self.rows) * self.width
+        self.cache = _Cache.fit(self.cache, self.decoder, self.capacity * k, used,
                                 max(j.max_new for j in self.rows + new) + 1, states.shape[1])
-        self.cache.admit(len(self.rows), states, mask)
+        self.cache.admit(used, states, mask, repeat=k)
         self.rows += new
-        self.ids += [[] for _ in new]
-        self.lps += [[] for _ in new]
-        start = torch.full((len(new),), self.start, dtype=torch.long, device=self.cache.device)
+        if k == 1:
+            self.ids += [[] for _ in new]
+            self.lps += [[] for _ in new]
+        else:
+            self.beams += [Beams(self.beam_settings, j.min_new, j.max_new, self.eos, self.scores) for j in new]
+        start = torch.full((len(new) * k,), self.start, dtype=torch.long, device=self.cache.device)
         self.tokens = torch.cat([self.tokens.to(self.cache.device), start])
         if self.stats is not None:
             self.stats.calls += 1  # admissions: prompt encodings batched together
@@ -229,7 +288,8 @@ class DecodeScheduler:
         ragged = n * t > self.RAGGED_WASTE * sum(lengths)
         self_mask = None if ragged else \
             (torch.arange(t, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, t]
-        cross_mask = cache.cross_mask[:n, None, None, :]  # [n, 1, 1, L]
+        w = self.width  # a job's k beams share its prompt: their k queries read its cross K/V once
+        cross_mask = cache.cross_mask[:n:w, None, None, :]  # [J, 1, 1, L]
         rows = torch.arange(n, device=pos.device)
         for i, layer in enumerate(dec.layers):
             att = layer.self_attn
@@ -246,7 +306,9 @@ class DecodeScheduler:
             h = layer.self_attn_layer_norm(h + att.out_proj(_merge(o)))
             xa = layer.encoder_attn
             q = _heads(xa.q_proj(h), xa.head_dim)
-            o = F.scaled_dot_product_attention(q, cache.ck[i][:n], cache.cv[i][:n], cross_mask, scale=xa.scaling)
+            q = q.view(n // w, w, *q.shape[1:]).transpose(1, 2).flatten(2, 3)  # [n, H, 1, hd] -> [J, H, k, hd]
+            o = F.scaled_dot_product_attention(q, cache.ck[i][:n:w], cache.cv[i][:n:w], cross_mask, scale=xa.scaling)
+            o = o.view(n // w, o.shape[1], w, 1, o.shape[-1]).transpose(1, 2).flatten(0, 1)  # -> [n, H, 1, hd]
             h = layer.encoder_attn_layer_norm(h + xa.out_proj(_merge(o)))
             h = layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
         return self.model.lm_head(h[:, 0])
@@ -313,20 +375,34 @@ class _Cache:
             new.pos[:used] = cache.pos[:used]
         return new
 
-    def admit(self, first: int, states: torch.Tensor, mask: torch.Tensor) -> None:
-        """Encoder states [k, L, D] of new rows into slots [first, first + k): their cross K/V, once."""
-        k, length = states.shape[:2]
-        end = first + k
+    def admit(self, first: int, states: torch.Tensor, mask: torch.Tensor, repeat: int = 1) -> None:
+        """Encoder states [m, L, D] of new jobs into slots [first, first + m * repeat), `repeat` rows
+        per job (its beams): their cross K/V, computed once per job."""
+        m, length = states.shape[:2]
+        end = first + m * repeat
         self.cross_mask[first:end] = False
-        self.cross_mask[first:end, :length] = mask.bool()
+        self.cross_mask[first:end, :length] = mask.bool().repeat_interleave(repeat, 0)
         self.pos[first:end] = 0
         for i, layer in enumerate(self.decoder.layers):
             xa = layer.encoder_attn
-            self.ck[i][first:end, :, :length] = _heads(xa.k_proj(states), xa.head_dim)
-            self.cv[i][first:end, :, :length] = _heads(xa.v_proj(states), xa.head_dim)
+            self.ck[i][first:end, :, :length] = _heads(xa.k_proj(states), xa.head_dim).repeat_interleave(repeat, 0)
+            self.cv[i][first:end, :, :length] = _heads(xa.v_proj(states), xa.head_dim).repeat_interleave(repeat, 0)
 
     def advance(self, n: int) -> None:
         self.pos[:n] += 1
+
+    def reorder(self, source: list[int]) -> None:
+        """Beam search: slot r's self-attention K/V := slot source[r]'s, for the rows [0, len(source))
+        (a new beam continues an old beam of its job; only rows whose source differs are copied)."""
+        dst = [r for r, s in enumerate(source) if s != r]
+        if not dst:
+            return
+        src = torch.tensor([source[r] for r in dst], device=self.device)
+        dst_t = torch.tensor(dst, device=self.device)
+        t = int(self.pos[dst_t].max())
+        for caches in (self.k, self.v):
+            for c in caches:
+                c[dst_t, :, :t] = c[src, :, :t]  # the right side is gathered first: no overwrite-before-read
 
     def move(self, src: int, dst: int) -> None:
         """Slot src's row into slot dst (dst's row has finished)."""

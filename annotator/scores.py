@@ -68,14 +68,25 @@ def chosen_logprobs(logits: torch.Tensor, chosen: torch.Tensor, locs: LocBins | 
     """log p of each chosen token under `logits` ([n, vocab], raw model); for a location token,
     log p of the bins within `tolerance` of it. One owner for the engine's scoring pass and the
     scheduler's decoding loop."""
-    logp = torch.log_softmax(logits.float(), -1)
-    out = logp.gather(-1, chosen[:, None])[:, 0]
+    return logprobs_of(torch.log_softmax(logits.float(), -1), chosen, locs, tolerance)
+
+
+def logprobs_of(logp: torch.Tensor, chosen: torch.Tensor, locs: LocBins | None, tolerance: int = LOC_TOLERANCE,
+                rows: torch.Tensor | None = None) -> list[float]:
+    """`chosen_logprobs` from log_softmax(logits) [m, vocab] already computed; `rows` [n]: the row
+    of `logp` each chosen token is scored under (default: row i for token i; beam search scores
+    2k candidates of a job under its k beams' rows without copying them)."""
+    if rows is not None:
+        out = logp[rows, chosen]
+    else:
+        out = logp.gather(-1, chosen[:, None])[:, 0]
     if locs is None:
         return out.tolist()
     rel = chosen - locs.first
     is_loc = (rel >= 0) & (rel < locs.count)
     if is_loc.any():
-        mass = logp[is_loc, locs.first:locs.first + locs.count].exp().cumsum(-1)
+        src = is_loc if rows is None else rows[is_loc]
+        mass = logp[src, locs.first:locs.first + locs.count].exp().cumsum(-1)
         mass = torch.cat([mass.new_zeros(len(mass), 1), mass], -1)  # mass[:, b] = p(bins < b)
         lo = (rel[is_loc] - tolerance).clamp(min=0)
         hi = (rel[is_loc] + tolerance + 1).clamp(max=locs.count)

@@ -171,9 +171,11 @@ class BatchStream:
         if self._decoder is None:
             eng = self.engine
             lm, gen = eng.lm, eng.generation
-            dec = DecodeScheduler(lm.model, eng.max_prompts, self._encode_jobs, scores=gen.scores, locs=eng.locs)
+            k = gen.num_beams  # rows per prompt: max_prompts prompts in flight, as on the generate path
+            dec = DecodeScheduler(lm.model, eng.max_prompts * k, self._encode_jobs, scores=gen.scores, locs=eng.locs,
+                                  num_beams=k)
             per_row = dec.kv_bytes_per_row(gen.max_new_tokens, lm.processor.num_image_tokens + 64)
-            dec.max_rows = rows_for_memory(lm.device, per_row, eng.max_prompts)
+            dec.max_rows = rows_for_memory(lm.device, per_row, eng.max_prompts * k)
             self._decoder = dec
         return self._decoder
 
@@ -195,8 +197,8 @@ class BatchStream:
         except Exception as exc:  # noqa: BLE001 - see docstring
             free_cache(eng.lm.device)
             jobs, self._decoder = dec.unfinished(), None
-            if is_oom(exc) and dec.max_rows > 1:
-                eng.max_prompts = dec.max_rows // 2
+            if is_oom(exc) and dec.capacity > 1:
+                eng.max_prompts = dec.capacity // 2
                 log.warning("out of memory with %d rows in flight; going on with %d", dec.max_rows, eng.max_prompts)
                 self._scheduler().submit(jobs)  # the same prompts, restarted from their first token
                 return

@@ -4,6 +4,7 @@ No timing assertions: timed tests flake; the speed figures live in the README's 
 import json
 import re
 
+import pytest
 from click.testing import CliRunner
 
 from annotator.cli import cli
@@ -56,14 +57,15 @@ def test_bench_rejects_bad_tokens_and_input_tasks():
     assert region.exit_code == 2 and "region_to_category" in region.output
 
 
-def test_bench_realistic_lengths_are_drawn_per_row_and_equal_on_both_sides(tmp_path):
-    """--lengths realistic: each (image, task) gets its seeded length; the engine (greedy: the
-    scheduler) and the reference write exactly those; slot efficiency is reported."""
+@pytest.mark.parametrize("num_beams", ["1", "2"])
+def test_bench_realistic_lengths_are_drawn_per_row_and_equal_on_both_sides(tmp_path, num_beams):
+    """--lengths realistic: each (image, task) gets its seeded length; the engine (greedy or
+    beams: the scheduler) and the reference write exactly those; slot efficiency is reported."""
     from annotator.lengths import draw_lengths
 
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(cli, ["bench", "--model", "random:tiny", "--tasks", "caption", "--images", "3",
-                                      "--batch-size", "2", "--matmul-size", "256", "--num-beams", "1",
+                                      "--batch-size", "2", "--matmul-size", "256", "--num-beams", num_beams,
                                       "--lengths", "realistic", "--seed", "5", "--baseline", "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert "slot efficiency" in result.output

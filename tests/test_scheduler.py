@@ -1,6 +1,6 @@
 """The continuous-batching scheduler on the tiny random model with mixed answer lengths: its
-greedy answers are token for token those of `generate` and of the one-image-one-prompt loop,
-while rows end early and their slots are refilled. Beam search keeps the generate path."""
+greedy and beam-search answers are token for token those of `generate` and of the
+one-image-one-prompt loop, while rows end early and their slots are refilled."""
 
 import copy
 from dataclasses import replace
@@ -51,16 +51,19 @@ def key(rows):
     return [(r.image, r.task, r.raw, r.truncated) for r in rows]
 
 
-def test_scheduler_equals_generate_and_the_reference_loop(eos_lm):
-    gen = GenerationSettings(num_beams=1, max_new_tokens=MAX_NEW)
+@pytest.mark.parametrize("num_beams", [1, 2, 3])
+def test_scheduler_equals_generate_and_the_reference_loop(eos_lm, num_beams):
+    gen = GenerationSettings(num_beams=num_beams, max_new_tokens=MAX_NEW)
     items = make_items(eos_lm, SPEC.split(","))
-    sched, stats = annotate(eos_lm, items, gen, max_prompts=4, scheduler=True)  # 15 prompts through 4 slots
+    sched, stats = annotate(eos_lm, items, gen, max_prompts=4, scheduler=True)  # 15 prompts through 4 x k slots
     plain, _ = annotate(eos_lm, items, gen, max_prompts=4, scheduler=False)
     assert key(sched) == key(plain)
     ended = [r for r in sched if not r.truncated]
     assert 3 <= len(ended) < len(sched), "mixed lengths: some rows must end early, some run to the limit"
     assert len({len(r.raw) for r in ended}) > 1
-    assert stats.efficiency == 1.0 and stats.useful < MAX_NEW * len(sched)  # finished rows left their slots
+    assert stats.useful < MAX_NEW * len(sched)  # finished rows left their slots
+    if num_beams == 1:  # (a beam job may search on after its best hypothesis ended: less)
+        assert stats.efficiency == 1.0
     for a, b in zip(sched, plain):  # confidence from in-step log p == the teacher-forced pass, to float noise
         assert (a.text_score is None) == (b.text_score is None)
         if a.text_score is not None:
@@ -72,7 +75,7 @@ def test_scheduler_equals_generate_and_the_reference_loop(eos_lm):
         im = Image.fromarray(rng.integers(0, 255, (40 + 13 * i, 90 - 7 * i, 3), dtype=np.uint8))
         for row in (r for r in sched if r.image == f"img{i}.png"):
             inputs = eos_lm.processor(text=tokens[row.task], images=im, return_tensors="pt")
-            ids = eos_lm.model.generate(**inputs, max_new_tokens=MAX_NEW, num_beams=1, do_sample=False)
+            ids = eos_lm.model.generate(**inputs, max_new_tokens=MAX_NEW, num_beams=num_beams, do_sample=False)
             assert row.raw == eos_lm.processor.batch_decode(ids, skip_special_tokens=False)[0]
 
 
@@ -85,33 +88,68 @@ def test_slots_do_not_change_answers(eos_lm):
     assert stats.occupancy < 1.0  # the last rows of a batch run with free slots (no next batch joins)
 
 
-@pytest.mark.parametrize("num_beams", [1, 2])
-def test_forced_lengths_are_exact_per_row(tiny_lm, num_beams):
-    """The bench's per-row lengths: exactly n new tokens for every (image, task), greedy and beams."""
+@pytest.mark.parametrize("num_beams,scheduler", [(1, True), (2, True), (3, True), (2, False)])
+def test_forced_lengths_are_exact_per_row(tiny_lm, num_beams, scheduler):
+    """The bench's per-row lengths: exactly n new tokens for every (image, task), greedy and beams;
+    through the scheduler, the tokens of the bench's reference (batch 1, min = max = n)."""
     gen = GenerationSettings(num_beams=num_beams, max_new_tokens=12, scores=False)
     items = make_items(tiny_lm, SPEC.split(","), n=3)
     lengths = {(f"img{i}.png", t): 2 + (3 * i + len(t)) % 9 for i in range(3) for t in SPEC.split(",")}
-    rows, stats = annotate(tiny_lm, items, gen, max_prompts=4, scheduler=num_beams == 1, batch_size=3,
+    rows, stats = annotate(tiny_lm, items, gen, max_prompts=4, scheduler=scheduler, batch_size=3,
                            forced=lambda k, t: lengths[(k, t)])
     for t in SPEC.split(","):
         assert stats.tokens[t] == sum(n for (_, task), n in lengths.items() if task == t)
     assert all(r.truncated for r in rows)
-    if num_beams > 1:
-        assert stats.efficiency < 1.0  # beams run each task's chunk to its longest row
+    if not scheduler:
+        assert stats.efficiency < 1.0  # generate: beams run each task's chunk to its longest row
+        return
+    assert stats.efficiency == 1.0
+    rng, tokens = np.random.default_rng(0), {t.name: t.token for t in parse_task_list(SPEC)}
+    for i in range(3):
+        im = Image.fromarray(rng.integers(0, 255, (40 + 13 * i, 90 - 7 * i, 3), dtype=np.uint8))
+        for row in (r for r in rows if r.image == f"img{i}.png"):
+            n = lengths[(row.image, row.task)]
+            inputs = tiny_lm.processor(text=tokens[row.task], images=im, return_tensors="pt")
+            ids = tiny_lm.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, num_beams=num_beams,
+                                         do_sample=False)
+            assert row.raw == tiny_lm.processor.batch_decode(ids, skip_special_tokens=False)[0]
 
 
-def test_beams_and_unknown_rules_keep_generate(tiny_lm):
-    assert not Engine(tiny_lm, parse_task_list("od"), TaskInputs(), GenerationSettings(num_beams=3)).use_scheduler
+def test_unknown_rules_keep_generate(tiny_lm):
+    assert Engine(tiny_lm, parse_task_list("od"), TaskInputs(), GenerationSettings(num_beams=3)).use_scheduler
     assert Engine(tiny_lm, parse_task_list("od"), TaskInputs(), GenerationSettings(num_beams=1)).use_scheduler
     config = copy.deepcopy(tiny_lm.model.generation_config)
     config.num_beams = 3  # the checkpoints' default; the engine passes its own num_beams
+    config.early_stopping, config.length_penalty = True, 2.0  # implemented (beams.py)
     assert supports(config)
-    config.no_repeat_ngram_size = 3
-    assert not supports(config)
+    for rule, value in (("no_repeat_ngram_size", 3), ("num_return_sequences", 2), ("min_new_tokens", 5)):
+        assert not supports(_with(config, rule, value))
+
+
+def _with(config, rule, value):
+    config = copy.deepcopy(config)
+    setattr(config, rule, value)
+    return config
+
+
+@pytest.mark.parametrize("early_stopping,length_penalty", [(True, 1.0), ("never", 2.0), (False, -1.0), (True, 0.0)])
+def test_beam_settings_of_the_model_are_honoured(eos_lm, early_stopping, length_penalty):
+    """generate's beam-search stopping rules and length penalty, from the model's generation
+    config: the scheduler's answers are the generate path's for each."""
+    lm = copy.copy(eos_lm)
+    lm.model = copy.copy(eos_lm.model)  # shares the weights; its own generation config
+    lm.model.generation_config = _with(_with(eos_lm.model.generation_config, "early_stopping", early_stopping),
+                                       "length_penalty", length_penalty)
+    gen = GenerationSettings(num_beams=3, max_new_tokens=MAX_NEW, scores=False)
+    items = make_items(lm, SPEC.split(","), n=3)
+    sched, _ = annotate(lm, items, gen, max_prompts=2, scheduler=True, batch_size=3, stream=True)
+    plain, _ = annotate(lm, items, gen, max_prompts=1, scheduler=False, batch_size=1)
+    assert key(sched) == key(plain)
 
 
 @pytest.mark.parametrize("num_beams", [2])
 def test_beams_batched_equal_one_at_a_time_with_mixed_lengths(eos_lm, num_beams):
+    """The generate path (kept for generation configs the scheduler does not implement)."""
     gen = GenerationSettings(num_beams=num_beams, max_new_tokens=MAX_NEW, scores=False)
     items = make_items(eos_lm, SPEC.split(","))
     batched, _ = annotate(eos_lm, items, gen, max_prompts=5, scheduler=False)
@@ -120,18 +158,19 @@ def test_beams_batched_equal_one_at_a_time_with_mixed_lengths(eos_lm, num_beams)
     assert any(not r.truncated for r in batched) and any(r.truncated for r in batched)
 
 
-def test_oom_halves_the_rows_in_flight_and_changes_nothing(eos_lm, monkeypatch):
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_oom_halves_the_rows_in_flight_and_changes_nothing(eos_lm, monkeypatch, num_beams):
     from annotator.scheduler import DecodeScheduler
 
-    gen = GenerationSettings(num_beams=1, max_new_tokens=MAX_NEW, scores=False)
+    gen = GenerationSettings(num_beams=num_beams, max_new_tokens=MAX_NEW, scores=False)
     items = make_items(eos_lm, SPEC.split(","))
     expected, _ = annotate(eos_lm, items, gen, max_prompts=15, scheduler=True)
     real, caps = DecodeScheduler.step, []
 
     def step(self):
-        if not caps or caps[-1] != self.max_rows:
-            caps.append(self.max_rows)
-        if self.max_rows > 4 and len(self.rows) > 4:  # fails once more than 4 rows are in flight
+        if not caps or caps[-1] != self.capacity:
+            caps.append(self.capacity)
+        if self.capacity > 4 and len(self.rows) > 4:  # fails once more than 4 prompts are in flight
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self)
 
@@ -141,13 +180,14 @@ def test_oom_halves_the_rows_in_flight_and_changes_nothing(eos_lm, monkeypatch):
     assert caps == [15, 7, 3]  # then it fits, and the engine keeps 3
 
 
-def test_next_batches_join_while_long_answers_run(eos_lm):
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_next_batches_join_while_long_answers_run(eos_lm, num_beams):
     """One stream over many batches: prompts of later batches take slots that finished rows free,
     the answers stay those of batch-1 decoding, each batch comes back whole, and batches are pulled
     only when a slot would otherwise stay empty (not all at once)."""
-    gen = GenerationSettings(num_beams=1, max_new_tokens=MAX_NEW, scores=False)
+    gen = GenerationSettings(num_beams=num_beams, max_new_tokens=MAX_NEW, scores=False)
     items = make_items(eos_lm, SPEC.split(","))
-    one, _ = annotate(eos_lm, items, gen, max_prompts=1, scheduler=True, batch_size=1)
+    one, _ = annotate(eos_lm, items, gen, max_prompts=1, scheduler=False, batch_size=1)
     per_batch, alone = annotate(eos_lm, items, gen, max_prompts=6, scheduler=True, batch_size=2)
     joined, stats = annotate(eos_lm, items, gen, max_prompts=6, scheduler=True, batch_size=2, stream=True)
     assert key(joined) == key(one) == key(per_batch)
