@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,10 +147,19 @@ def main(argv=None) -> None:
     if args.json:
         args.json.write_text(json.dumps(q.to_json(), indent=1))
     if args.card:
-        card = args.card / "README.md"
-        text = card.read_text().split(QUALITY_HEADING)[0] if card.exists() else ""
         command = " ".join(["python -m annotator.quality", *(argv if argv is not None else __import__("sys").argv[1:])])
-        card.write_text(text.rstrip() + f"\n\n{QUALITY_HEADING}\n\n`{command}`\n\n```\n" + "\n".join(q.lines()) + "\n```\n")
+        write_card(args.card / "README.md", command, q.lines())
+
+
+def write_card(card: Path, command: str, lines: list[str]) -> None:
+    """Put one command's figures under the card's quality heading: a block per command (scenes,
+    documents, ...), so that measuring one kind again replaces its block and keeps the others."""
+    text = card.read_text() if card.exists() else ""
+    head, _, tail = text.partition(QUALITY_HEADING)
+    blocks = [b.strip() for b in re.split(r"\n(?=`[^`])", tail)[1:]]  # each block opens with `its command`
+    kept = [b for b in blocks if not b.startswith(f"`{command}`")]
+    new = f"`{command}`\n\n```\n" + "\n".join(lines) + "\n```"
+    card.write_text(head.rstrip() + f"\n\n{QUALITY_HEADING}\n\n" + "\n\n".join(kept + [new]) + "\n")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,19 @@ def test_scores_that_rank_right_above_wrong_raise_ap_over_scores_of_one(tmp_path
     by_bin = {c["bin"]: c for c in q.calibration}
     assert by_bin["0.0-0.3"] == {"bin": "0.0-0.3", "boxes": 2, "matched": 0.0}
     assert by_bin["0.7-0.9"]["matched"] == 1.0
+
+
+def test_card_keeps_one_block_per_command(tmp_path):
+    from annotator.quality import QUALITY_HEADING, write_card
+
+    card = tmp_path / "README.md"
+    card.write_text("# model\n\nTraining text.\n")
+    scenes, docs = "python -m annotator.quality --kind scenes", "python -m annotator.quality --kind documents"
+    write_card(card, scenes, ["od: AP50 0.5"])
+    write_card(card, docs, ["ocr: character error rate 0.2"])
+    write_card(card, scenes, ["od: AP50 0.8"])  # measured again: replaces its own block only
+    text = card.read_text()
+    assert text.startswith("# model\n\nTraining text.\n\n" + QUALITY_HEADING)
+    assert text.count(QUALITY_HEADING) == 1
+    assert "AP50 0.8" in text and "AP50 0.5" not in text and "error rate 0.2" in text
+    assert text.index(docs) < text.index(scenes)
