@@ -11,9 +11,9 @@ The decoder step is BART's (post-LayerNorm), written out so that each row has it
 Rows in flight are kept packed in slots [0, n): a finished row's slot takes the last row's cache,
 so a step works on views of the first n slots, never on copies.
 
-The scheduler is persistent: the engine keeps one and submits the prompts of each new batch of
+The scheduler is persistent: the engine's stream (stream.py) keeps one and submits the prompts of each new batch of
 images as slots free up, so a long answer of one batch decodes beside the prompts of the next ones
-(Engine.annotate_stream) instead of alone.
+(stream.BatchStream) instead of alone.
 
 Beam search (beams.py): a job with k beams holds k consecutive slots, its beams' self-attention
 caches are copied among its own rows each step, and its k slots free up together when it ends;
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .beams import Beams, BeamSettings, candidates
+from .kvcache import SlotCache, heads, merge_heads
 from .scores import LocBins, chosen_logprobs, logprobs_of
 
 # generation_config rules that shape greedy logits and that this module does not implement: each
@@ -127,7 +128,7 @@ class DecodeScheduler:
         self.ids: list[list[int]] = []  # greedy: per job, its ids so far
         self.lps: list[list[float]] = []  # greedy: their log p
         self.beams: list[Beams] = []  # beam search: per job, its beams
-        self.cache: _Cache | None = None
+        self.cache: SlotCache | None = None
         self.tokens = torch.empty(0, dtype=torch.long)
 
     def kv_bytes_per_row(self, max_new: int, prompt_len: int) -> int:
@@ -246,7 +247,7 @@ class DecodeScheduler:
         for _ in new:
             self.waiting.popleft()
         k, used = self.width, len(self.rows) * self.width
-        self.cache = _Cache.fit(self.cache, self.decoder, self.capacity * k, used,
+        self.cache = SlotCache.fit(self.cache, self.decoder, self.capacity * k, used,
                                 max(j.max_new for j in self.rows + new) + 1, states.shape[1])
         self.cache.admit(used, states, mask, repeat=k)
         self.rows += new
@@ -274,7 +275,7 @@ class DecodeScheduler:
                 logits[r, self.forced_eos] = 0
         return logits.argmax(-1)
 
-    def _step(self, cache: "_Cache", tokens: torch.Tensor, n: int) -> torch.Tensor:
+    def _step(self, cache: SlotCache, tokens: torch.Tensor, n: int) -> torch.Tensor:
         """One decoder step for the rows in slots [0, n): tokens [n] at positions cache.pos[:n] -> logits [n, V]."""
         dec = self.decoder
         pos = cache.pos[:n]
@@ -293,7 +294,7 @@ class DecodeScheduler:
         rows = torch.arange(n, device=pos.device)
         for i, layer in enumerate(dec.layers):
             att = layer.self_attn
-            q, k, v = (_heads(p(h), att.head_dim) for p in (att.q_proj, att.k_proj, att.v_proj))  # [n, H, 1, hd]
+            q, k, v = (heads(p(h), att.head_dim) for p in (att.q_proj, att.k_proj, att.v_proj))  # [n, H, 1, hd]
             cache.k[i][rows, :, pos] = k[:, :, 0]
             cache.v[i][rows, :, pos] = v[:, :, 0]
             if ragged:
@@ -303,13 +304,13 @@ class DecodeScheduler:
             else:
                 o = F.scaled_dot_product_attention(q, cache.k[i][:n, :, :t], cache.v[i][:n, :, :t], self_mask,
                                                    scale=att.scaling)
-            h = layer.self_attn_layer_norm(h + att.out_proj(_merge(o)))
+            h = layer.self_attn_layer_norm(h + att.out_proj(merge_heads(o)))
             xa = layer.encoder_attn
-            q = _heads(xa.q_proj(h), xa.head_dim)
+            q = heads(xa.q_proj(h), xa.head_dim)
             q = q.view(n // w, w, *q.shape[1:]).transpose(1, 2).flatten(2, 3)  # [n, H, 1, hd] -> [J, H, k, hd]
             o = F.scaled_dot_product_attention(q, cache.ck[i][:n:w], cache.cv[i][:n:w], cross_mask, scale=xa.scaling)
             o = o.view(n // w, o.shape[1], w, 1, o.shape[-1]).transpose(1, 2).flatten(0, 1)  # -> [n, H, 1, hd]
-            h = layer.encoder_attn_layer_norm(h + xa.out_proj(_merge(o)))
+            h = layer.encoder_attn_layer_norm(h + xa.out_proj(merge_heads(o)))
             h = layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
         return self.model.lm_head(h[:, 0])
 
@@ -320,98 +321,3 @@ def rows_for_memory(device: torch.device, bytes_per_row: int, cap: int, share: f
         return cap
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(cap, int(free * share) // bytes_per_row))
-
-
-def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[n, T, D] -> [n, H, T, hd]"""
-    return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
-
-
-def _merge(x: torch.Tensor) -> torch.Tensor:
-    """[n, H, T, hd] -> [n, T, D]"""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
-
-
-class _Cache:
-    """The static per-slot KV cache (see module doc): `slots` rows of `positions` self-attention and
-    `prompt_len` cross-attention entries. Grows (rarely: a longer prompt or answer limit than any
-    before) by copying into a larger one; a persistent scheduler keeps it between batches."""
-
-    def __init__(self, decoder, slots: int, positions: int, prompt_len: int):
-        self.decoder = decoder
-        w = decoder.embed_tokens.weight
-        self.device = w.device
-        layer = decoder.layers[0].self_attn
-        heads, hd = layer.embed_dim // layer.head_dim, layer.head_dim
-        self.slots, self.positions, self.prompt_len = slots, positions, prompt_len
-        shape_self, shape_cross = (slots, heads, positions, hd), (slots, heads, prompt_len, hd)
-        n = len(decoder.layers)
-        self.k = [torch.zeros(shape_self, dtype=w.dtype, device=self.device) for _ in range(n)]
-        self.v = [torch.zeros(shape_self, dtype=w.dtype, device=self.device) for _ in range(n)]
-        self.ck = [torch.zeros(shape_cross, dtype=w.dtype, device=self.device) for _ in range(n)]
-        self.cv = [torch.zeros(shape_cross, dtype=w.dtype, device=self.device) for _ in range(n)]
-        self.cross_mask = torch.zeros((slots, prompt_len), dtype=torch.bool, device=self.device)
-        self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)  # next position to write, per slot
-
-    @classmethod
-    def fit(cls, cache: "_Cache | None", decoder, slots: int, used: int, positions: int, prompt_len: int) -> "_Cache":
-        """`cache` if it holds `slots` x `positions` x `prompt_len`, else a larger one with its first
-        `used` slots copied over."""
-        if cache is not None and cache.slots >= slots and cache.positions >= positions \
-                and cache.prompt_len >= prompt_len:
-            return cache
-        if cache is not None:
-            slots, positions = max(slots, cache.slots), max(positions, cache.positions)
-            prompt_len = max(prompt_len, cache.prompt_len)
-        new = cls(decoder, slots, positions, prompt_len)
-        if cache is not None and used:
-            for dst, src in ((new.k, cache.k), (new.v, cache.v)):
-                for d, s in zip(dst, src):
-                    d[:used, :, :cache.positions] = s[:used]
-            for dst, src in ((new.ck, cache.ck), (new.cv, cache.cv)):
-                for d, s in zip(dst, src):
-                    d[:used, :, :cache.prompt_len] = s[:used]
-            new.cross_mask[:used, :cache.prompt_len] = cache.cross_mask[:used]
-            new.pos[:used] = cache.pos[:used]
-        return new
-
-    def admit(self, first: int, states: torch.Tensor, mask: torch.Tensor, repeat: int = 1) -> None:
-        """Encoder states [m, L, D] of new jobs into slots [first, first + m * repeat), `repeat` rows
-        per job (its beams): their cross K/V, computed once per job."""
-        m, length = states.shape[:2]
-        end = first + m * repeat
-        self.cross_mask[first:end] = False
-        self.cross_mask[first:end, :length] = mask.bool().repeat_interleave(repeat, 0)
-        self.pos[first:end] = 0
-        for i, layer in enumerate(self.decoder.layers):
-            xa = layer.encoder_attn
-            self.ck[i][first:end, :, :length] = _heads(xa.k_proj(states), xa.head_dim).repeat_interleave(repeat, 0)
-            self.cv[i][first:end, :, :length] = _heads(xa.v_proj(states), xa.head_dim).repeat_interleave(repeat, 0)
-
-    def advance(self, n: int) -> None:
-        self.pos[:n] += 1
-
-    def reorder(self, source: list[int]) -> None:
-        """Beam search: slot r's self-attention K/V := slot source[r]'s, for the rows [0, len(source))
-        (a new beam continues an old beam of its job; only rows whose source differs are copied)."""
-        dst = [r for r, s in enumerate(source) if s != r]
-        if not dst:
-            return
-        src = torch.tensor([source[r] for r in dst], device=self.device)
-        dst_t = torch.tensor(dst, device=self.device)
-        t = int(self.pos[dst_t].max())
-        for caches in (self.k, self.v):
-            for c in caches:
-                c[dst_t, :, :t] = c[src, :, :t]  # the right side is gathered first: no overwrite-before-read
-
-    def move(self, src: int, dst: int) -> None:
-        """Slot src's row into slot dst (dst's row has finished)."""
-        t = int(self.pos[src])
-        for caches in (self.k, self.v):
-            for c in caches:
-                c[dst, :, :t] = c[src, :, :t]
-        for caches in (self.ck, self.cv):
-            for c in caches:
-                c[dst] = c[src]
-        self.cross_mask[dst] = self.cross_mask[src]
-        self.pos[dst] = self.pos[src]
