@@ -49,20 +49,27 @@ def candidates(logits: torch.Tensor, running: torch.Tensor, rules: list[tuple[in
     ruled = [(j, g, min_new, max_new) for j, (g, min_new, max_new) in enumerate(rules)
              if g < min_new or (g == 0 and forced_bos is not None) or (g == max_new - 1 and forced_eos is not None)]
     logp = raw.clone() if ruled else raw
-    for j, g, min_new, max_new in ruled:  # generate's processors, in its order
-        rows = slice(j * k, (j + 1) * k)
-        if g < min_new:
-            logp[rows, eos] = -float("inf")
-        if g == 0 and forced_bos is not None:
-            logp[rows] = -float("inf")
-            logp[rows, forced_bos] = 0
-        if g == max_new - 1 and forced_eos is not None:
-            logp[rows] = -float("inf")
-            logp[rows, forced_eos] = 0
+    for j, g, min_new, max_new in ruled:
+        apply_rules(logp[j * k:(j + 1) * k], g, min_new, max_new, eos, forced_bos, forced_eos)
     vocab = logp.shape[-1]
     acc = logp.view(len(rules), k, vocab) + running[:, :, None]
     vals, index = torch.topk(acc.view(len(rules), k * vocab), k=2 * k)
     return vals, index, raw
+
+
+def apply_rules(x: torch.Tensor, generated: int, min_new: int, max_new: int, eos: int,
+                forced_bos: int | None, forced_eos: int | None) -> None:
+    """generate's logits processors, in its order, on the rows `x` [r, V] of one job (in place):
+    no </s> before min_new; <s> forced first; </s> forced last (it wins when both apply, as the
+    later processor does in generate). Shared by greedy (scheduler._choose) and beam search."""
+    if generated < min_new:
+        x[:, eos] = -float("inf")
+    if generated == 0 and forced_bos is not None:
+        x[:] = -float("inf")
+        x[:, forced_bos] = 0
+    if generated == max_new - 1 and forced_eos is not None:
+        x[:] = -float("inf")
+        x[:, forced_eos] = 0
 
 
 class Beams:

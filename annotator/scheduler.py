@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .beams import Beams, BeamSettings, candidates
+from .beams import Beams, BeamSettings, apply_rules, candidates
 from .kvcache import SlotCache, heads, merge_heads
 from .scores import LocBins, chosen_logprobs, logprobs_of
 
@@ -265,14 +265,7 @@ class DecodeScheduler:
         """Greedy next token per row, after the rules generate applies (see module doc)."""
         logits = logits.clone()
         for r, (job, g) in enumerate(zip(jobs, generated)):
-            if g < job.min_new:
-                logits[r, self.eos] = -float("inf")
-            if g == 0 and self.forced_bos is not None:
-                logits[r] = -float("inf")
-                logits[r, self.forced_bos] = 0
-            elif g == job.max_new - 1 and self.forced_eos is not None:
-                logits[r] = -float("inf")
-                logits[r, self.forced_eos] = 0
+            apply_rules(logits[r:r + 1], g, job.min_new, job.max_new, self.eos, self.forced_bos, self.forced_eos)
         return logits.argmax(-1)
 
     def _step(self, cache: SlotCache, tokens: torch.Tensor, n: int) -> torch.Tensor:
