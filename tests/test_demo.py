@@ -85,3 +85,33 @@ def test_training_script_trains_and_saves_a_loadable_model(tmp_path):
     assert isinstance(log, list)
     lm = load_model(ModelSpec(str(tmp_path / "m")))
     assert lm.processor.tokenizer.convert_tokens_to_ids("<loc_0>") != lm.processor.tokenizer.unk_token_id
+
+
+def test_demo_golden_text_and_line_boxes_through_the_cli(tmp_path):
+    """Four fixed pages through `annotate run`: `ocr` reads them (character error rate against the
+    printed text) and `ocr_with_region` puts each printed line in a quad at IoU >= 0.5 with its words."""
+    from annotator.finetune import levenshtein, levenshtein_similarity
+    from annotator.parse import iou
+
+    pages = tmp_path / "pages"
+    samples.write(pages, n=4, seed=4242, kind="documents")
+    res = run_cli("run", str(pages), "--model", "demo", "--tasks", "ocr,ocr_with_region", "--out", str(tmp_path / "a"),
+                  "--workers", "0", "--no-progress", timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = by_key(tmp_path / "a")
+    truth = [json.loads(line) for line in (pages / "texts.jsonl").read_text().splitlines()]
+    errors = sum(levenshtein(rows[(t["image"], "ocr")]["text"] or "", t["ocr"]) for t in truth)
+    assert errors / sum(len(t["ocr"]) for t in truth) <= 0.15, [rows[(t["image"], "ocr")]["text"] for t in truth]
+    box = lambda q: [min(q[0::2]), min(q[1::2]), max(q[0::2]), max(q[1::2])]  # noqa: E731 - a quad's extent
+    lines = found = 0
+    similarity = 0.0
+    for t in truth:
+        row = rows[(t["image"], "ocr_with_region")]
+        read = list(zip(row["labels"] or [], row["quad_boxes"] or []))
+        for quad, text in t["ocr_regions"]:
+            lines += 1
+            best = max(read, key=lambda r: iou(box(r[1]), box(quad)), default=None)
+            if best is not None and iou(box(best[1]), box(quad)) >= 0.5:
+                found += 1
+                similarity += levenshtein_similarity(best[0], [text])
+    assert found / lines >= 0.8 and similarity / lines >= 0.7, (found, lines, similarity)
