@@ -32,6 +32,7 @@ class Quality:
     precision: dict[float, dict[str, float]] = field(default_factory=dict)  # min score -> precision, recall, kept
     calibration: list[dict] = field(default_factory=list)  # score bin -> boxes, share matched at IoU 0.5
     ocr_cer: float | None = None
+    ocr_lines: dict[str, float] = field(default_factory=dict)  # ocr_with_region: lines boxed, and read exactly
     caption_exact: float | None = None
     images: int = 0
 
@@ -47,6 +48,9 @@ class Quality:
             out += [f"  {c['bin']}: {c['boxes']}, {c['matched']:.3f}" for c in self.calibration]
         if self.ocr_cer is not None:
             out.append(f"ocr: character error rate {self.ocr_cer:.3f}")
+        if self.ocr_lines:
+            out.append(f"ocr_with_region: {self.ocr_lines['lines']} lines, boxed at IoU 0.5 {self.ocr_lines['boxed']:.3f}, "
+                       f"boxed and read exactly {self.ocr_lines['exact']:.3f}")
         if self.caption_exact is not None:
             out.append(f"caption: exact match {self.caption_exact:.3f}")
         return out
@@ -86,11 +90,14 @@ def text_quality(annotations: Path, texts_path: Path, q: Quality) -> None:
     truth = {t["image"]: t for t in map(json.loads, texts_path.read_text().splitlines())}
     rows = pl.read_parquet([str(p) for p in part_files(annotations)]).filter(pl.col("status") == "ok")
     errors = chars = exact = captions = 0
-    for r in rows.select("image", "task", "text").iter_rows(named=True):
+    lines = boxed = read = 0
+    for r in rows.select("image", "task", "text", "labels", "quad_boxes").iter_rows(named=True):
         t = truth.get(Path(r["image"]).name)
         if t is None:
             continue
-        if r["task"] == "ocr" and t["ocr"]:
+        if r["task"] == "ocr_with_region":
+            lines, boxed, read = (a + b for a, b in zip((lines, boxed, read), line_matches(r, t["ocr_regions"])))
+        elif r["task"] == "ocr" and t["ocr"]:
             errors += levenshtein(r["text"] or "", t["ocr"])
             chars += len(t["ocr"])
         elif r["task"] == "caption":
@@ -98,6 +105,23 @@ def text_quality(annotations: Path, texts_path: Path, q: Quality) -> None:
             exact += (r["text"] or "").strip() == t["caption"]
     q.ocr_cer = errors / chars if chars else None
     q.caption_exact = exact / captions if captions else None
+    if lines:
+        q.ocr_lines = {"lines": lines, "boxed": boxed / lines, "exact": read / lines}
+
+
+def line_matches(row: dict, regions: list) -> tuple[int, int, int]:
+    """(printed lines, lines with a quad at IoU >= 0.5, lines whose best quad also reads them exactly)."""
+    from .parse import iou
+
+    extent = lambda q: [min(q[0::2]), min(q[1::2]), max(q[0::2]), max(q[1::2])]  # noqa: E731
+    read = [(label, extent(quad)) for label, quad in zip(row["labels"] or [], row["quad_boxes"] or [])]
+    boxed = exact = 0
+    for quad, text in regions:
+        best = max(read, key=lambda r: iou(r[1], extent(quad)), default=None)
+        if best is not None and iou(best[1], extent(quad)) >= 0.5:
+            boxed += 1
+            exact += best[0].strip() == text
+    return len(regions), boxed, exact
 
 
 def measure(model: str, folder: Path, work: Path, tasks: str = "od,ocr,caption", batch_size: int = 8,
