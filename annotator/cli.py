@@ -11,10 +11,10 @@ import click
 from . import __version__
 from .clikit import EXIT_CANNOT_START, EXIT_INTERRUPTED, Aliased, env_names
 from .config import ConfigError, GenerationSettings, ModelSpec, RunConfig, TaskInputs, TileSettings, DTYPES, ATTENTIONS
-from .model import ModelLoadError
+from .model import DEMO_NAME, ModelLoadError
 from .runner import RunError
 from .sources import SourceError
-from .tasks import TASKS, PlanError, UnknownTask, parse_task_list, plan_sources
+from .tasks import DEMO_TASKS, TASKS, PlanError, UnknownTask, parse_task_list, plan_sources
 
 USAGE_ERRORS = (ConfigError, PlanError, UnknownTask, SourceError, RunError)  # exit 2: a refused folder too
 START_ERRORS = (ModelLoadError,)
@@ -42,6 +42,7 @@ def tasks_cmd() -> None:
     """List every task: CLI name, prompt token, input it needs, what it writes."""
     for t in TASKS.values():
         click.echo(f"{t.name:<36}{t.token:<38}input={t.input.value:<8}{t.output.value:<18}{t.description}")
+    click.echo(f"\n--model demo (the small model shipped with the package) knows: {', '.join(DEMO_TASKS)}")
 
 
 def model_options(f):
@@ -110,6 +111,10 @@ def run_cmd(inputs, input_lists, path_column, tasks_spec, out, model, revision, 
     try:
         tasks = parse_task_list(tasks_spec)
         plan_sources(tasks, bool(text), bool(classes))
+        unknown = [t.name for t in tasks if t.name not in DEMO_TASKS]
+        if model == DEMO_NAME and unknown:
+            click.echo(f"warning: the demo model was not trained on {', '.join(unknown)}: expect meaningless answers "
+                       f"(it knows {', '.join(DEMO_TASKS)})", err=True)
         cfg = RunConfig(
             inputs=tuple(inputs), tasks=tuple(tasks), out=out,
             model=ModelSpec(model, revision, dtype, attention, allow_pickle, trust_remote_code),

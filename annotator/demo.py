@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .tasks import DEMO_TASKS
+
 
 IMAGE_SIZE = 384
 
@@ -136,7 +138,7 @@ def model_card(args: dict, log: list[dict]) -> str:
         "circles, squares, triangles and stars on flat, gradient and noise backgrounds; pages of printed words). It "
         "knows that world only: use it to try the tool offline, never for real images.",
         "",
-        "Tasks: `caption`, `od`, `caption_to_phrase_grounding` (a `colour shape` phrase), `ocr`, `ocr_with_region`.",
+        "Tasks: " + ", ".join(f"`{t}`" for t in DEMO_TASKS) + " (grounding: a `colour shape` phrase).",
         "",
         "## Training (this stage)",
         "",

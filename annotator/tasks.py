@@ -85,6 +85,8 @@ _TASKS = [
 ]
 
 TASKS: dict[str, Task] = {t.name: t for t in _TASKS}
+# What `--model demo` (annotator/demo_model) was trained on; other tasks give it meaningless answers.
+DEMO_TASKS = ("caption", "od", "caption_to_phrase_grounding", "ocr", "ocr_with_region")
 BOX_EXPORT_DEFAULTS: tuple[str, ...] = tuple(t.name for t in sorted((t for t in _TASKS if t.box_export),
                                                                     key=lambda t: t.box_export))
 _BY_TOKEN: dict[str, Task] = {t.token: t for t in _TASKS}

@@ -10,6 +10,7 @@ import pytest
 from annotator import samples
 from annotator.model import DEMO_NAME, demo_dir
 from annotator.quality import measure
+from annotator.tasks import DEMO_TASKS
 from tests.run_helpers import by_key, run_cli
 
 
@@ -80,6 +81,7 @@ def test_training_script_trains_and_saves_a_loadable_model(tmp_path):
     assert named and all(tuple(x) in {(len(c), 7) for c in samples.CATEGORIES} for x in named)
     printed = {len(" " + w) for text, _ in page.lines for w in text.split(" ")}
     assert set(words[1][classes[1] > 0][:, 0].tolist()) <= printed and (words[1][:, 1] == -100).all()
+    assert set(train_demo.TASK_WEIGHTS) == set(DEMO_TASKS)  # what `annotate tasks` says it knows
     train_demo.main(["--out", str(tmp_path / "m"), "--steps", "2", "--batch", "2", "--save-every", "2"])
     log = json.loads((tmp_path / "m" / "training_log.json").read_text())
     assert isinstance(log, list)
@@ -106,3 +108,13 @@ def test_demo_golden_text_and_line_boxes_through_the_cli(tmp_path):
     counts = [line_matches(rows[(t["image"], "ocr_with_region")], t["ocr_regions"]) for t in truth]
     lines, boxed, exact = map(sum, zip(*counts))
     assert boxed / lines >= 0.8 and exact / lines >= 0.5, counts
+
+
+def test_the_cli_says_which_tasks_the_demo_model_knows(tmp_path):
+    listing = run_cli("tasks")
+    assert "--model demo (the small model shipped with the package) knows: " + ", ".join(DEMO_TASKS) in listing.stdout
+    samples.write(tmp_path / "s", n=1, seed=1, kind="scenes")
+    res = run_cli("run", str(tmp_path / "s"), "--model", "demo", "--tasks", "od,dense_region_caption", "--dry-run")
+    assert res.returncode == 0 and "not trained on dense_region_caption" in res.stderr, res.stderr
+    res = run_cli("run", str(tmp_path / "s"), "--model", "demo", "--tasks", "od", "--dry-run")
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
