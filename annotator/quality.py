@@ -14,7 +14,7 @@ import argparse
 import json
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -32,7 +32,7 @@ class Quality:
     precision: dict[float, dict[str, float]] = field(default_factory=dict)  # min score -> precision, recall, kept
     calibration: list[dict] = field(default_factory=list)  # score bin -> boxes, share matched at IoU 0.5
     ocr_cer: float | None = None
-    ocr_lines: dict[str, float] = field(default_factory=dict)  # ocr_with_region: lines boxed, and read exactly
+    ocr_lines: dict[str, float] = field(default_factory=dict)  # ocr_with_region: lines, share boxed, read exactly, line CER
     caption_exact: float | None = None
     images: int = 0
 
@@ -47,10 +47,10 @@ class Quality:
             out.append("calibration (score bin: boxes, share matching a ground-truth box at IoU 0.5):")
             out += [f"  {c['bin']}: {c['boxes']}, {c['matched']:.3f}" for c in self.calibration]
         if self.ocr_cer is not None:
-            out.append(f"ocr: character error rate {self.ocr_cer:.3f}")
+            out.append(f"ocr: character error rate {self.ocr_cer:.3f} (whitespace runs folded)")
         if self.ocr_lines:
             out.append(f"ocr_with_region: {self.ocr_lines['lines']} lines, boxed at IoU 0.5 {self.ocr_lines['boxed']:.3f}, "
-                       f"boxed and read exactly {self.ocr_lines['exact']:.3f}")
+                       f"boxed and read exactly {self.ocr_lines['exact']:.3f}, line CER {self.ocr_lines['cer']:.3f}")
         if self.caption_exact is not None:
             out.append(f"caption: exact match {self.caption_exact:.3f}")
         return out
@@ -83,45 +83,74 @@ def box_quality(pred_path: Path, gt_path: Path, q: Quality) -> None:
                               "matched": sum(inside) / len(inside) if inside else float("nan")})
 
 
-def text_quality(annotations: Path, texts_path: Path, q: Quality) -> None:
+def fold(text: str | None) -> str:
+    """Text as OCR is scored: whitespace runs folded to one space (line breaks and spacing are layout,
+    not reading errors)."""
+    return " ".join((text or "").split())
+
+
+def text_errors(read: str | None, truth: str) -> tuple[int, int]:
+    """(edit distance, reference characters) of a reading against the truth: the character error rate's parts."""
     from .finetune import levenshtein
+
+    return levenshtein(fold(read), fold(truth)), len(fold(truth))
+
+
+@dataclass
+class LineScore:
+    """`ocr_with_region` against a page's true lines, matched one to one, greedily by IoU >= 0.5."""
+    lines: int = 0  # true lines
+    boxed: int = 0  # of them, matched by a quad
+    exact: int = 0  # of those, read exactly
+    errors: int = 0  # edit distance of matched pairs + the characters of missed and of invented lines
+    chars: int = 0  # characters of the true lines
+
+    def __add__(self, other: "LineScore") -> "LineScore":
+        return LineScore(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+
+def score_lines(row: dict, regions: list) -> LineScore:
+    """`row`'s quads and labels against `regions` ([[8 coords], text] per true line, as texts.jsonl has them)."""
+    from .parse import bounds, iou
+
+    read = [(bounds(q), fold(t)) for q, t in zip(row.get("quad_boxes") or [], row.get("labels") or [])]
+    truth = [(bounds(q), fold(t)) for q, t in regions]
+    pairs = sorted(((iou(g[0], r[0]), i, j) for i, g in enumerate(truth) for j, r in enumerate(read)), reverse=True)
+    used_t, used_r, score = set(), set(), LineScore(lines=len(truth), chars=sum(len(t) for _, t in truth))
+    for overlap, i, j in pairs:
+        if overlap >= 0.5 and i not in used_t and j not in used_r:
+            used_t.add(i), used_r.add(j)
+            score.errors += text_errors(read[j][1], truth[i][1])[0]
+            score.exact += read[j][1] == truth[i][1]
+    score.boxed = len(used_t)
+    score.errors += sum(len(t) for i, (_, t) in enumerate(truth) if i not in used_t)
+    score.errors += sum(len(t) for j, (_, t) in enumerate(read) if j not in used_r)
+    return score
+
+
+def text_quality(annotations: Path, texts_path: Path, q: Quality) -> None:
     from .store import part_files
 
     truth = {t["image"]: t for t in map(json.loads, texts_path.read_text().splitlines())}
     rows = pl.read_parquet([str(p) for p in part_files(annotations)]).filter(pl.col("status") == "ok")
     errors = chars = exact = captions = 0
-    lines = boxed = read = 0
+    lines = LineScore()
     for r in rows.select("image", "task", "text", "labels", "quad_boxes").iter_rows(named=True):
         t = truth.get(Path(r["image"]).name)
         if t is None:
             continue
         if r["task"] == "ocr_with_region":
-            lines, boxed, read = (a + b for a, b in zip((lines, boxed, read), line_matches(r, t["ocr_regions"])))
+            lines += score_lines(r, t["ocr_regions"])
         elif r["task"] == "ocr" and t["ocr"]:
-            errors += levenshtein(r["text"] or "", t["ocr"])
-            chars += len(t["ocr"])
+            errors, chars = (a + b for a, b in zip((errors, chars), text_errors(r["text"], t["ocr"])))
         elif r["task"] == "caption":
             captions += 1
             exact += (r["text"] or "").strip() == t["caption"]
     q.ocr_cer = errors / chars if chars else None
     q.caption_exact = exact / captions if captions else None
-    if lines:
-        q.ocr_lines = {"lines": lines, "boxed": boxed / lines, "exact": read / lines}
-
-
-def line_matches(row: dict, regions: list) -> tuple[int, int, int]:
-    """(printed lines, lines with a quad at IoU >= 0.5, lines whose best quad also reads them exactly)."""
-    from .parse import iou
-
-    extent = lambda q: [min(q[0::2]), min(q[1::2]), max(q[0::2]), max(q[1::2])]  # noqa: E731
-    read = [(label, extent(quad)) for label, quad in zip(row["labels"] or [], row["quad_boxes"] or [])]
-    boxed = exact = 0
-    for quad, text in regions:
-        best = max(read, key=lambda r: iou(r[1], extent(quad)), default=None)
-        if best is not None and iou(best[1], extent(quad)) >= 0.5:
-            boxed += 1
-            exact += best[0].strip() == text
-    return len(regions), boxed, exact
+    if lines.lines:
+        q.ocr_lines = {"lines": lines.lines, "boxed": lines.boxed / lines.lines, "exact": lines.exact / lines.lines,
+                       "cer": lines.errors / max(1, lines.chars)}
 
 
 def measure(model: str, folder: Path, work: Path, tasks: str = "od,ocr,caption", batch_size: int = 8,

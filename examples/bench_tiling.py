@@ -29,7 +29,7 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotator.finetune import levenshtein  # noqa: E402
+from annotator.quality import LineScore, score_lines, text_errors  # noqa: E402
 
 
 def annotate(*args: str) -> None:
@@ -38,45 +38,25 @@ def annotate(*args: str) -> None:
         sys.exit(f"annotate {args[0]} failed with exit code {rc}")
 
 
-def _norm(s: str | None) -> str:
-    return " ".join((s or "").split())  # line breaks and spacing are not errors
-
-
 def task_rows(out: Path, task: str) -> dict[str, dict]:
     df = pl.scan_parquet(str(out / "part-*.parquet")).filter(pl.col("task") == task).collect()
     return {r["image"]: r for r in df.iter_rows(named=True)}
 
 
 def cer(out: Path, texts: dict[str, str]) -> float:
-    """`ocr` character error rate over the pages."""
+    """`ocr` character error rate over the pages (annotator.quality's, whitespace runs folded)."""
     got = task_rows(out, "ocr")
-    errors = sum(levenshtein(_norm((got.get(k) or {}).get("text")), _norm(ref)) for k, ref in texts.items())
-    return errors / max(1, sum(len(_norm(ref)) for ref in texts.values()))
+    errors, chars = map(sum, zip(*(text_errors((got.get(k) or {}).get("text"), ref) for k, ref in texts.items())))
+    return errors / max(1, chars)
 
 
 def region_scores(out: Path, regions: dict[str, list]) -> tuple[float, float]:
-    """`ocr_with_region` against the true lines: (line recall at IoU 0.5, CER of the lines). Lines
-    are matched greedily by IoU; a missed true line costs its length, an unmatched predicted line
-    its length, a matched pair their edit distance."""
-    from annotator.parse import bounds, iou
-
+    """`ocr_with_region` against the true lines: (line recall at IoU 0.5, CER of the lines), lines
+    matched one to one by annotator.quality.score_lines: a missed true line costs its length, an
+    unmatched predicted line its length, a matched pair their edit distance."""
     got = task_rows(out, "ocr_with_region")
-    found = errors = chars = 0
-    for key, truth in regions.items():
-        row = got.get(key) or {}
-        preds = [(bounds(q), _norm(t)) for q, t in zip(row.get("quad_boxes") or [], row.get("labels") or [])]
-        gts = [(bounds(q), _norm(t)) for q, t in truth]
-        pairs = sorted(((iou(g[0], p[0]), i, j) for i, g in enumerate(gts) for j, p in enumerate(preds)), reverse=True)
-        used_g, used_p = set(), set()
-        for overlap, i, j in pairs:
-            if overlap >= 0.5 and i not in used_g and j not in used_p:
-                used_g.add(i), used_p.add(j)
-                errors += levenshtein(preds[j][1], gts[i][1])
-        errors += sum(len(t) for i, (_, t) in enumerate(gts) if i not in used_g)
-        errors += sum(len(t) for j, (_, t) in enumerate(preds) if j not in used_p)
-        found += len(used_g)
-        chars += sum(len(t) for _, t in gts)
-    return found / max(1, sum(len(t) for t in regions.values())), errors / max(1, chars)
+    total = sum((score_lines(got.get(key) or {}, truth) for key, truth in regions.items()), LineScore())
+    return total.boxed / max(1, total.lines), total.errors / max(1, total.chars)
 
 
 def load_texts(path: Path) -> tuple[dict[str, str], dict[str, list]]:

@@ -93,8 +93,7 @@ def test_demo_golden_text_and_line_boxes_through_the_cli(tmp_path):
     """Four fixed pages through `annotate run`: `ocr` reads them (character error rate against the
     printed text), and `ocr_with_region` boxes each printed line (a quad at IoU >= 0.5) and reads most
     of them exactly."""
-    from annotator.finetune import levenshtein
-    from annotator.quality import line_matches
+    from annotator.quality import LineScore, score_lines, text_errors
 
     pages = tmp_path / "pages"
     samples.write(pages, n=4, seed=4242, kind="documents")
@@ -103,11 +102,10 @@ def test_demo_golden_text_and_line_boxes_through_the_cli(tmp_path):
     assert res.returncode == 0, res.stderr
     rows = by_key(tmp_path / "a")
     truth = [json.loads(line) for line in (pages / "texts.jsonl").read_text().splitlines()]
-    errors = sum(levenshtein(rows[(t["image"], "ocr")]["text"] or "", t["ocr"]) for t in truth)
-    assert errors / sum(len(t["ocr"]) for t in truth) <= 0.15, [rows[(t["image"], "ocr")]["text"] for t in truth]
-    counts = [line_matches(rows[(t["image"], "ocr_with_region")], t["ocr_regions"]) for t in truth]
-    lines, boxed, exact = map(sum, zip(*counts))
-    assert boxed / lines >= 0.8 and exact / lines >= 0.5, counts
+    errors, chars = map(sum, zip(*(text_errors(rows[(t["image"], "ocr")]["text"], t["ocr"]) for t in truth)))
+    assert errors / chars <= 0.15, [rows[(t["image"], "ocr")]["text"] for t in truth]
+    lines = sum((score_lines(rows[(t["image"], "ocr_with_region")], t["ocr_regions"]) for t in truth), LineScore())
+    assert lines.boxed / lines.lines >= 0.8 and lines.exact / lines.lines >= 0.5, lines
 
 
 def test_the_cli_says_which_tasks_the_demo_model_knows(tmp_path):

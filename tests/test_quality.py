@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from annotator.evaluate import evaluate_data
-from annotator.quality import Quality, box_quality, line_matches
+from annotator.quality import LineScore, Quality, box_quality, score_lines, text_errors
 
 
 def _coco(boxes, names=("red circle", "blue square")):
@@ -66,12 +66,16 @@ def test_card_keeps_one_block_per_command(tmp_path):
     assert text.index(docs) < text.index(scenes)
 
 
-def test_ocr_lines_count_a_line_boxed_only_at_iou_half_and_read_only_when_exact():
+def test_ocr_lines_match_one_to_one_at_iou_half_and_count_missed_and_invented_text():
     regions = [([0, 0, 100, 0, 100, 20, 0, 20], "one two"), ([0, 40, 100, 40, 100, 60, 0, 60], "three"),
                ([0, 80, 50, 80, 50, 100, 0, 100], "four")]
-    row = {"labels": ["one two", "three x", "four"],
-           "quad_boxes": [[2, 1, 99, 1, 99, 21, 2, 21], [0, 41, 100, 41, 100, 59, 0, 59], [0, 80, 20, 80, 20, 100, 0, 100]]}
-    assert line_matches(row, regions) == (3, 2, 1)  # the third quad covers 40% of its line
-    assert line_matches({"labels": None, "quad_boxes": None}, regions) == (3, 0, 0)
-    q = Quality(ocr_lines={"lines": 3, "boxed": 2 / 3, "exact": 1 / 3})
-    assert "ocr_with_region: 3 lines, boxed at IoU 0.5 0.667, boxed and read exactly 0.333" in q.lines()
+    row = {"labels": ["one  two", "three x", "four", "one two"],  # the last: the first line read twice
+           "quad_boxes": [[2, 1, 99, 1, 99, 21, 2, 21], [0, 41, 100, 41, 100, 59, 0, 59],
+                          [0, 80, 20, 80, 20, 100, 0, 100], [0, 0, 100, 0, 100, 20, 0, 20]]}
+    score = score_lines(row, regions)  # the third quad covers 40% of its line: "four" is missed
+    assert (score.lines, score.boxed, score.exact, score.chars) == (3, 2, 1, 16)
+    assert score.errors == 2 + 4 + 4 + 7  # "three x", missed "four", invented "four" and one "one two"
+    assert score_lines({"labels": None, "quad_boxes": None}, regions) == LineScore(3, 0, 0, 16, 16)
+    assert text_errors("one\ntwo  three", "one two three") == (0, 13)  # layout is not an error
+    q = Quality(ocr_lines={"lines": 3, "boxed": 2 / 3, "exact": 1 / 3, "cer": 17 / 16})
+    assert "ocr_with_region: 3 lines, boxed at IoU 0.5 0.667, boxed and read exactly 0.333, line CER 1.062" in q.lines()
