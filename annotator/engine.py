@@ -93,6 +93,13 @@ class Engine:
         return [Request(i, task.name, task.token + text)]
 
     # ------------------------------------------------------------------ generation
+    def halve_prompts(self, in_flight: int) -> None:
+        """Out of memory with `in_flight` prompts decoding: half as many from now on, on either decode
+        path (the one writer of max_prompts after construction)."""
+        self.max_prompts = max(1, in_flight // 2)
+        log.warning("out of memory with %d prompts in flight; going on with %d", in_flight, self.max_prompts)
+        free_cache(self.lm.device)
+
     def generate(self, requests: list[Request], features: torch.Tensor) -> list[Generation | BaseException]:
         """The generate path (beam search; greedy without the scheduler): every request,
         `max_prompts` at a time. A failing chunk is retried prompt by prompt so that only the
@@ -106,9 +113,7 @@ class Engine:
                     out.extend(self._generate_chunk(chunk, features))
                 except Exception as exc:  # noqa: BLE001 - sorted out below
                     if is_oom(exc) and len(chunk) > 1:
-                        self.max_prompts = max(1, len(chunk) // 2)
-                        log.warning("out of memory with %d prompts; going on with %d", len(chunk), self.max_prompts)
-                        free_cache(self.lm.device)
+                        self.halve_prompts(len(chunk))
                         continue  # same position, smaller chunk
                     out.extend(self._one_by_one(chunk, features, exc))
                 pos += len(chunk)

@@ -195,13 +195,12 @@ class BatchStream:
         try:
             finished = dec.step()
         except Exception as exc:  # noqa: BLE001 - see docstring
-            free_cache(eng.lm.device)
             jobs, self._decoder = dec.unfinished(), None
             if is_oom(exc) and dec.capacity > 1:
-                eng.max_prompts = dec.capacity // 2
-                log.warning("out of memory with %d rows in flight; going on with %d", dec.max_rows, eng.max_prompts)
+                eng.halve_prompts(dec.capacity)
                 self._scheduler().submit(jobs)  # the same prompts, restarted from their first token
                 return
+            free_cache(eng.lm.device)
             log.warning("decode scheduler failed (%s); using generate for its %d prompts", describe_error(exc), len(jobs))
             by_group: dict[int, tuple[_Group, list[int]]] = {}
             for group, i in (j.tag for j in jobs):
