@@ -27,7 +27,9 @@ def main(out: Path) -> None:
     scene = lambda: samples.scene(rng).image  # noqa: E731
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways; viewers (and we) rotate it upright
-    scene().resize((640, 480)).rotate(90, expand=True).save(out / "rotated.jpg", exif=exif.tobytes())
+    upright = scene()
+    upright.thumbnail((640, 640))  # smaller, shapes undistorted
+    upright.rotate(90, expand=True).save(out / "rotated.jpg", exif=exif.tobytes())
     scene().convert("L").save(out / "gray.png")
     scene().convert("CMYK").save(out / "print.tif")
     Image.fromarray(np.asarray(scene().convert("L"), dtype=np.uint16) * 257).save(out / "sixteen_bit.png")

@@ -4,6 +4,8 @@ import runpy
 import sys
 from pathlib import Path
 
+from PIL import Image
+
 from annotator.images import load_rgb
 from annotator.sources import discover
 
@@ -17,5 +19,6 @@ def test_make_samples_writes_decodable_images(tmp_path, monkeypatch):
     assert len(refs) == 8 and "scene_1_00000.png" in {r.key for r in refs}
     assert (tmp_path / "ground_truth.json").is_file() and (tmp_path / "documents" / "texts.jsonl").is_file()
     sizes = {r.key: load_rgb(r.path, 10**8).size for r in refs}
-    assert sizes["rotated.jpg"] == (640, 480)  # stored sideways, EXIF turns it upright
+    stored = Image.open(tmp_path / "rotated.jpg").size
+    assert sizes["rotated.jpg"] == stored[::-1] != stored and max(stored) == 640  # stored sideways, EXIF turns it upright
     assert all(load_rgb(r.path, 10**8).mode == "RGB" for r in refs)
