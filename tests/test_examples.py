@@ -19,6 +19,7 @@ def test_make_samples_writes_decodable_images(tmp_path, monkeypatch):
     assert len(refs) == 8 and "scene_1_00000.png" in {r.key for r in refs}
     assert (tmp_path / "ground_truth.json").is_file() and (tmp_path / "documents" / "texts.jsonl").is_file()
     sizes = {r.key: load_rgb(r.path, 10**8).size for r in refs}
-    stored = Image.open(tmp_path / "rotated.jpg").size
+    with Image.open(tmp_path / "rotated.jpg") as im:
+        stored = im.size
     assert sizes["rotated.jpg"] == stored[::-1] != stored and max(stored) == 640  # stored sideways, EXIF turns it upright
     assert all(load_rgb(r.path, 10**8).mode == "RGB" for r in refs)

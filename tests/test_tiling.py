@@ -203,7 +203,8 @@ def test_long_pages_hold_many_lines_inside_the_page(tmp_path):
     samples.write(tmp_path, n=2, seed=1, kind="pages")
     texts = [json.loads(line) for line in (tmp_path / "texts.jsonl").read_text().splitlines()]
     for t in texts:
-        w, h = Image.open(tmp_path / t["image"]).size
+        with Image.open(tmp_path / t["image"]) as im:
+            w, h = im.size
         assert 600 <= w <= 1000 and 1000 <= h <= 1800 and len(t["ocr_regions"]) >= 15
         assert t["ocr"] == "\n".join(text for _, text in t["ocr_regions"])
         for q, _ in t["ocr_regions"]:
