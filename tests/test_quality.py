@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from annotator.evaluate import evaluate_data
-from annotator.quality import LineScore, Quality, box_quality, score_lines, text_errors
+from annotator.quality import LineScore, Quality, box_quality, score_lines, text_errors, text_quality
 
 
 def _coco(boxes, names=("red circle", "blue square")):
@@ -79,3 +79,23 @@ def test_ocr_lines_match_one_to_one_at_iou_half_and_count_missed_and_invented_te
     assert text_errors("one\ntwo  three", "one two three") == (0, 13)  # layout is not an error
     q = Quality(ocr_lines={"lines": 3, "boxed": 2 / 3, "exact": 1 / 3, "cer": 17 / 16})
     assert "ocr_with_region: 3 lines, boxed at IoU 0.5 0.667, boxed and read exactly 0.333, line CER 1.062" in q.lines()
+
+
+def test_text_quality_counts_a_failed_page_as_read_nothing(tmp_path):
+    """An error row is not left out of the rates: its page's text and lines count as missed."""
+    from annotator.store import Annotation, PartWriter
+
+    quad = [0, 0, 100, 0, 100, 20, 0, 20]
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("\n".join(json.dumps({"image": f"p{i}.png", "caption": "a page of text", "ocr": "one two",
+                                           "ocr_regions": [[quad, "one two"]]}) for i in (1, 2)))
+    (tmp_path / "ann").mkdir()
+    writer = PartWriter(tmp_path / "ann")
+    writer.add([Annotation("p1.png", "ocr", text="one two"),
+                Annotation("p1.png", "ocr_with_region", labels=["one two"], quad_boxes=[quad]),
+                Annotation.failed("p2.png", "ocr", "decode failed"), Annotation.failed("p2.png", "ocr_with_region", "x")])
+    writer.flush()
+    q = Quality()
+    text_quality(tmp_path / "ann", texts, q)
+    assert q.ocr_cer == 0.5
+    assert q.ocr_lines == {"lines": 2, "boxed": 0.5, "exact": 0.5, "cer": 0.5}
