@@ -249,7 +249,7 @@ def florence_pairs(d: Drawn) -> dict[str, tuple[str, str]]:
     if d.kind == "document":
         lines = sorted(d.lines, key=lambda l: (l[1][1], l[1][0]))
         return {"ocr": ("<OCR>", d.ocr), "ocr_with_region": ("<OCR_WITH_REGION>", "".join(t + locs(q) for t, q in lines)),
-                "caption": ("<CAPTION>", d.caption)}
+                "caption": ("<CAPTION>", d.caption), "od": ("<OD>", "")}  # a page holds no shapes
     objects = sorted(d.objects, key=lambda o: (o[1][1], o[1][0]))
     pairs = {"od": ("<OD>", "".join(c + locs(b) for c, b in objects)), "caption": ("<CAPTION>", d.caption)}
     if objects:

@@ -35,15 +35,16 @@ DOC_TASKS = {"ocr", "ocr_with_region"}
 
 
 def draw_batch(rng: np.random.Generator, processor, batch: int, tasks: dict[str, float], progress: float,
-               cache: dict) -> tuple[list[Sample], list[samples.Drawn]]:
+               cache: dict, od_pages: float = 0.0) -> tuple[list[Sample], list[samples.Drawn]]:
     """`batch` fresh images, each with one task drawn by weight. Curriculum: in the first quarter
-    scenes hold at most 3 objects of at least 12% of the short side."""
+    scenes hold at most 3 objects of at least 12% of the short side. A share `od_pages` of the `od`
+    draws is a page of text, whose answer is empty: no shapes there."""
     names = list(tasks)
     p = np.array([tasks[n] for n in names]) / sum(tasks.values())
     out, drawn = [], []
     for i in range(batch):
         task = str(rng.choice(names, p=p))
-        if task in DOC_TASKS or (task == "caption" and rng.random() < 0.3):
+        if task in DOC_TASKS or (task == "caption" and rng.random() < 0.3) or (task == "od" and rng.random() < od_pages):
             d = samples.document(rng)
         elif progress < 0.25:
             d = samples.scene(rng, size_range=(0.12, 0.5), max_objects=3)
@@ -176,6 +177,8 @@ def main(argv=None) -> None:
     ap.add_argument("--head", type=Path, default=None,
                     help="keep the dense head in this file: loaded if it exists, saved with each checkpoint "
                          "(so that a run going on with --init does not re-learn it from zero)")
+    ap.add_argument("--od-pages", type=float, default=0.0,
+                    help="share of od examples drawn as pages of text with an empty answer (stage 10 on)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -222,7 +225,7 @@ def main(argv=None) -> None:
     last = min(args.steps, args.stop_after or args.steps)
     for step in range(last):
         progress = 1.0 if args.init else step / args.steps  # the curriculum is for a model from scratch
-        drawn_samples, drawn = draw_batch(rng, processor, args.batch, tasks, progress, cache)
+        drawn_samples, drawn = draw_batch(rng, processor, args.batch, tasks, progress, cache, args.od_pages)
         batch = collate(drawn_samples, processor.tokenizer.pad_token_id)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup) * group["scale"]

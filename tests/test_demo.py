@@ -82,6 +82,10 @@ def test_training_script_trains_and_saves_a_loadable_model(tmp_path):
     printed = {len(" " + w) for text, _ in page.lines for w in text.split(" ")}
     assert set(words[1][classes[1] > 0][:, 0].tolist()) <= printed and (words[1][:, 1] == -100).all()
     assert set(train_demo.TASK_WEIGHTS) == set(DEMO_TASKS)  # what `annotate tasks` says it knows
+    from annotator import demo
+
+    drawn_samples, drawn = train_demo.draw_batch(rng, demo.build_processor(), 3, {"od": 1.0}, 1.0, {}, od_pages=1.0)
+    assert all(d.kind == "document" for d in drawn) and all(x.labels == [0, 2] for x in drawn_samples)  # od on a page: nothing
     train_demo.main(["--out", str(tmp_path / "m"), "--steps", "2", "--batch", "2", "--save-every", "2"])
     log = json.loads((tmp_path / "m" / "training_log.json").read_text())
     assert isinstance(log, list)

@@ -89,6 +89,8 @@ def test_florence_pairs_are_what_the_parser_reads_back(tmp_path):
     doc = samples.document(rng)
     _, ocr_target = samples.florence_pairs(doc)["ocr_with_region"]
     assert len(re.findall(r"<loc_\d+>", ocr_target)) == 8 * len(doc.lines)
+    prompt, od_target = samples.florence_pairs(doc)["od"]  # a page: od answers with nothing
+    assert processor.post_process_generation(od_target, task="<OD>", image_size=doc.image.size)["<OD>"] == {"bboxes": [], "labels": []}
 
 
 def test_cli_samples_writes_the_folder(tmp_path):
