@@ -9,6 +9,7 @@ learn to localise in minutes on a CPU. `examples/train_demo.py` trains it.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -124,6 +125,16 @@ def tent_code(bins: torch.Tensor, dim: int, hats: int = 128) -> torch.Tensor:
     code = torch.zeros(len(bins), dim)
     code[:, :hats] = (1 - (bins[:, None] - centres[None]).abs() / width).clamp(min=0)
     return code
+
+
+def half(model):
+    """A float16 copy for shipping, its config saying so throughout: save_pretrained updates only the
+    top-level dtype, so the text and vision configs kept saying float32."""
+    out = copy.deepcopy(model).half()
+    for config in (out.config, getattr(out.config, "text_config", None), getattr(out.config, "vision_config", None)):
+        if config is not None:
+            config.dtype = torch.float16
+    return out
 
 
 def model_card(args: dict, log: list[dict]) -> str:

@@ -14,7 +14,6 @@ full world.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -157,6 +156,20 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def ship(checkpoint: Path, dest: Path) -> None:
+    """`checkpoint` (a stage's float32 output) as float16 into `dest`, with its training log and
+    `dest`'s own model card (which holds every stage's command and the measured quality)."""
+    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+    card = dest / "README.md"
+    files = {"training_log.json": (checkpoint / "training_log.json").read_text()}
+    if card.is_file():
+        files["README.md"] = card.read_text()
+    model = Florence2ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    save_model(demo.half(model).eval(), AutoProcessor.from_pretrained(checkpoint), dest, files)
+    print(f"shipped {checkpoint} -> {dest} (float16)")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -180,7 +193,12 @@ def main(argv=None) -> None:
     ap.add_argument("--od-pages", type=float, default=0.0,
                     help="share of od examples drawn as pages of text with an empty answer (stage 10 on)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--ship", type=Path, default=None, metavar="CHECKPOINT",
+                    help="train nothing: write this checkpoint of the script into --out as float16, keeping --out's "
+                         "model card (how a stage becomes annotator/demo_model)")
     args = ap.parse_args(argv)
+    if args.ship:
+        return ship(args.ship, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = {t: TASK_WEIGHTS[t] for t in args.tasks.split(",")}
@@ -245,7 +263,7 @@ def main(argv=None) -> None:
             print(json.dumps(rec), flush=True)
         if (step + 1) % args.save_every == 0 or step + 1 == last:
             card = demo.model_card(args={k: str(v) for k, v in vars(args).items()}, log=log)
-            saved = copy.deepcopy(model).half() if args.float16 else model
+            saved = demo.half(model) if args.float16 else model
             save_model(saved.eval(), processor, args.out, {"training_log.json": json.dumps(log, indent=1),
                                                           "README.md": card})
             if args.head:

@@ -26,6 +26,8 @@ def test_demo_ships_with_the_package_and_is_small():
     files = {p.name: p.stat().st_size for p in demo_dir().iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "processor_config.json"} <= files.keys()
     assert sum(files.values()) <= 30 * 2**20
+    config = json.loads((demo_dir() / "config.json").read_text())  # float16 weights, and the config says so throughout
+    assert config["dtype"] == config["text_config"]["dtype"] == config["vision_config"]["dtype"] == "float16"
 
 
 def test_demo_meets_the_floor_on_held_out_scenes_and_its_scores_rank(scenes, tmp_path):
@@ -91,6 +93,13 @@ def test_training_script_trains_and_saves_a_loadable_model(tmp_path):
     assert isinstance(log, list)
     lm = load_model(ModelSpec(str(tmp_path / "m")))
     assert lm.processor.tokenizer.convert_tokens_to_ids("<loc_0>") != lm.processor.tokenizer.unk_token_id
+    (tmp_path / "ship").mkdir()
+    (tmp_path / "ship" / "README.md").write_text("the card")
+    train_demo.main(["--ship", str(tmp_path / "m"), "--out", str(tmp_path / "ship")])  # how a stage becomes demo_model
+    shipped = json.loads((tmp_path / "ship" / "config.json").read_text())
+    assert shipped["text_config"]["dtype"] == shipped["vision_config"]["dtype"] == "float16"
+    assert (tmp_path / "ship" / "README.md").read_text() == "the card"
+    assert str(load_model(ModelSpec(str(tmp_path / "ship"))).model.dtype) == "torch.float32"  # float32 on the CPU
 
 
 def test_demo_golden_text_and_line_boxes_through_the_cli(tmp_path):
