@@ -11,9 +11,9 @@ import click
 from . import __version__
 from .clikit import EXIT_CANNOT_START, EXIT_INTERRUPTED, Aliased, env_names
 from .config import ConfigError, GenerationSettings, ModelSpec, RunConfig, TaskInputs, TileSettings, DTYPES, ATTENTIONS
-from .model import DEMO_NAME, ModelLoadError
-from .runner import RunError
-from .sources import SourceError
+from annotator.model.load import DEMO_NAME, ModelLoadError
+from annotator.run.device import RunError
+from annotator.inputs.sources import SourceError
 from .tasks import DEMO_TASKS, TASKS, PlanError, UnknownTask, parse_task_list, plan_sources
 
 USAGE_ERRORS = (ConfigError, PlanError, UnknownTask, SourceError, RunError)  # exit 2: a refused folder too
@@ -127,14 +127,14 @@ def run_cmd(inputs, input_lists, path_column, tasks_spec, out, model, revision, 
             input_lists=input_lists, path_column=path_column, ray=ray_address,
         )
         if dry_run:
-            from .dryrun import dry_run as plan_only
+            from annotator.run.dryrun import dry_run as plan_only
 
             _report(plan_only(cfg), as_json)
             return
     except USAGE_ERRORS as exc:
         _fail(str(exc), 2)
-    from .launch import launch  # heavy imports (torch, transformers) only once the flags are sound
-    from .stopping import exit_now, stop_on_signals
+    from annotator.run.launch import launch  # heavy imports (torch, transformers) only once the flags are sound
+    from annotator.run.signals import exit_now, stop_on_signals
 
     try:
         with stop_on_signals(EXIT_INTERRUPTED):  # SIGTERM stops as cleanly as Ctrl-C; a second one at once
@@ -165,7 +165,7 @@ def info_cmd(annotations: Path, top: int, as_json: bool) -> None:
     """Summarize a run folder: images, rows by task and status, errors, labels, completeness."""
     import json
 
-    from .info import InfoError, summarize
+    from annotator.readback.info import InfoError, summarize
 
     try:
         info = summarize(annotations, top=top)
@@ -191,7 +191,7 @@ def info_cmd(annotations: Path, top: int, as_json: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an earlier preview in --out.")
 def preview_cmd(annotations, out, task_spec, limit, sample, seed, image_roots, max_size, overwrite) -> None:
     """Draw annotations on their images and write a static HTML gallery (OUT/index.html)."""
-    from .preview import PreviewError, preview
+    from annotator.readback.preview import PreviewError, preview
 
     try:
         tasks = [t.name for t in parse_task_list(task_spec)] if task_spec else None
@@ -277,7 +277,7 @@ def eval_cmd(prediction: Path, gt: Path, iou: float | None, segm: bool, as_json:
     import json
     from dataclasses import asdict
 
-    from .evaluate import EvalError, evaluate
+    from annotator.readback.coco_eval import EvalError, evaluate
 
     try:
         report = evaluate(prediction, gt, iou=iou, iou_type="segm" if segm else "bbox")
@@ -295,7 +295,7 @@ def eval_cmd(prediction: Path, gt: Path, iou: float | None, segm: bool, as_json:
 def samples_cmd(out: Path, n: int, seed: int, kind: str) -> None:
     """Draw synthetic images with their ground truth (the demo model's world): OUT/*.png,
     OUT/ground_truth.json (COCO) and OUT/texts.jsonl (caption, ocr, ocr_regions)."""
-    from .samples import write
+    from annotator.demo.world import write
 
     counts = write(out, n=n, seed=seed, kind=kind)
     click.echo(f"samples: wrote {counts['images']} images, {counts['objects']} objects, "
@@ -304,10 +304,10 @@ def samples_cmd(out: Path, n: int, seed: int, kind: str) -> None:
 
 def _register_optional() -> None:
     """Commands that live in other packages join the group here."""
-    from .bench import bench  # light: torch is imported when it runs
+    from annotator.bench.run import bench  # light: torch is imported when it runs
 
     cli.add_command(bench)
-    from .convert import _command as convert_command
+    from annotator.model.convert import _command as convert_command
 
     cli.add_command(convert_command())
     try:

@@ -29,7 +29,7 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotator.quality import LineScore, score_lines, text_errors  # noqa: E402
+from annotator.readback.quality import LineScore, score_lines, text_errors  # noqa: E402
 
 
 def annotate(*args: str) -> None:
@@ -44,7 +44,7 @@ def task_rows(out: Path, task: str) -> dict[str, dict]:
 
 
 def cer(out: Path, texts: dict[str, str]) -> float:
-    """`ocr` character error rate over the pages (annotator.quality's, whitespace runs folded)."""
+    """`ocr` character error rate over the pages (annotator.readback.quality's, whitespace runs folded)."""
     got = task_rows(out, "ocr")
     errors, chars = map(sum, zip(*(text_errors((got.get(k) or {}).get("text"), ref) for k, ref in texts.items())))
     return errors / max(1, chars)
@@ -52,7 +52,7 @@ def cer(out: Path, texts: dict[str, str]) -> float:
 
 def region_scores(out: Path, regions: dict[str, list]) -> tuple[float, float]:
     """`ocr_with_region` against the true lines: (line recall at IoU 0.5, CER of the lines), lines
-    matched one to one by annotator.quality.score_lines: a missed true line costs its length, an
+    matched one to one by annotator.readback.quality.score_lines: a missed true line costs its length, an
     unmatched predicted line its length, a matched pair their edit distance."""
     got = task_rows(out, "ocr_with_region")
     total = sum((score_lines(got.get(key) or {}, truth) for key, truth in regions.items()), LineScore())
@@ -81,7 +81,7 @@ def truncated(out: Path) -> int:
 
 
 def detection(work: Path, out: Path, tile: str, gt: Path) -> tuple[float, float]:
-    from annotator.evaluate import EvalError, evaluate
+    from annotator.readback.coco_eval import EvalError, evaluate
 
     annotate("export", str(out), "--format", "coco", "--task", "od", "--out", str(work / f"coco-{tile}"), "--overwrite")
     try:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotator import samples  # noqa: E402
+from annotator.demo import world as samples  # noqa: E402
 from annotator.finetune import Sample, collate, encode_prompt, encode_target  # noqa: E402
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotator import samples  # noqa: E402
+from annotator.demo import world as samples  # noqa: E402
 
 
 def main(out: Path) -> None:

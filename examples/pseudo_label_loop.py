@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotator import samples  # noqa: E402
-from annotator.quality import measure  # noqa: E402
+from annotator.demo import world as samples  # noqa: E402
+from annotator.readback.quality import measure  # noqa: E402
 
 
 def annotate(*args: str) -> None:

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from annotator import demo, samples  # noqa: E402
+from annotator.demo import architecture as demo, world as samples  # noqa: E402
 from annotator.finetune import Sample, collate, encode_prompt, encode_target, loss_sum, save_model  # noqa: E402
 
 TASK_WEIGHTS = {"od": 0.45, "caption_to_phrase_grounding": 0.1, "caption": 0.1, "ocr": 0.15, "ocr_with_region": 0.2}
@@ -108,7 +108,7 @@ def cell_targets(drawn: list[samples.Drawn], grid: int, tokens: Callable[[str], 
     location bins, quantized as the answers quantize them, and [B, grid*grid, 2] the token ids of
     the words that name it: a shape's colour and shape, or the printed word at that cell of a text
     line (words placed by their share of the line's characters); -100 where none (or no `tokens`)."""
-    from annotator.sequence import quantize
+    from annotator.model.sequence import quantize
 
     classes = torch.zeros(len(drawn), grid, grid, dtype=torch.long)
     bins = torch.zeros(len(drawn), grid, grid, 4, dtype=torch.long)

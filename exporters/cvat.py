@@ -16,7 +16,7 @@ from exporters.geometry import Instance
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import Run
 from exporters.registry import register
-from exporters.review import ReviewImage, hex_color, review_images, review_tasks
+from exporters.review_common import ReviewImage, hex_color, review_images, review_tasks
 from exporters.safety import OutDir, check_key
 
 # (name, CVAT input_type, values) of the attributes every label declares

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from annotator.sequence import loc_tokens
+from annotator.model.sequence import loc_tokens
 from annotator.tasks import TASKS, Labels
 from exporters.base import Export
 from exporters.classes import ClassVocab, normalize_label

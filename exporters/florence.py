@@ -10,7 +10,7 @@ import json
 import re
 from collections import Counter
 
-from annotator.sequence import loc_tokens
+from annotator.model.sequence import loc_tokens
 from annotator.tasks import TASKS, Input, Labels, Output
 from exporters.base import Export
 from exporters.classes import ClassVocab

@@ -1,4 +1,4 @@
-"""`annotate import`: reviewed labels (exporters.reviewed) -> a ground-truth COCO file, or Florence-2
+"""`annotate import`: reviewed labels (exporters.review_read) -> a ground-truth COCO file, or Florence-2
 pairs in the florence export's layout (train/ and valid/ with annotations.jsonl and the images).
 The split is the export's key-hash split, so an image lands in the same split as before review."""
 
@@ -16,7 +16,7 @@ from exporters.florence import SPLIT_DIRS, florence_pairs
 from exporters.coco import coco_annotation
 from exporters.options import ExportSummary
 from exporters.read import Row
-from exporters.reviewed import Reviewed, ReviewedImage, read_cvat, read_labelstudio
+from exporters.review_read import Reviewed, ReviewedImage, read_cvat, read_labelstudio
 from exporters.safety import OutDir, check_key
 
 SOURCES = ("labelstudio", "cvat")

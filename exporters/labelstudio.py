@@ -19,7 +19,7 @@ from exporters.geometry import Instance
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import Run
 from exporters.registry import register
-from exporters.review import TEXT_TASKS, ReviewImage, hex_color, model_version, review_images, review_tasks
+from exporters.review_common import TEXT_TASKS, ReviewImage, hex_color, model_version, review_images, review_tasks
 from exporters.safety import OutDir
 
 IMAGE = "image"  # the <Image> object tag and the task's data field

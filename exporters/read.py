@@ -15,7 +15,7 @@ from typing import Iterator
 import polars as pl
 import pyarrow.parquet as pq
 
-from annotator.store import MANIFEST, OK, PART_GLOB, SCHEMA_VERSION, Annotation, part_files, read_rows
+from annotator.outdir.table import MANIFEST, OK, PART_GLOB, SCHEMA_VERSION, Annotation, part_files, read_rows
 from exporters.errors import ExportError
 from exporters.safety import check_key, is_safe_key
 

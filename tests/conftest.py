@@ -39,7 +39,7 @@ def _isolated_cache(tmp_path_factory):
 def tiny_lm():
     """random:tiny loaded in memory (float32, CPU)."""
     from annotator.config import ModelSpec
-    from annotator.model import load_model
+    from annotator.model.load import load_model
 
     return load_model(ModelSpec("random:tiny"), "cpu")
 

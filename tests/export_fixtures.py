@@ -1,5 +1,5 @@
 """Synthetic run folders for the exporter tests: small PIL images under an input root, part files
-written by annotator.store.PartWriter, and a manifest.json naming the root (as `annotate run` does)."""
+written by annotator.outdir.table.PartWriter, and a manifest.json naming the root (as `annotate run` does)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from annotator.store import Annotation, PartWriter
+from annotator.outdir.table import Annotation, PartWriter
 
 # key -> (width, height); two files named cat.jpg in different folders, a unicode name, a document
 IMAGES = {

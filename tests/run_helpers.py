@@ -14,7 +14,7 @@ import polars as pl
 from PIL import Image
 
 from annotator.config import GenerationSettings, ModelSpec, RunConfig
-from annotator.store import part_files
+from annotator.outdir.table import part_files
 from annotator.tasks import parse_task_list
 
 FAST = ["--model", "random:tiny", "--num-beams", "1", "--max-new-tokens", "6", "--workers", "0", "--no-progress"]

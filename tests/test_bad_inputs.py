@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import annotator.runner as runner
+import annotator.run.device as runner
 from annotator.clikit import EXIT_ROW_ERRORS
-from annotator.runner import run
-from annotator.sources import printable_key
+from annotator.run.device import run
+from annotator.inputs.sources import printable_key
 from run_helpers import FAST, by_key, make_cfg, noise_images, run_cli
 
 
@@ -133,8 +133,8 @@ def test_bad_input_becomes_rows_and_the_run_goes_on(tiny_lm, tmp_path, make):
 
 def test_error_messages_with_undecodable_names_can_be_stored():
     """Messages built from str(path) carry lone surrogates; Arrow would refuse the whole part."""
-    from annotator.images import describe_error
-    from annotator.store import Annotation, rows_to_table
+    from annotator.inputs.images import describe_error
+    from annotator.outdir.table import Annotation, rows_to_table
 
     message = describe_error(ValueError("cannot read " + os.fsdecode(b"/x/caf\xe9.jpg")))
     assert message == "ValueError: cannot read /x/caf\\xe9.jpg"
@@ -169,7 +169,7 @@ def test_unreadable_file(tiny_lm, tmp_path):
 
 def test_unreadable_file_injected(tiny_lm, tmp_path, monkeypatch):
     """The same failure as chmod 000 for a non-root user, raised where PIL opens the file."""
-    import annotator.images as images
+    import annotator.inputs.images as images
 
     real_open = images.Image.open
 
@@ -280,7 +280,7 @@ def test_checkpoint_code_never_runs_unless_trusted(tiny_checkpoint, tmp_path):
     import shutil
 
     from annotator.config import ModelSpec
-    from annotator.model import ModelLoadError, load_model
+    from annotator.model.load import ModelLoadError, load_model
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, ckpt)

@@ -61,7 +61,7 @@ def test_bench_rejects_bad_tokens_and_input_tasks():
 def test_bench_realistic_lengths_are_drawn_per_row_and_equal_on_both_sides(tmp_path, num_beams):
     """--lengths realistic: each (image, task) gets its seeded length; the engine (greedy or
     beams: the scheduler) and the reference write exactly those; slot efficiency is reported."""
-    from annotator.lengths import draw_lengths
+    from annotator.bench.lengths import draw_lengths
 
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(cli, ["bench", "--model", "random:tiny", "--tasks", "caption", "--images", "3",

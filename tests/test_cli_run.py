@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from annotator.cli import cli
-from annotator.store import SCHEMA
+from annotator.outdir.table import SCHEMA
 from annotator.tasks import TASKS
 
 FAST = ["--num-beams", "1", "--max-new-tokens", "8", "--no-progress"]

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from annotator.config import ModelSpec
-from annotator.model import ModelLoadError, load_model
+from annotator.model.load import ModelLoadError, load_model
 
 # native name -> original name (first match wins), the reverse of transformers' conversion script
 _B, _OB = r"^model\.vision_tower\.blocks\.(\d+)\.(\d+)\.", r"vision_tower.blocks.\1.\2."
@@ -164,7 +164,7 @@ def test_original_safetensors_loads_natively_and_generates_the_same(original_st,
     from transformers import Florence2ForConditionalGeneration
 
     rows = tiny_lm.processor.tokenizer.image_token_id
-    with caplog.at_level(logging.INFO, logger="annotator.convert"):
+    with caplog.at_level(logging.INFO, logger="annotator.model.convert"):
         lm = load_model(ModelSpec(str(original_st)), "cpu")
     assert isinstance(lm.model, Florence2ForConditionalGeneration)
     assert lm.name == str(original_st)
@@ -197,7 +197,7 @@ def test_original_safetensors_loads_natively_and_generates_the_same(original_st,
     # The next load is a plain native load of the cached copy; --trust-remote-code changes nothing for
     # Florence-2 (the checkpoint's .py files raise if anything runs them).
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="annotator.convert"):
+    with caplog.at_level(logging.INFO, logger="annotator.model.convert"):
         again = load_model(ModelSpec(str(original_st), trust_remote_code=True), "cpu")
     assert isinstance(again.model, Florence2ForConditionalGeneration)
     msgs = [r.message for r in caplog.records if "original Florence-2" in r.message]
@@ -231,7 +231,7 @@ def test_convert_command_writes_a_native_checkpoint(original_st, tiny_lm, tmp_pa
     from click.testing import CliRunner
 
     from annotator.cli import cli
-    from annotator.convert import is_original_config
+    from annotator.model.convert import is_original_config
 
     out = tmp_path / "native"
     result = CliRunner().invoke(cli, ["convert", str(original_st), str(out)])
@@ -252,7 +252,7 @@ def test_finetune_from_an_original_checkpoint_saves_native_ones(original_st, tmp
     from click.testing import CliRunner
 
     from annotator.cli import cli
-    from annotator.convert import is_original_config
+    from annotator.model.convert import is_original_config
     from finetune_fixtures import write_florence
 
     write_florence(tmp_path / "data", repeat=1)

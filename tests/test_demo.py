@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import pytest
 
-from annotator import samples
-from annotator.model import DEMO_NAME, demo_dir
-from annotator.quality import measure
+from annotator.demo import world as samples
+from annotator.model.load import DEMO_NAME, demo_dir
+from annotator.readback.quality import measure
 from annotator.tasks import DEMO_TASKS
 from tests.run_helpers import by_key, run_cli
 
@@ -43,7 +43,7 @@ def test_demo_meets_the_floor_on_held_out_scenes_and_its_scores_rank(scenes, tmp
 def test_demo_golden_boxes_and_labels_through_the_cli(scenes, tmp_path):
     """Six fixed scenes through `annotate run`: most drawn objects get a box at IoU >= 0.5 that
     carries their label."""
-    from annotator.parse import iou
+    from annotator.answers.parse import iou
 
     res = run_cli("run", str(scenes), "--model", "demo", "--tasks", "od", "--out", str(tmp_path / "a"),
                   "--limit", "6", "--workers", "0", "--no-progress", timeout=300)
@@ -69,7 +69,7 @@ def test_training_script_trains_and_saves_a_loadable_model(tmp_path):
     from pathlib import Path
 
     from annotator.config import ModelSpec
-    from annotator.model import load_model
+    from annotator.model.load import load_model
 
     path = Path(__file__).parents[1] / "examples" / "train_demo.py"
     spec = importlib.util.spec_from_file_location("train_demo", path)
@@ -84,7 +84,7 @@ def test_training_script_trains_and_saves_a_loadable_model(tmp_path):
     printed = {len(" " + w) for text, _ in page.lines for w in text.split(" ")}
     assert set(words[1][classes[1] > 0][:, 0].tolist()) <= printed and (words[1][:, 1] == -100).all()
     assert set(train_demo.TASK_WEIGHTS) == set(DEMO_TASKS)  # what `annotate tasks` says it knows
-    from annotator import demo
+    from annotator.demo import architecture as demo
 
     drawn_samples, drawn = train_demo.draw_batch(rng, demo.build_processor(), 3, {"od": 1.0}, 1.0, {}, od_pages=1.0)
     assert all(d.kind == "document" for d in drawn) and all(x.labels == [0, 2] for x in drawn_samples)  # od on a page: nothing
@@ -106,7 +106,7 @@ def test_demo_golden_text_and_line_boxes_through_the_cli(tmp_path):
     """Four fixed pages through `annotate run`: `ocr` reads them (character error rate against the
     printed text), and `ocr_with_region` boxes each printed line (a quad at IoU >= 0.5) and reads most
     of them exactly."""
-    from annotator.quality import LineScore, score_lines, text_errors
+    from annotator.readback.quality import LineScore, score_lines, text_errors
 
     pages = tmp_path / "pages"
     samples.write(pages, n=4, seed=4242, kind="documents")

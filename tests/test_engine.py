@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from annotator.config import GenerationSettings, TaskInputs
-from annotator.engine import Engine, Generation
-from annotator.images import Batch, ImageItem
+from annotator.decode.engine import Engine, Generation
+from annotator.inputs.images import Batch, ImageItem
 from annotator.tasks import parse_task_list
 
 GREEDY = GenerationSettings(num_beams=1, max_new_tokens=10)
@@ -218,7 +218,7 @@ def test_a_failed_source_fails_its_dependent_task_for_that_image_only(tiny_lm):
 
 
 def test_a_parser_crash_is_that_rows_error_and_keeps_the_raw_text(tiny_lm, monkeypatch):
-    import annotator.assemble as assemble_module
+    import annotator.answers.assemble as assemble_module
 
     engine = Engine(tiny_lm, parse_task_list("od,caption"), TaskInputs(), GREEDY)
     scripted(engine, [])

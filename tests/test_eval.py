@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from annotator.cli import cli
-from annotator.evaluate import EvalError, evaluate
-from annotator.store import Annotation, PartWriter
+from annotator.readback.coco_eval import EvalError, evaluate
+from annotator.outdir.table import Annotation, PartWriter
 
 FALSE_POSITIVE = [60, 60, 90, 95]
 BOXES = {  # image -> [(label, box, score)]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from annotator.images import load_rgb
-from annotator.sources import discover
+from annotator.inputs.images import load_rgb
+from annotator.inputs.sources import discover
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

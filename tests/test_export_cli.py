@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from annotator.store import SCHEMA_VERSION, Annotation, rows_to_table
+from annotator.outdir.table import SCHEMA_VERSION, Annotation, rows_to_table
 from exporters import EXPORTERS
 from exporters.cli import export
 from export_fixtures import make_run, ok

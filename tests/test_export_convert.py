@@ -11,7 +11,7 @@ from exporters.docvqa import article, plural, qa_pairs
 from exporters.errors import ExportError, UnsafePath
 from exporters.files import assign_splits, flat_names
 from exporters.florence import clean_text, florence_pairs
-from annotator.sequence import dequantize, loc_tokens, quantize
+from annotator.model.sequence import dequantize, loc_tokens, quantize
 from exporters.geometry import (clip_box, clip_polygon, polygon_area, row_instances, xyxy_to_cxcywh_norm,
                                 xyxy_to_xywh)
 from exporters.read import ImageRows, Row

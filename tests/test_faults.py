@@ -4,7 +4,7 @@ exception that only one image triggers gives that image an error row and nobody 
 import pytest
 import torch
 
-from annotator.runner import run
+from annotator.run.device import run
 from run_helpers import by_key, make_cfg, noise_images
 
 
@@ -27,7 +27,7 @@ def test_oom_halves_the_chunk_and_loses_nothing(tiny_lm, tmp_path, monkeypatch):
         return real_generate(*args, **kw)
 
     monkeypatch.setattr(tiny_lm.model, "generate", generate)
-    monkeypatch.setattr("annotator.engine.supports", lambda config: False)  # the generate path (the scheduler's: test_scheduler)
+    monkeypatch.setattr("annotator.decode.engine.supports", lambda config: False)  # the generate path (the scheduler's: test_scheduler)
     out = tmp_path / "out"
     summary = run(make_cfg(images, out, "caption,od", batch_size=5), lm=tiny_lm)
     got = by_key(out)
@@ -74,7 +74,7 @@ def test_a_fault_in_one_image_errors_only_that_image(tiny_lm, tmp_path, monkeypa
     bad = _features_of(tiny_lm, paths[2])  # the model "crashes" whenever it sees this image
 
     if stage == "generate":
-        from annotator.engine import Engine
+        from annotator.decode.engine import Engine
 
         real = Engine.encode  # the first step of every generate call, given the image features
 

@@ -17,7 +17,7 @@ from annotator.config import ModelSpec
 from annotator.finetune import (DOCVQA_TOKEN, STATE_FILE, Collator, Sample, backward_window, configure_trainable,
                                 encode_prompt, encode_target, levenshtein, levenshtein_similarity, load_data,
                                 loss_sum)
-from annotator.model import load_model
+from annotator.model.load import load_model
 from finetune_fixtures import OBJECTS, write_docvqa, write_florence, write_images
 
 LOC = re.compile(r"<loc_(\d+)>")
@@ -221,7 +221,7 @@ def test_prompts_tokenize_as_annotate_run_and_the_model_card_snippet_do(tiny_lm)
     from PIL import Image
 
     from annotator.config import GenerationSettings, TaskInputs
-    from annotator.engine import Engine
+    from annotator.decode.engine import Engine
     from annotator.tasks import parse_task_list
 
     proc = tiny_lm.processor

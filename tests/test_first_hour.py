@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from annotator.cli import cli
-from annotator.store import MANIFEST, SCHEMA_VERSION, Manifest, part_files
+from annotator.outdir.table import MANIFEST, SCHEMA_VERSION, Manifest, part_files
 from run_helpers import FAST, by_key, noise_images
 
 
@@ -129,7 +129,7 @@ def test_schema_1_folder_resumes_and_a_poisoned_one_is_refused_with_the_fix(twin
 # ------------------------------------------------------------------ malformed generations
 
 def test_location_fragment_labels_and_inverted_boxes_are_dropped_and_counted(tmp_path, monkeypatch):
-    import annotator.assemble as assemble
+    import annotator.answers.assemble as assemble
 
     real = assemble.parse_generation
     scripted = ("<loc_150><loc_500><loc_100><loc_600><loc_700>"  # label `loc_150>`: a fragment

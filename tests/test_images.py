@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from annotator.images import DecodeFailure, ImageDataset, ImageItem, WorkItem, load_rgb
-from annotator.sources import ImageRef, discover
+from annotator.inputs.images import DecodeFailure, ImageDataset, ImageItem, WorkItem, load_rgb
+from annotator.inputs.sources import ImageRef, discover
 
 
 RED, BLUE, GREENISH = (255, 0, 0), (0, 0, 255), (10, 200, 30)

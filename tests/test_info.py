@@ -7,9 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 from annotator.cli import cli
-from annotator.info import summarize
-from annotator.runner import run
-from annotator.store import Annotation, Manifest, PartWriter
+from annotator.readback.info import summarize
+from annotator.run.device import run
+from annotator.outdir.table import Annotation, Manifest, PartWriter
 from run_helpers import make_cfg, noise_images
 
 
@@ -92,8 +92,8 @@ def test_unknown_completeness_is_said_not_guessed(tmp_path):
 
 
 def test_score_distribution_per_task_and_label(tmp_path):
-    from annotator.info import summarize
-    from annotator.store import Annotation, PartWriter
+    from annotator.readback.info import summarize
+    from annotator.outdir.table import Annotation, PartWriter
 
     w = PartWriter(tmp_path)
     w.add([

@@ -16,12 +16,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from annotator import remote
+from annotator.inputs import remote
 from annotator.cli import cli
-from annotator.info import summarize
-from annotator.runner import run
-from annotator.shards import expand_braces
-from annotator.sources import SourceError, _pattern_root, discover, read_list
+from annotator.readback.info import summarize
+from annotator.run.device import run
+from annotator.inputs.shards import expand_braces
+from annotator.inputs.sources import SourceError, _pattern_root, discover, read_list
 
 from run_helpers import by_key, comparable, make_cfg, noise_images
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from annotator.cli import cli
 from annotator.config import ConfigError
-from annotator.launch import parse_devices
+from annotator.run.launch import parse_devices
 from conftest import write_images
 
 ARGS = ["--tasks", "caption,od", "--model", "random:tiny", "--num-beams", "1", "--max-new-tokens", "6",

@@ -1,6 +1,6 @@
 """Realistic bench lengths: seeded, in their documented ranges, independent of the task list."""
 
-from annotator.lengths import REALISTIC, draw_lengths
+from annotator.bench.lengths import REALISTIC, draw_lengths
 
 
 def test_draws_are_seeded_in_range_and_stable_across_task_lists():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from annotator.config import ConfigError, ModelSpec
-from annotator.model import ModelLoadError, load_model, resolve_attention, resolve_dtype
+from annotator.model.load import ModelLoadError, load_model, resolve_attention, resolve_dtype
 
 
 def test_local_checkpoint_loads_with_native_classes(tiny_checkpoint, tiny_lm):
@@ -69,7 +69,7 @@ def test_random_model_is_the_same_in_every_process(tiny_lm):
 
 def test_random_base_has_the_published_shape():
     """random:base must cost what Florence-2-base costs: 768 px images -> 577 image tokens, 768-wide text."""
-    from annotator.model import RANDOM_ARCHS, build_random_processor
+    from annotator.model.load import RANDOM_ARCHS, build_random_processor
 
     arch = RANDOM_ARCHS["base"]
     assert build_random_processor(arch.image_size).num_image_tokens == 577

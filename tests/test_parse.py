@@ -2,7 +2,7 @@
 
 import pytest
 
-from annotator.parse import parse_generation, plain_text
+from annotator.answers.parse import parse_generation, plain_text
 from annotator.tasks import TASKS
 
 W, H = 1000, 500  # one bin = 1 px in x, 0.5 px in y; the processor de-quantizes to the bin centre
@@ -54,7 +54,7 @@ def test_plain_text_strips_specials():
     assert plain_text("</s><s> a cat <loc_5></s>") == "a cat"
 
 
-from annotator.parse import Parsed, iou, refine  # noqa: E402
+from annotator.answers.parse import Parsed, iou, refine  # noqa: E402
 
 
 def test_generation_loops_are_removed_and_counted():
@@ -94,7 +94,7 @@ def test_iou(a, b, expected):
 @pytest.mark.parametrize("label, fragment", [("loc_150>", True), ("<loc_3", True), ("loc_1> loc_2>", True),
                                              ("car", False), ("", False), ("location", False), ("loc_3 car", False)])
 def test_location_fragments(label, fragment):
-    from annotator.parse import is_location_fragment
+    from annotator.answers.parse import is_location_fragment
 
     assert is_location_fragment(label) is fragment
 

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from annotator.cli import cli
-from annotator.drawing import Style, draw_annotations, label_color
-from annotator.preview import PreviewError, preview
-from annotator.store import Annotation
+from annotator.readback.drawing import Style, draw_annotations, label_color
+from annotator.readback.preview import PreviewError, preview
+from annotator.outdir.table import Annotation
 from export_fixtures import make_run, ok, standard_rows
 
 BG = (255, 255, 255)

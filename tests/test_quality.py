@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from annotator.evaluate import evaluate_data
-from annotator.quality import LineScore, Quality, box_quality, score_lines, text_errors, text_quality
+from annotator.readback.coco_eval import evaluate_data
+from annotator.readback.quality import LineScore, Quality, box_quality, score_lines, text_errors, text_quality
 
 
 def _coco(boxes, names=("red circle", "blue square")):
@@ -51,11 +51,11 @@ def test_scores_that_rank_right_above_wrong_raise_ap_over_scores_of_one(tmp_path
 
 
 def test_card_keeps_one_block_per_command(tmp_path):
-    from annotator.quality import QUALITY_HEADING, write_card
+    from annotator.readback.quality import QUALITY_HEADING, write_card
 
     card = tmp_path / "README.md"
     card.write_text("# model\n\nTraining text.\n")
-    scenes, docs = "python -m annotator.quality --kind scenes", "python -m annotator.quality --kind documents"
+    scenes, docs = "python -m annotator.readback.quality --kind scenes", "python -m annotator.readback.quality --kind documents"
     write_card(card, scenes, ["od: AP50 0.5"])
     write_card(card, docs, ["ocr: character error rate 0.2"])
     write_card(card, scenes, ["od: AP50 0.8"])  # measured again: replaces its own block only
@@ -83,7 +83,7 @@ def test_ocr_lines_match_one_to_one_at_iou_half_and_count_missed_and_invented_te
 
 def test_text_quality_counts_a_failed_page_as_read_nothing(tmp_path):
     """An error row is not left out of the rates: its page's text and lines count as missed."""
-    from annotator.store import Annotation, PartWriter
+    from annotator.outdir.table import Annotation, PartWriter
 
     quad = [0, 0, 100, 0, 100, 20, 0, 20]
     texts = tmp_path / "texts.jsonl"

@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from annotator.cli import cli
-from annotator.launch import launch
-from annotator.raydata import TEST_KILL
-from annotator.runner import run
+from annotator.run.launch import launch
+from annotator.run.raydata import TEST_KILL
+from annotator.run.device import run
 
 from run_helpers import by_key, comparable, make_cfg, noise_images
 
@@ -55,7 +55,7 @@ def test_ray_driver_with_a_stand_in_ray(tmp_path, monkeypatch):
     d = tmp_path / "imgs"
     noise_images(d, 5)
     (d / "broken.png").write_bytes(b"not a png")
-    from annotator.model import load_model
+    from annotator.model.load import load_model
 
     run(make_cfg(d, tmp_path / "plain", "caption,od"), lm=load_model(make_cfg(d, tmp_path).model))
     cfg = make_cfg(d, tmp_path / "ray", "caption,od", ray="auto")

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from annotator.cli import cli
 from annotator.config import GenerationSettings, ModelSpec
 from annotator.clikit import EXIT_INTERRUPTED, EXIT_USAGE
-from annotator.runner import RunError, run
-from annotator.stopping import stop_on_signals
-from annotator.store import MANIFEST, Manifest, part_files
+from annotator.run.device import RunError, run
+from annotator.run.signals import stop_on_signals
+from annotator.outdir.table import MANIFEST, Manifest, part_files
 from run_helpers import FAST, annotate_argv, by_key, cli_env, comparable, make_cfg, noise_images, rows, run_cli
 
 N_IMAGES = 10  # 5 batches of 2, a part after each
@@ -223,7 +223,7 @@ def test_new_images_and_new_tasks_are_picked_up(tiny_lm, tmp_path):
 
 def test_cli_interrupt_message_and_code(tmp_path, monkeypatch):
     """KeyboardInterrupt out of launch (Ctrl-C) is reported and exits with EXIT_INTERRUPTED."""
-    import annotator.launch as launch
+    import annotator.run.launch as launch
 
     def interrupted(cfg):
         raise KeyboardInterrupt
@@ -232,7 +232,7 @@ def test_cli_interrupt_message_and_code(tmp_path, monkeypatch):
         raise SystemExit(code)
 
     monkeypatch.setattr(launch, "launch", interrupted)
-    monkeypatch.setattr("annotator.stopping.os._exit", exit_)
+    monkeypatch.setattr("annotator.run.signals.os._exit", exit_)
     noise_images(tmp_path / "images", 1)
     result = CliRunner().invoke(cli, ["run", str(tmp_path / "images"), "--out", str(tmp_path / "out"), *FAST])
     assert result.exit_code == EXIT_INTERRUPTED and "run the same command again to resume" in result.output
@@ -243,7 +243,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_stale_lock_is_taken_ov
     import subprocess
     import sys
 
-    from annotator.runner import LOCK, RunError, release_lock, take_lock
+    from annotator.run.device import LOCK, RunError, release_lock, take_lock
 
     out = tmp_path / "ann"
     out.mkdir()

@@ -10,7 +10,7 @@ import re
 import numpy as np
 from pycocotools.coco import COCO
 
-from annotator import samples
+from annotator.demo import world as samples
 from tests.run_helpers import run_cli
 
 
@@ -74,7 +74,7 @@ def test_describe_counts_and_orders():
 
 def test_florence_pairs_are_what_the_parser_reads_back(tmp_path):
     """The training targets parse, with the processor's own post-processing, to the drawn boxes (within a bin)."""
-    from annotator import demo
+    from annotator.demo import architecture as demo
 
     processor = demo.build_processor()
     rng = np.random.default_rng(5)

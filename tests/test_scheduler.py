@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from annotator.config import GenerationSettings, TaskInputs
-from annotator.engine import Engine
-from annotator.lengths import ForcedLengths
-from annotator.scheduler import supports
-from annotator.stream import BatchStream
+from annotator.decode.engine import Engine
+from annotator.bench.lengths import ForcedLengths
+from annotator.decode.scheduler import supports
+from annotator.decode.stream import BatchStream
 from annotator.tasks import parse_task_list
 from test_engine import batches, make_items
 
@@ -160,7 +160,7 @@ def test_beams_batched_equal_one_at_a_time_with_mixed_lengths(eos_lm, num_beams)
 
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_oom_halves_the_rows_in_flight_and_changes_nothing(eos_lm, monkeypatch, num_beams):
-    from annotator.scheduler import DecodeScheduler
+    from annotator.decode.scheduler import DecodeScheduler
 
     gen = GenerationSettings(num_beams=num_beams, max_new_tokens=MAX_NEW, scores=False)
     items = make_items(eos_lm, SPEC.split(","))
@@ -231,7 +231,7 @@ def test_a_failing_prompt_in_the_stream_goes_through_generate(eos_lm, monkeypatc
 def test_per_row_and_padded_self_attention_give_the_same_answers(eos_lm, monkeypatch, waste):
     """Self-attention over each row's own length (0.0: always) or over the longest row's with a
     mask (inf: never): both are the batch-1 answers, with rows far apart in length (batches join)."""
-    from annotator.scheduler import DecodeScheduler
+    from annotator.decode.scheduler import DecodeScheduler
 
     gen = GenerationSettings(num_beams=1, max_new_tokens=MAX_NEW, scores=False)
     items = make_items(eos_lm, SPEC.split(","))

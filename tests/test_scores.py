@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from annotator.parse import parse_generation
-from annotator.scores import instance_scores, text_score, token_text
+from annotator.answers.parse import parse_generation
+from annotator.answers.confidence import instance_scores, text_score, token_text
 from annotator.tasks import TASKS
 
 
@@ -63,7 +63,7 @@ def test_engine_logprobs_are_the_models_own(tiny_lm):
     from PIL import Image
 
     from annotator.config import GenerationSettings, TaskInputs
-    from annotator.engine import Engine, Request
+    from annotator.decode.engine import Engine, Request
 
     engine = Engine(tiny_lm, [TASKS["caption"]], TaskInputs(), GenerationSettings(num_beams=1, max_new_tokens=12))
     im = Image.new("RGB", (50, 40), (200, 30, 90))
@@ -81,7 +81,7 @@ def test_engine_logprobs_are_the_models_own(tiny_lm):
 
 def test_scores_fill_the_table_for_every_instance_kind(tiny_lm):
     from annotator.config import GenerationSettings, TaskInputs
-    from annotator.engine import Engine, Generation
+    from annotator.decode.engine import Engine, Generation
 
     tok = tiny_lm.processor.tokenizer
     engine = Engine(tiny_lm, [TASKS["od"], TASKS["ocr_with_region"], TASKS["caption"]], TaskInputs(),
@@ -128,7 +128,7 @@ def test_quads_and_polygons_get_their_own_instances_probabilities(tiny_lm):
 
 
 def _gen(tok, text, p):
-    from annotator.engine import Generation
+    from annotator.decode.engine import Generation
 
     ids = tuple(tok("<s>" + text + "</s>", add_special_tokens=False)["input_ids"])
     return Generation("</s><s>" + text + "</s>", False, ids, tuple([_lp(p)] * len(ids)))
@@ -136,7 +136,7 @@ def _gen(tok, text, p):
 
 def test_region_tasks_score_each_box_by_its_own_answer(tiny_lm):
     from annotator.config import GenerationSettings, TaskInputs
-    from annotator.engine import Engine, Request
+    from annotator.decode.engine import Engine, Request
 
     tok = tiny_lm.processor.tokenizer
     engine = Engine(tiny_lm, [TASKS["od"], TASKS["region_to_category"], TASKS["region_to_segmentation"]],
@@ -157,7 +157,7 @@ def test_region_tasks_score_each_box_by_its_own_answer(tiny_lm):
 
 def test_per_class_prompts_keep_each_class_answers_scores(tiny_lm):
     from annotator.config import GenerationSettings, TaskInputs
-    from annotator.engine import Engine, Request
+    from annotator.decode.engine import Engine, Request
 
     tok = tiny_lm.processor.tokenizer
     engine = Engine(tiny_lm, [TASKS["open_vocabulary_detection"]], TaskInputs(classes=("car", "bus")),
@@ -172,9 +172,9 @@ def test_per_class_prompts_keep_each_class_answers_scores(tiny_lm):
 
 
 def test_misaligned_scores_are_null_and_counted(tiny_lm, monkeypatch):
-    import annotator.assemble as assemble_module
+    import annotator.answers.assemble as assemble_module
     from annotator.config import GenerationSettings, TaskInputs
-    from annotator.engine import Engine
+    from annotator.decode.engine import Engine
 
     tok = tiny_lm.processor.tokenizer
     engine = Engine(tiny_lm, [TASKS["od"]], TaskInputs(), GenerationSettings(num_beams=1))
@@ -195,8 +195,8 @@ def test_a_real_run_scores_match_a_teacher_forced_recomputation(tiny_lm):
     from PIL import Image
 
     from annotator.config import GenerationSettings, TaskInputs
-    from annotator.engine import Engine
-    from annotator.images import Batch, ImageItem
+    from annotator.decode.engine import Engine
+    from annotator.inputs.images import Batch, ImageItem
 
     proc, model = tiny_lm.processor, tiny_lm.model
     images = [Image.new("RGB", (50, 40), (200, 30, 90)), Image.new("RGB", (30, 60), (10, 120, 240))]
@@ -225,7 +225,7 @@ def test_location_tokens_score_with_their_neighbourhood():
     first and last bin."""
     import torch
 
-    from annotator.scores import LocBins, chosen_logprobs
+    from annotator.answers.confidence import LocBins, chosen_logprobs
 
     locs = LocBins(first=10, count=1000)
     probs = torch.full((3, 1010), 1e-9)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from annotator.sequence import PromptCache, dequantize, loc_tokens, pad_right, prompt_ids
+from annotator.model.sequence import PromptCache, dequantize, loc_tokens, pad_right, prompt_ids
 
 
 def test_pad_right_keeps_every_sequence_at_position_zero():
@@ -43,10 +43,10 @@ def test_loc_tokens_match_the_processor_quantizer_at_bin_centres(tiny_lm):
                                          ("region_to_category", "<REGION_TO_CATEGORY><loc_10><loc_20><loc_500><loc_600>")])
 def test_training_example_encoder_input_equals_what_the_engine_feeds(tiny_lm, tmp_path, task, prompt):
     from annotator.config import GenerationSettings, TaskInputs
-    from annotator.engine import Engine, Request
+    from annotator.decode.engine import Engine, Request
     from annotator.finetune import Collator, PairDataset, load_data
-    from annotator.images import ImageDataset, WorkItem, collate
-    from annotator.sources import ImageRef
+    from annotator.inputs.images import ImageDataset, WorkItem, collate
+    from annotator.inputs.sources import ImageRef
     from annotator.tasks import parse_task_list
 
     image = tmp_path / "img.png"

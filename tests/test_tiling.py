@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from annotator.config import ConfigError, TileSettings
-from annotator.store import OK, SCHEMA, Annotation, drop_error_rows, scan_parts
-from annotator.tiling import TileBox, axis_starts, merge_row, plan_tiles, tile_grid
-from annotator.tile_merge import splice_text
+from annotator.outdir.table import OK, SCHEMA, Annotation, drop_error_rows, scan_parts
+from annotator.inputs.tiles import TileBox, axis_starts, merge_row, plan_tiles, tile_grid
+from annotator.answers.tile_merge import splice_text
 
 # Two tiles side by side on a 200x100 image, overlapping in x 88..112.
 LEFT, RIGHT = TileBox(0, 0, 112, 100), TileBox(88, 0, 200, 100)
@@ -180,7 +180,7 @@ def test_cli_run_with_tiles(tmp_path):
 
 
 def test_auto_tiles_an_image_whose_answer_was_truncated(tmp_path):
-    from annotator.runner import run
+    from annotator.run.device import run
     from tests.run_helpers import make_cfg, rows
 
     images = tmp_path / "images"
@@ -198,7 +198,7 @@ def test_auto_tiles_an_image_whose_answer_was_truncated(tmp_path):
 
 # --------------------------------------------------------------------------- the measurement's inputs
 def test_long_pages_hold_many_lines_inside_the_page(tmp_path):
-    from annotator import samples
+    from annotator.demo import world as samples
 
     samples.write(tmp_path, n=2, seed=1, kind="pages")
     texts = [json.loads(line) for line in (tmp_path / "texts.jsonl").read_text().splitlines()]

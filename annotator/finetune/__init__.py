@@ -27,7 +27,7 @@ The names below stay importable from `annotator.finetune` (examples/ and tests u
 
 
 from ..config import PRECISIONS, FinetuneConfig
-from ..sequence import DOCVQA_TOKEN
+from annotator.model.sequence import DOCVQA_TOKEN
 from .checkpoint import INFO_FILE, STATE_FILE, Progress, find_resume, model_card, prepare_out, save_model
 from .data import (IGNORE, Collator, Example, FinetuneError, PairDataset, Sample, TrainBatch, TrainData, collate,
                    encode_prompt, encode_target, load_data, open_image, prompt_text)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import FinetuneConfig
-from ..sequence import DOCVQA_TOKEN
+from annotator.model.sequence import DOCVQA_TOKEN
 from .data import FinetuneError, TrainData
 
 STATE_FILE = "training_state.pt"

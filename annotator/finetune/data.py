@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from ..sequence import DOCVQA_TOKEN, PromptCache, pad_right, prompt_ids, prompt_words
+from annotator.model.sequence import DOCVQA_TOKEN, PromptCache, pad_right, prompt_ids, prompt_words
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def encode_target(processor, target: str, max_tokens: int = 1024) -> list[int]:
 
 
 def open_image(ex: Example) -> Image.Image:
-    from ..images import to_rgb
+    from annotator.inputs.images import to_rgb
 
     src = io.BytesIO(ex.image_bytes) if ex.image_bytes is not None else ex.image
     with Image.open(src) as im:

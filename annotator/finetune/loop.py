@@ -42,7 +42,7 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from ..model import load_model
+    from annotator.model.load import load_model
 
     start = time.monotonic()
     torch.manual_seed(cfg.seed + rank)  # dropout; the data order comes from the sampler's own seed

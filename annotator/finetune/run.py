@@ -15,7 +15,7 @@ from .loop import FinetuneResult, train
 
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Entry point: one process, several spawned DDP processes (--devices), or a torchrun rank."""
-    from ..launch import parse_devices, torch_device, torchrun_env
+    from annotator.run.launch import parse_devices, torch_device, torchrun_env
 
     env = torchrun_env()
     if env is not None and env.world > 1:
@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 def _spawn(cfg: FinetuneConfig, devices: list[str]) -> FinetuneResult:
     """One process per device, DDP over a local rendezvous (nccl on GPUs, gloo on CPU workers)."""
-    from ..launch import cpu_threads, torch_device
+    from annotator.run.launch import cpu_threads, torch_device
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()

@@ -1,0 +1,1 @@
+"""The demo: the synthetic world (`annotate samples`) and the small model architecture trained on it."""

@@ -1,0 +1,1 @@
+"""The output folder: the annotation table (schema, parts, manifest) and the keys that name files across runs."""
