@@ -50,6 +50,10 @@ class Task:
     empty_phrase: bool = False  # instances may come without a phrase (the parser's allow_empty_phrase)
     answer_repeats_box: bool = False  # region task whose native answer repeats the region's box after the text
     box_export: int = 0  # coco/yolo/review formats export it when --task is not given: 1 first, 2 next, ...; 0 never
+    # --tile: the task its tiles run ("" = not tiled). `ocr` tiles run ocr_with_region, because pieces
+    # of text can only be put back together in reading order when each comes with its place.
+    tile_task: str = ""
+    merge_across_labels: bool = False  # tiles' duplicates are found across labels (free-text labels, or none)
 
     @property
     def is_detection(self) -> bool:
@@ -62,16 +66,21 @@ _TASKS = [
     Task("caption", "<CAPTION>", N, Output.TEXT, "one-sentence caption", is_caption=True),
     Task("detailed_caption", "<DETAILED_CAPTION>", N, Output.TEXT, "a few sentences", is_caption=True),
     Task("more_detailed_caption", "<MORE_DETAILED_CAPTION>", N, Output.TEXT, "a paragraph", is_caption=True),
-    Task("od", "<OD>", N, Output.BOXES, "object detection: boxes + category names", Labels.CATEGORY, box_export=1),
+    Task("od", "<OD>", N, Output.BOXES, "object detection: boxes + category names", Labels.CATEGORY, box_export=1,
+         tile_task="od"),
     Task("dense_region_caption", "<DENSE_REGION_CAPTION>", N, Output.BOXES, "boxes + a short caption each",
-         Labels.PHRASE, box_export=4),
-    Task("region_proposal", "<REGION_PROPOSAL>", N, Output.BOXES, "class-agnostic boxes", empty_phrase=True),
-    Task("ocr", "<OCR>", N, Output.TEXT, "all text in the image"),
-    Task("ocr_with_region", "<OCR_WITH_REGION>", N, Output.QUADS, "text lines with quadrilaterals", Labels.TEXT),
+         Labels.PHRASE, box_export=4, tile_task="dense_region_caption", merge_across_labels=True),
+    Task("region_proposal", "<REGION_PROPOSAL>", N, Output.BOXES, "class-agnostic boxes", empty_phrase=True,
+         tile_task="region_proposal", merge_across_labels=True),
+    Task("ocr", "<OCR>", N, Output.TEXT, "all text in the image", tile_task="ocr_with_region"),
+    Task("ocr_with_region", "<OCR_WITH_REGION>", N, Output.QUADS, "text lines with quadrilaterals", Labels.TEXT,
+         tile_task="ocr_with_region"),
     Task("caption_to_phrase_grounding", "<CAPTION_TO_PHRASE_GROUNDING>", T, Output.BOXES,
-         "boxes for the phrases of --text, or of the image's own caption", Labels.PHRASE, box_export=3),
+         "boxes for the phrases of --text, or of the image's own caption", Labels.PHRASE, box_export=3,
+         tile_task="caption_to_phrase_grounding"),
     Task("open_vocabulary_detection", "<OPEN_VOCABULARY_DETECTION>", C, Output.BOXES_OR_POLYGONS,
-         "boxes for each of --classes (or --text)", Labels.CATEGORY, box_export=2),
+         "boxes for each of --classes (or --text)", Labels.CATEGORY, box_export=2,
+         tile_task="open_vocabulary_detection"),
     Task("referring_expression_segmentation", "<REFERRING_EXPRESSION_SEGMENTATION>", T, Output.POLYGONS,
          "polygon mask of the object --text describes", Labels.PHRASE, empty_phrase=True),
     Task("region_to_segmentation", "<REGION_TO_SEGMENTATION>", R, Output.POLYGONS,
@@ -156,3 +165,16 @@ def task_waves(tasks: list[Task], sources: dict[str, str]) -> list[list[Task]]:
     for task in tasks:  # producers come earlier in the list (plan_sources checked it)
         level[task.name] = level[sources[task.name]] + 1 if task.name in sources else 0
     return [[t for t in tasks if level[t.name] == n] for n in range(max(level.values(), default=-1) + 1)]
+
+
+def engine_tasks(tasks: list[Task], tiling: bool) -> list[Task]:
+    """The run's tasks plus, with --tile, the ones its tiles run for them (ocr_with_region for ocr)."""
+    names = [t.name for t in tasks]
+    extra = [TASKS[t.tile_task] for t in tasks if tiling and t.tile_task and t.tile_task not in names]
+    return list(tasks) + list({t.name: t for t in extra}.values())
+
+
+def tileable(tasks: list[Task], sources: dict[str, str]) -> frozenset[str]:
+    """Tasks whose rows can merge tile answers: those with a tile task that read no other task's
+    output (grounding on the image's own caption would need a caption per tile)."""
+    return frozenset(t.name for t in tasks if t.tile_task and t.name not in sources)

@@ -32,7 +32,7 @@ def main(path: str, big: bool) -> None:
     batch = []
     for i in range(16):
         d = samples.scene(rng, size_range=(0.12, 0.5), max_objects=3) if big else samples.scene(rng)
-        prompt, target = samples.florence_pairs(d)["od"]
+        prompt, target = samples.truth_pairs(d)["od"]
         pixels = processor.image_processor(images=d.image, return_tensors="pt")["pixel_values"][0]
         batch.append(Sample(i, pixels, encode_prompt(processor, prompt), encode_target(processor, target)))
     b = collate(batch, processor.tokenizer.pad_token_id)

@@ -49,7 +49,7 @@ def draw_batch(rng: np.random.Generator, processor, batch: int, tasks: dict[str,
             d = samples.scene(rng, size_range=(0.12, 0.5), max_objects=3)
         else:
             d = samples.scene(rng)
-        pairs = samples.florence_pairs(d)
+        pairs = samples.truth_pairs(d)
         if task not in pairs:
             task = "caption"
         prompt, target = pairs[task]

@@ -70,56 +70,77 @@ def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
         return label
 
     prefix = token + clean_text(prompt_input(row.task, row.prompt))
-    pairs: list[tuple[str, str]] = []
     if task.output is Output.QUADS:  # ocr_with_region
-        parts = []
-        for i, quad in enumerate(row.quad_boxes or []):
-            q = clip_polygon(quad, w, h) if quad is not None and len(quad) == 8 else None
-            text = clean_text(_at(row.labels, i))
-            if q is None or len(q) != 8 or not text:
-                drops["degenerate box" if text else "empty label"] += 1
-                continue
-            if keep(i):
-                parts.append(text + loc_tokens(q, w, h))
-        return [(token, "".join(parts))] if parts else _empty(drops)
+        return _quad_pairs(row, token, w, h, keep, drops)
     if region_task:  # one training pair per source box
-        for i, b in _kept_boxes(row, w, h, keep, drops):
-            region = token + loc_tokens(b, w, h)
-            if task.output is Output.POLYGONS:  # region_to_segmentation
-                polys = _clipped_polygons(_at(row.polygons, i), w, h)
-                if not polys:
-                    drops["degenerate polygon"] += 1
-                    continue
-                pairs.append((region, "<sep>".join(loc_tokens(p, w, h) for p in polys)))
-            else:
-                label = label_of(i)
-                if not label:
-                    if label is not None:
-                        drops["empty label"] += 1
-                    continue
-                pairs.append((region, label + (loc_tokens(b, w, h) if task.answer_repeats_box else "")))
-        return pairs
+        return _region_pairs(row, task, w, h, keep, label_of, drops)
     if row.polygons:  # referring_expression_segmentation, open_vocabulary_detection with masks
-        instances = []
-        for i, inst in enumerate(row.polygons):
-            polys = _clipped_polygons(inst, w, h)
+        return _polygon_pairs(row, task, prefix, w, h, keep, label_of, drops)
+    # boxes: od, dense_region_caption, region_proposal, caption_to_phrase_grounding, open_vocabulary_detection
+    return _box_pairs(row, task, prefix, w, h, keep, label_of, drops)
+
+
+def _quad_pairs(row: Row, token: str, w: float, h: float, keep, drops: Counter) -> list[tuple[str, str]]:
+    """ocr_with_region: every line's text and quad in one target."""
+    parts = []
+    for i, quad in enumerate(row.quad_boxes or []):
+        q = clip_polygon(quad, w, h) if quad is not None and len(quad) == 8 else None
+        text = clean_text(_at(row.labels, i))
+        if q is None or len(q) != 8 or not text:
+            drops["degenerate box" if text else "empty label"] += 1
+            continue
+        if keep(i):
+            parts.append(text + loc_tokens(q, w, h))
+    return [(token, "".join(parts))] if parts else _empty(drops)
+
+
+def _region_pairs(row: Row, task, w: float, h: float, keep, label_of, drops: Counter) -> list[tuple[str, str]]:
+    """region_* tasks: one training pair per source box."""
+    pairs: list[tuple[str, str]] = []
+    for i, b in _kept_boxes(row, w, h, keep, drops):
+        region = task.token + loc_tokens(b, w, h)
+        if task.output is Output.POLYGONS:  # region_to_segmentation
+            polys = _clipped_polygons(_at(row.polygons, i), w, h)
             if not polys:
                 drops["degenerate polygon"] += 1
                 continue
-            if not keep(i):
+            pairs.append((region, "<sep>".join(loc_tokens(p, w, h) for p in polys)))
+        else:
+            label = label_of(i)
+            if not label:
+                if label is not None:
+                    drops["empty label"] += 1
                 continue
-            label = label_of(i) if task.labels is Labels.CATEGORY else ""  # open_vocabulary_detection
-            if label is None:
-                continue
-            instances.append((label, "<sep>".join(loc_tokens(p, w, h) for p in polys)))
-        if not instances:
-            return _empty(drops)
-        if task.labels is Labels.CATEGORY:  # open_vocabulary_detection: "<label><poly>...</poly>"
-            return [(prefix, "".join(f"{lab}<poly>{locs}</poly>" for lab, locs in instances))]
-        if len(instances) == 1:
-            return [(prefix, instances[0][1])]
-        return [(prefix, "".join(f"<poly>{locs}</poly>" for _, locs in instances))]
-    # boxes: od, dense_region_caption, region_proposal, caption_to_phrase_grounding, open_vocabulary_detection
+            pairs.append((region, label + (loc_tokens(b, w, h) if task.answer_repeats_box else "")))
+    return pairs
+
+
+def _polygon_pairs(row: Row, task, prefix: str, w: float, h: float, keep, label_of,
+                   drops: Counter) -> list[tuple[str, str]]:
+    """referring_expression_segmentation, and open_vocabulary_detection answered with masks."""
+    instances = []
+    for i, inst in enumerate(row.polygons):
+        polys = _clipped_polygons(inst, w, h)
+        if not polys:
+            drops["degenerate polygon"] += 1
+            continue
+        if not keep(i):
+            continue
+        label = label_of(i) if task.labels is Labels.CATEGORY else ""  # open_vocabulary_detection
+        if label is None:
+            continue
+        instances.append((label, "<sep>".join(loc_tokens(p, w, h) for p in polys)))
+    if not instances:
+        return _empty(drops)
+    if task.labels is Labels.CATEGORY:  # open_vocabulary_detection: "<label><poly>...</poly>"
+        return [(prefix, "".join(f"{lab}<poly>{locs}</poly>" for lab, locs in instances))]
+    if len(instances) == 1:
+        return [(prefix, instances[0][1])]
+    return [(prefix, "".join(f"<poly>{locs}</poly>" for _, locs in instances))]
+
+
+def _box_pairs(row: Row, task, prefix: str, w: float, h: float, keep, label_of, drops: Counter) -> list[tuple[str, str]]:
+    """Boxes and their labels in one target (region_proposal: boxes alone)."""
     parts = []
     for i, b in _kept_boxes(row, w, h, keep, drops):
         label = "" if task.labels is Labels.NONE else label_of(i)  # region_proposal: boxes alone

@@ -48,11 +48,11 @@ def reviewed_rows(img: ReviewedImage) -> list[Row]:
     lines = [r for r in img.regions if r.text is not None]
     rows = []
     if boxes:
-        rows.append(Row(task="od", prompt="<OD>", bboxes=[list(r.bbox) for r in boxes],
+        rows.append(Row(task="od", prompt=TASKS["od"].token, bboxes=[list(r.bbox) for r in boxes],
                         labels=[r.label for r in boxes], **size))
     if lines:
         quads = [r.polygons[0] if len(r.polygons) == 1 and len(r.polygons[0]) == 8 else _corners(r.bbox) for r in lines]
-        rows.append(Row(task="ocr_with_region", prompt="<OCR_WITH_REGION>", quad_boxes=quads,
+        rows.append(Row(task="ocr_with_region", prompt=TASKS["ocr_with_region"].token, quad_boxes=quads,
                         labels=[r.text for r in lines], **size))
     for task, text in img.texts.items():
         if task in TASKS:

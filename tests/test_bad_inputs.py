@@ -280,7 +280,8 @@ def test_checkpoint_code_never_runs_unless_trusted(tiny_checkpoint, tmp_path):
     import shutil
 
     from annotator.config import ModelSpec
-    from annotator.model.load import ModelLoadError, load_model
+    from annotator.model import ModelLoadError
+    from annotator.model.load import load_model
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, ckpt)

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from annotator.config import ModelSpec
-from annotator.model.load import ModelLoadError, load_model
+from annotator.model import ModelLoadError
+from annotator.model.load import load_model
 
 # native name -> original name (first match wins), the reverse of transformers' conversion script
 _B, _OB = r"^model\.vision_tower\.blocks\.(\d+)\.(\d+)\.", r"vision_tower.blocks.\1.\2."

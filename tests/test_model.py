@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from annotator.config import ConfigError, ModelSpec
-from annotator.model.load import ModelLoadError, load_model, resolve_attention, resolve_dtype
+from annotator.model import ModelLoadError
+from annotator.model.load import load_model, resolve_attention, resolve_dtype
 
 
 def test_local_checkpoint_loads_with_native_classes(tiny_checkpoint, tiny_lm):

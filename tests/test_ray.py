@@ -113,3 +113,45 @@ def test_ray_run_equals_plain_run_survives_a_killed_actor_and_resumes(tiny_lm, t
     assert comparable(tmp_path / "ray") == comparable(tmp_path / "plain")
     again = launch(cfg)
     assert (again.images, again.already_done) == (0, 14)
+
+
+def tiled_runs(tmp_path, tiny_lm):
+    """A plain tiled run, and the config of the same run on Ray (fixed 16x16 tiles: every noise
+    image is cut, and ocr runs ocr_with_region on its tiles)."""
+    from annotator.config import TileSettings
+
+    d = tmp_path / "imgs"
+    noise_images(d, 5)
+    tile = TileSettings("fixed", (16, 16))
+    run(make_cfg(d, tmp_path / "plain", "od,ocr", tiling=tile), lm=tiny_lm)
+    return make_cfg(d, tmp_path / "ray", "od,ocr", tiling=tile, devices="cpu:0,cpu:1", ray="auto")
+
+
+def tiled(out: Path) -> list[tuple]:
+    return comparable(out) + [(k, r["tiles"]) for k, r in sorted(by_key(out).items())]
+
+
+def test_ray_with_tile_equals_the_plain_tiled_run_and_records_the_actors_runtime(tiny_lm, tmp_path, monkeypatch):
+    """--ray used to build its own Engine without the tiling tasks (rows untiled, the manifest saying
+    tiled) and to record cpu/float32 whatever the actors ran on."""
+    from annotator.model.load import LoadedModel
+    from annotator.outdir.table import Manifest
+
+    fake = fake_ray()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setitem(sys.modules, "ray.data", fake.data)
+    cfg = tiled_runs(tmp_path, tiny_lm)
+    gpu = {"dtype": "bfloat16", "attention": "sdpa", "device": "cuda:0"}
+    monkeypatch.setattr(LoadedModel, "runtime", property(lambda self: gpu))  # what an actor on a GPU reports
+    launch(cfg)
+    assert tiled(tmp_path / "ray") == tiled(tmp_path / "plain")
+    assert any(r["tiles"] for r in by_key(tmp_path / "ray").values())
+    assert Manifest.load(tmp_path / "ray").runtime == gpu
+
+
+@needs_ray
+def test_real_ray_with_tile_equals_the_plain_tiled_run(tiny_lm, tmp_path, local_ray):
+    cfg = tiled_runs(tmp_path, tiny_lm)
+    summary = launch(cfg)
+    assert summary.images == 5 and not summary.failed_workers
+    assert tiled(tmp_path / "ray") == tiled(tmp_path / "plain")

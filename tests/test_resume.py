@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from annotator.cli import cli
 from annotator.config import GenerationSettings, ModelSpec
 from annotator.clikit import EXIT_INTERRUPTED, EXIT_USAGE
-from annotator.run.device import RunError, run
+from annotator.outdir.folder import RunError
+from annotator.run.device import run
 from annotator.run.signals import stop_on_signals
 from annotator.outdir.table import MANIFEST, Manifest, part_files
 from run_helpers import FAST, annotate_argv, by_key, cli_env, comparable, make_cfg, noise_images, rows, run_cli
@@ -236,26 +237,3 @@ def test_cli_interrupt_message_and_code(tmp_path, monkeypatch):
     noise_images(tmp_path / "images", 1)
     result = CliRunner().invoke(cli, ["run", str(tmp_path / "images"), "--out", str(tmp_path / "out"), *FAST])
     assert result.exit_code == EXIT_INTERRUPTED and "run the same command again to resume" in result.output
-
-
-def test_a_second_run_into_a_busy_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
-    import socket
-    import subprocess
-    import sys
-
-    from annotator.run.device import LOCK, RunError, release_lock, take_lock
-
-    out = tmp_path / "ann"
-    out.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (out / LOCK).write_text(f"{socket.gethostname()} {sleeper.pid}")
-        with pytest.raises(RunError, match=f"pid {sleeper.pid}"):
-            take_lock(out)
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-    take_lock(out)  # its process is gone now: a killed run's lock does not block the resume
-    assert (out / LOCK).read_text().endswith(str(__import__("os").getpid()))
-    release_lock(out)
-    assert not (out / LOCK).exists()

@@ -72,14 +72,14 @@ def test_describe_counts_and_orders():
     assert samples.describe(["green star"]) == "a green star"
 
 
-def test_florence_pairs_are_what_the_parser_reads_back(tmp_path):
+def test_truth_pairs_are_what_the_parser_reads_back(tmp_path):
     """The training targets parse, with the processor's own post-processing, to the drawn boxes (within a bin)."""
     from annotator.demo import architecture as demo
 
     processor = demo.build_processor()
     rng = np.random.default_rng(5)
     d = samples.scene(rng)
-    prompt, target = samples.florence_pairs(d)["od"]
+    prompt, target = samples.truth_pairs(d)["od"]
     parsed = processor.post_process_generation(target, task="<OD>", image_size=d.image.size)["<OD>"]
     truth = sorted(d.objects, key=lambda o: (o[1][1], o[1][0]))
     assert parsed["labels"] == [c for c, _ in truth]
@@ -87,9 +87,9 @@ def test_florence_pairs_are_what_the_parser_reads_back(tmp_path):
     for got, (_, want) in zip(parsed["bboxes"], truth):
         assert np.allclose(got, want, atol=max(bin_w, bin_h) + 1)  # a bin, and the processor truncates to whole pixels
     doc = samples.document(rng)
-    _, ocr_target = samples.florence_pairs(doc)["ocr_with_region"]
+    _, ocr_target = samples.truth_pairs(doc)["ocr_with_region"]
     assert len(re.findall(r"<loc_\d+>", ocr_target)) == 8 * len(doc.lines)
-    prompt, od_target = samples.florence_pairs(doc)["od"]  # a page: od answers with nothing
+    prompt, od_target = samples.truth_pairs(doc)["od"]  # a page: od answers with nothing
     assert processor.post_process_generation(od_target, task="<OD>", image_size=doc.image.size)["<OD>"] == {"bboxes": [], "labels": []}
 
 

@@ -10,7 +10,8 @@ from PIL import Image
 
 from annotator.config import ConfigError, TileSettings
 from annotator.outdir.table import OK, SCHEMA, Annotation, drop_error_rows, scan_parts
-from annotator.inputs.tiles import TileBox, axis_starts, merge_row, plan_tiles, tile_grid
+from annotator.answers.tile_merge import merge_row
+from annotator.inputs.tiles import TileBox, axis_starts, plan_tiles, tile_grid
 from annotator.answers.tile_merge import splice_text
 
 # Two tiles side by side on a 200x100 image, overlapping in x 88..112.

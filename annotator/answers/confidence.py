@@ -33,16 +33,17 @@ from dataclasses import dataclass
 
 import torch
 
+from annotator.model.sequence import BINS, LOC_PATTERN, LOC_PREFIX, LOC_TOKENS
 from annotator.tasks import Output, Task
 
 LOC_TOLERANCE = 5  # bins either side (1000 bins per side: 0.5% of the image side each way)
 
 _SKIP = {"<s>", "</s>", "<pad>"}
-_LOCS = r"(?:<loc_\d+>)"
+_LOCS = f"(?:{LOC_PATTERN})"
 _BOX = re.compile(_LOCS + "{4}")
 _PHRASE_BOXES = re.compile(r"[^<]+" + _LOCS + "{4,}")
 _EMPTY_BOXES = re.compile(_LOCS + "{4,}")
-_POLY_ANY = r"(?:<loc_\d+>|<sep>|<poly>|</poly>)"
+_POLY_ANY = f"(?:{LOC_PATTERN}|<sep>|<poly>|</poly>)"
 _PHRASE_POLYS = re.compile(r"[^<]+" + _POLY_ANY + "{4,}")
 _EMPTY_POLYS = re.compile(_POLY_ANY + "{4,}")
 _POLY_INSTANCE = re.compile(r"<poly>.*?</poly>")
@@ -54,11 +55,11 @@ class LocBins:
     """Where the location tokens sit in the vocabulary (they are added as one contiguous run)."""
 
     first: int  # id of <loc_0>
-    count: int = 1000
+    count: int = BINS
 
     @classmethod
     def of(cls, tokenizer) -> LocBins | None:
-        ids = tokenizer.convert_tokens_to_ids([f"<loc_{i}>" for i in range(cls.count)])
+        ids = tokenizer.convert_tokens_to_ids(LOC_TOKENS[: cls.count])
         contiguous = ids == list(range(ids[0], ids[0] + cls.count)) and ids[0] != tokenizer.unk_token_id
         return cls(ids[0]) if contiguous else None  # no location tokens: every token scores alone
 
@@ -116,7 +117,7 @@ def token_text(tokenizer, ids: list[int], logprobs: list[float]) -> TokenText:
     for tok, lp in zip(tokenizer.convert_ids_to_tokens(ids), logprobs):
         if tok in _SKIP:
             continue
-        piece = tok if tok in special or tok.startswith("<loc_") else tokenizer.convert_tokens_to_string([tok])
+        piece = tok if tok in special or tok.startswith(LOC_PREFIX) else tokenizer.convert_tokens_to_string([tok])
         spans.append((len(text), len(text) + len(piece)))
         lps.append(lp)
         text += piece
@@ -146,7 +147,7 @@ def instance_scores(task: Task, tt: TokenText) -> list[float | None]:
 def _box_scores(tt: TokenText, phrase_re: re.Pattern) -> list[float | None]:
     out = []
     for phrase in phrase_re.finditer(tt.text):
-        label = (phrase.start(), tt.text.index("<loc_", phrase.start()))
+        label = (phrase.start(), tt.text.index(LOC_PREFIX, phrase.start()))
         out.extend(tt.score(label, box.span()) for box in _BOX.finditer(tt.text, phrase.start(), phrase.end()))
     return out
 

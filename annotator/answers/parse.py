@@ -8,9 +8,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from annotator.model.sequence import LOC_TOKEN
 from annotator.tasks import Output, Task
 
-_LOC = re.compile(r"<loc_\d+>")
 _SPECIAL = ("<s>", "</s>", "<pad>")
 
 
@@ -36,7 +36,7 @@ def plain_text(text: str) -> str:
     """Text answer without special or location tokens (region_to_category answers 'car<loc_..>...')."""
     for tok in _SPECIAL:
         text = text.replace(tok, "")
-    return _LOC.sub("", text).strip()
+    return LOC_TOKEN.sub("", text).strip()
 
 
 def _floats(rows) -> list[list[float]]:

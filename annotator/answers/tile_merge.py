@@ -1,5 +1,5 @@
 """Merging tiled answers: instances found on tiles, mapped to image pixels, merged with the
-whole image's. Pure functions over small dataclasses, tested on scripted rows.
+whole image's into one row (merge_row). Pure functions over small dataclasses, tested on scripted rows.
 
 Three steps, the same for boxes, polygons and OCR quads:
 1. join: an object cut by a tile border is seen twice, each part touching the border of its
@@ -13,10 +13,13 @@ Three steps, the same for boxes, polygons and OCR quads:
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from annotator.answers.parse import iou
+from annotator.answers.parse import bounds, iou
+from annotator.inputs.tiles import TileBox
+from annotator.model.sequence import LOC_TOKEN
+from annotator.outdir.table import OK, Annotation
+from annotator.tasks import TASKS, Output
 
 SIDES = ("left", "top", "right", "bottom")
 FACING = {"right": "left", "bottom": "top"}  # a cut on a's right meets a cut on b's left
@@ -24,7 +27,6 @@ NMS_IOU = 0.5  # same group and this much overlap: one object seen twice
 FRAGMENT_IOS = 0.7  # a cut instance this much inside a kept one is a fragment of it
 LINE_UP = 0.5  # two parts of a cut object overlap this much on the axis along the cut
 MIN_TEXT_OVERLAP = 3  # characters two parts of a cut text line must share to be spliced there
-_LOC = re.compile(r"<loc_\d+>")
 
 
 @dataclass
@@ -169,10 +171,78 @@ def reading_order(lines: list[Instance]) -> list[Instance]:
 def line_text(label: str) -> str:
     """A line's label as `ocr` text: location tokens a malformed line holds ("purple<loc_110>blue
     star", the model's quad cut short) become spaces, as `ocr` on the whole image never shows them."""
-    return " ".join(_LOC.sub(" ", label).split())
+    return " ".join(LOC_TOKEN.sub(" ", label).split())
 
 
 def ocr_text(lines: list[Instance]) -> str:
     """One text: a space between the lines of a row, a newline between rows."""
     rows = [[t for t in (line_text(line.label) for line in row) if t] for row in reading_rows(lines)]
     return "\n".join(" ".join(row) for row in rows if row)
+
+
+# --------------------------------------------------------------------------- rows <-> instances (tiles -> one row)
+def cut_tolerance(tile: TileBox) -> float:
+    """How near a tile border an instance edge counts as cut: a few location bins (1/1000 of the
+    tile each) of the model's imprecision."""
+    return max(2.0, 0.015 * max(tile.width, tile.height))
+
+
+def row_kind(task: str, rows: list[Annotation]) -> str:
+    out = TASKS[task].output
+    if out is Output.QUADS:
+        return "quads"
+    if out is Output.POLYGONS or (out is Output.BOXES_OR_POLYGONS and any(r.polygons for r in rows)):
+        return "polygons"
+    return "bboxes"
+
+
+def instances(row: Annotation, kind: str, tile: TileBox | None, tile_id: int, width: int, height: int) -> list[Instance]:
+    """A row's instances in image pixels; a tile's mark the sides where they touch its inner borders."""
+    if kind == "polygons" and row.polygons is None and row.bboxes:  # open-vocabulary: boxes among polygons
+        shapes = [[[b[0], b[1], b[2], b[1], b[2], b[3], b[0], b[3]]] for b in row.bboxes]
+    else:
+        shapes = {"bboxes": row.bboxes, "polygons": row.polygons, "quads": row.quad_boxes}[kind] or []
+    labels = row.labels if row.labels is not None and len(row.labels) == len(shapes) else [""] * len(shapes)
+    scores = row.scores if row.scores is not None and len(row.scores) == len(shapes) else [None] * len(shapes)
+    inner = tile.inner_sides(width, height) if tile else {}
+    tol = cut_tolerance(tile) if tile else 0.0
+    out = []
+    for shape, label, score in zip(shapes, labels, scores):
+        if tile:
+            shape = [tile.to_image(p) for p in shape] if kind == "polygons" else tile.to_image(shape)
+        box = bounds([v for p in shape for v in p]) if kind == "polygons" else bounds(shape)
+        edge = {"left": box[0], "top": box[1], "right": box[2], "bottom": box[3]}
+        cut = frozenset(s for s, at in inner.items() if abs(edge[s] - at) <= tol)
+        out.append(Instance(box, label, score, shape, cut, frozenset({tile_id}) if tile else frozenset()))
+    return out
+
+
+def merge_row(whole: Annotation, parts: list[tuple[TileBox, Annotation]]) -> Annotation:
+    """The whole image's row with its tiles' rows (same task, or ocr_with_region for ocr) merged in."""
+    if whole.status != OK or not parts:
+        return whole
+    failed = next((r for _, r in parts if r.status != OK), None)
+    if failed is not None:  # an error row, so that --retry-errors redoes the image
+        return Annotation.failed(whole.image, whole.task, f"tile failed: {failed.error}", whole.width, whole.height,
+                                 whole.prompt)
+    w, h = whole.width, whole.height
+    tol = max(cut_tolerance(b) for b, _ in parts)
+    row = replace(whole, tiles=len(parts), truncated=any(r.truncated for _, r in parts))
+    if whole.task == "ocr":  # text from the tiles' lines, in reading order
+        lines = merge([i for n, (b, r) in enumerate(parts) for i in instances(r, "quads", b, n, w, h)], "quads", tol)
+        if lines:  # tiles that read nothing keep the whole image's reading
+            row.text = ocr_text(lines)
+            scores = [ln.score for ln in lines]
+            row.text_score = sum(scores) / len(scores) if None not in scores else None
+        return row
+    kind = row_kind(whole.task, [whole] + [r for _, r in parts])
+    found = instances(whole, kind, None, -1, w, h)
+    found += [i for n, (b, r) in enumerate(parts) for i in instances(r, kind, b, n, w, h)]
+    kept = merge(found, kind, tol, by_label=not TASKS[whole.task].merge_across_labels)
+    row.bboxes = [i.shape for i in kept] if kind == "bboxes" else None
+    row.polygons = [i.shape for i in kept] if kind == "polygons" else None
+    row.quad_boxes = [i.shape for i in kept] if kind == "quads" else None
+    row.labels = [i.label for i in kept]
+    scores = [i.score for i in kept]
+    row.scores = scores if whole.scores is not None and None not in scores else None
+    return row

@@ -18,172 +18,85 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
 
-from annotator.clikit import Aliased
 from annotator.bench.machine import count_flops, matmul_rates, peak_memory_bytes, sync, timed
-
-# Forced new tokens per task: roughly what the real model writes on a busy photo.
-DEFAULT_TOKENS = {"caption": 20, "od": 100, "dense_region_caption": 200, "ocr": 100}
-OTHER_TASK_TOKENS = 100
-SIZES = [(640, 480), (480, 640), (800, 600), (512, 512)]  # synthetic image sizes, cycled
-
-
-@dataclass
-class Side:
-    """One side's measurement."""
-
-    images: int = 0
-    seconds: float = 0.0
-    tokens: dict = field(default_factory=dict)  # task -> generated tokens over all images (per output sequence)
-    generate_calls: int = 0
-    rows_error: int = 0  # parse failures on random output: the work was still done
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
-
-
-def synthetic_images(n: int, seed: int = 0):
-    """Deterministic noisy photos-sized RGB images with a few flat rectangles."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        w, h = SIZES[i % len(SIZES)]
-        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        for _ in range(3):
-            x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
-            arr[y0:y0 + h // 3, x0:x0 + w // 3] = rng.integers(0, 256, 3, dtype=np.uint8)
-        out.append(Image.fromarray(arr))
-    return out
-
-
-def parse_tokens(spec: str | None, tasks) -> dict[str, int]:
-    """`od=50,caption=10` -> {task name: n} for every task, defaults filled in."""
-    from annotator.tasks import get_task
-
-    tokens = {t.name: DEFAULT_TOKENS.get(t.name, OTHER_TASK_TOKENS) for t in tasks}
-    for part in (spec or "").split(","):
-        if not part.strip():
-            continue
-        name, sep, value = part.partition("=")
-        if not sep or not value.strip().isdigit() or int(value) < 1:
-            raise click.BadParameter(f"expected task=n with n >= 1, got {part!r}", param_hint="--tokens")
-        task = get_task(name)
-        if task.name not in tokens:
-            raise click.BadParameter(f"{task.name} is not in --tasks", param_hint="--tokens")
-        tokens[task.name] = int(value)
-    return tokens
-
-
-class GenerateRecorder:
-    """Wraps model.generate on the instance: counts calls and generated tokens per task.
-    The task is recognised from the prompt words, which are the same on both sides."""
-
-    def __init__(self, lm, tasks):
-        from annotator.model.sequence import prompt_words  # the engine's words for the task token
-
-        self.lm = lm
-        self.by_words = {prompt_words(lm.processor, t.token).strip(): t.name for t in tasks}
-        self.side: Side | None = None
-
-    def __enter__(self):
-        model, original = self.lm.model, self.lm.model.generate
-
-        def generate(*args, **kwargs):
-            out = original(*args, **kwargs)
-            if self.side is not None:
-                seqs = out if hasattr(out, "shape") else out.sequences  # [rows, 1 + T]
-                tok = self.lm.processor.tokenizer
-                for prompt, seq in zip(kwargs["input_ids"], seqs):  # tasks may share a call: count per row
-                    task = self.by_words.get(tok.decode(prompt, skip_special_tokens=True).strip(), "?")
-                    # rows that stopped early are padded to the longest: padding is not output
-                    n = int((seq[1:] != tok.pad_token_id).sum())
-                    self.side.tokens[task] = self.side.tokens.get(task, 0) + n
-                self.side.generate_calls += 1
-            return out
-
-        model.generate = generate
-        return self
-
-    def __exit__(self, *exc):
-        del self.lm.model.generate
-
-
-
-def engine_batches(lm, tasks, images, batch_size: int, first: int = 0):
-    """What `annotate run`'s DataLoader hands the engine, minus decoding files: preprocessed
-    batches, made lazily (in the consuming thread, so the engine's time counts them).
-    Image keys are bench<first + i>.png (they select the image's lengths)."""
-    from annotator.inputs.images import ImageItem, collate
-
-    names = tuple(t.name for t in tasks)
-    for start in range(0, len(images), batch_size):
-        items = []
-        for k, im in enumerate(images[start:start + batch_size]):
-            pixels = lm.processor.image_processor(images=im, return_tensors="pt")["pixel_values"][0]
-            items.append(ImageItem(f"bench{first + start + k}.png", im.width, im.height, pixels, names))
-        yield collate(items)
-
-
-def count_rows(side: Side, rows) -> None:
-    side.rows_error += sum(r.status != "ok" for r in rows)
-    side.images += len({r.image for r in rows})
-
-
-def run_engine(engine, images, batch_size: int, side: Side, first: int = 0) -> None:
-    """What `annotate run` does, minus the DataLoader and Parquet: one engine stream over the
-    batches (preprocess, vision once, decoding shared across tasks and batches, parse)."""
-    for rows in engine.annotate_stream(engine_batches(engine.lm, engine.tasks, images, batch_size, first)):
-        count_rows(side, rows)
-    sync(engine.lm.device)
-
-
-def run_reference(lm, tasks, lengths: list[dict[str, int]], num_beams: int, images, side: Side) -> None:
-    """The loop of the published examples, one image and one prompt at a time.
-    lengths[i][task]: the exact answer length for images[i]."""
-    proc, model = lm.processor, lm.model
-    for im, exact in zip(images, lengths):
-        for task in tasks:
-            inputs = proc(text=task.token, images=im, return_tensors="pt").to(lm.device)
-            n = exact[task.name]
-            ids = model.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"].to(lm.dtype),
-                                 max_new_tokens=n, min_new_tokens=n, num_beams=num_beams, do_sample=False)
-            text = proc.batch_decode(ids, skip_special_tokens=False)[0]
-            try:
-                proc.post_process_generation(text, task=task.token, image_size=(im.width, im.height))
-            except Exception:  # noqa: BLE001 - random output may not parse; the work was done
-                side.rows_error += 1
-        side.images += 1
-    sync(lm.device)
-
-
-
+from annotator.bench.sides import (DEFAULT_TOKENS, OTHER_TASK_TOKENS, GenerateRecorder, Side, count_rows,
+                                   engine_batches, parse_tokens, run_engine, run_reference, synthetic_images)
+from annotator.clikit import Aliased
 
 def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_region_caption,ocr", images: int = 8,
-          batch_size: int = 8, num_beams: int = 3, baseline: bool = False, tokens_spec: str | None = None,
-          dtype: str = "auto", attention: str = "auto", device: str = "auto", kernels: str = "onednn",
-          seed: int = 0, threads: int | None = None, matmul_size: int | None = None, scores: bool = True,
-          lengths: str = "fixed", scheduler: bool = True, echo=print) -> dict:
+              batch_size: int = 8, num_beams: int = 3, baseline: bool = False, tokens_spec: str | None = None,
+              dtype: str = "auto", attention: str = "auto", device: str = "auto", kernels: str = "onednn",
+              seed: int = 0, threads: int | None = None, matmul_size: int | None = None, scores: bool = True,
+              lengths: str = "fixed", scheduler: bool = True, echo=print) -> dict:
     """Run the benchmark; prints a human report through `echo`, returns every figure."""
     import torch
 
-    from annotator.config import ConfigError, GenerationSettings, ModelSpec, TaskInputs
+    from annotator.config import ModelSpec, TaskInputs
     from annotator.decode.engine import Engine
-    from annotator.bench.lengths import REALISTIC, ForcedLengths, draw_lengths
-    from annotator.decode.scheduler import DecodeStats
+    from annotator.bench.lengths import ForcedLengths
     from annotator.model.load import load_model
-    from annotator.model.cpu_kernels import stock_linear
-    from annotator.tasks import Input, parse_task_list
 
     if threads:
         torch.set_num_threads(threads)
+    plan = _plan(tasks_spec, images, batch_size, num_beams, tokens_spec, device, seed, scores, lengths)
+    lm = load_model(ModelSpec(model, dtype=dtype, attention=attention), plan.dev)
+    pictures = synthetic_images(images, seed)
+    rates = matmul_rates(lm.dtype, plan.dev, matmul_size)
+    echo(f"model {model}  dtype {str(lm.dtype).replace('torch.', '')}  attention {lm.attention}  device {plan.dev}  "
+         f"threads {torch.get_num_threads()}  kernels {kernels}")
+    echo(plan.describe(num_beams, images, batch_size, scores))
+    echo("matmul ceiling: " + "  ".join(f"{k} {v:.0f}" for k, v in rates.items()) + " GFLOP/s")
+
+    runner = Engine(lm, plan.tasks, TaskInputs(), plan.generation, max_prompts=batch_size * len(plan.tasks))  # patches Linear on CPU
+    by_key = {f"bench{i}.png": row for i, row in enumerate(plan.exact)}  # run_engine's image keys
+    runner.forced_lengths = ForcedLengths(lambda key, task: by_key[key][task])
+    runner.use_scheduler = runner.use_scheduler and scheduler  # --no-scheduler: the generate path, for A/B
+    sides = _measure(runner, plan, pictures, batch_size, num_beams, baseline, kernels, echo)
+    # Again at the end, keeping the best: on a shared machine a busy moment must not lower the ceiling.
+    end = matmul_rates(lm.dtype, plan.dev, matmul_size)
+    rates = {k: max(v, end.get(k, 0.0)) for k, v in rates.items()}
+    echo("matmul ceiling (best of start and end): " + "  ".join(f"{k} {v:.0f}" for k, v in rates.items())
+         + " GFLOP/s")
+    result = _report(runner, plan, sides, rates, baseline, echo)
+    result.update(model=model, kernels=kernels, images=images, batch_size=batch_size, seed=seed)
+    return {k: result[k] for k in RESULT_ORDER}
+
+
+@dataclass
+class BenchPlan:
+    """What both sides run: the tasks, the exact answer lengths per image, the generation settings."""
+
+    tasks: list
+    tokens: dict  # task -> forced tokens (fixed lengths)
+    lengths: str
+    exact: list  # [image][task] -> new tokens
+    generation: object
+    dev: object
+    seed: int
+
+    def describe(self, num_beams: int, images: int, batch_size: int, scores: bool) -> str:
+        from annotator.bench.lengths import REALISTIC
+
+        tasks = self.tasks
+        lengths = " ".join(f"{k}={v}" for k, v in self.tokens.items()) if self.lengths == "fixed" else (
+            " ".join(f"{t.name}={REALISTIC[t.name].describe() if t.name in REALISTIC else 'other'}" for t in tasks)
+            + f" (seed {self.seed}, mean {sum(map(sum, (r.values() for r in self.exact))) / images:.0f} tokens per image)")
+        return (f"scores {'on' if scores else 'off'}  tasks {','.join(t.name for t in tasks)}  beams {num_beams}  "
+                f"images {images}  batch {batch_size}  lengths {self.lengths}: " + lengths)
+
+
+def _plan(tasks_spec, images, batch_size, num_beams, tokens_spec, device, seed, scores, lengths) -> BenchPlan:
+    import torch
+
+    from annotator.config import ConfigError, GenerationSettings
+    from annotator.bench.lengths import draw_lengths
+    from annotator.tasks import Input, parse_task_list
+
     tasks = parse_task_list(tasks_spec)
     for t in tasks:
         if t.input is not Input.NONE:
@@ -194,31 +107,35 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
     if lengths not in ("fixed", "realistic"):
         raise ConfigError(f"--lengths must be fixed or realistic, not {lengths!r}")
     exact = draw_lengths(lengths, [t.name for t in tasks], images, tokens, seed)  # [image][task] -> new tokens
-    by_key = {f"bench{i}.png": row for i, row in enumerate(exact)}  # run_engine's image keys
     generation = GenerationSettings(num_beams=num_beams, max_new_tokens=max(max(r.values()) for r in exact),
                                     scores=scores)
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return BenchPlan(tasks, tokens, lengths, exact, generation, dev, seed)
 
-    lm = load_model(ModelSpec(model, dtype=dtype, attention=attention), dev)
-    pictures = synthetic_images(images, seed)
-    rates = matmul_rates(lm.dtype, dev, matmul_size)
-    echo(f"model {model}  dtype {str(lm.dtype).replace('torch.', '')}  attention {lm.attention}  device {dev}  "
-         f"threads {torch.get_num_threads()}  kernels {kernels}")
-    echo(f"scores {'on' if scores else 'off'}  tasks {','.join(t.name for t in tasks)}  beams {num_beams}  "
-         f"images {images}  batch {batch_size}  lengths {lengths}: " + (
-             " ".join(f"{k}={v}" for k, v in tokens.items()) if lengths == "fixed" else
-             " ".join(f"{t.name}={REALISTIC[t.name].describe() if t.name in REALISTIC else 'other'}" for t in tasks)
-             + f" (seed {seed}, mean {sum(map(sum, (r.values() for r in exact))) / images:.0f} tokens per image)"))
-    echo("matmul ceiling: " + "  ".join(f"{k} {v:.0f}" for k, v in rates.items()) + " GFLOP/s")
 
-    runner = Engine(lm, tasks, TaskInputs(), generation, max_prompts=batch_size * len(tasks))  # patches Linear on CPU
-    runner.forced_lengths = ForcedLengths(lambda key, task: by_key[key][task])
-    runner.use_scheduler = runner.use_scheduler and scheduler  # --no-scheduler: the generate path, for A/B
+@dataclass
+class Sides:
+    engine: Side
+    ref: Side
+    engine_flops: int
+    ref_flops: int | None
+    peak: int
+
+
+def _measure(runner, plan: BenchPlan, pictures, batch_size: int, num_beams: int, baseline: bool, kernels: str,
+             echo) -> Sides:
+    """FLOPs on one image (which also warms both sides up), then one engine stream over all images,
+    the reference catching up after each batch the engine returns (both see the same load)."""
+    import torch
+
+    from annotator.decode.scheduler import DecodeStats
+    from annotator.model.cpu_kernels import stock_linear
+
+    lm, tasks, exact = runner.lm, plan.tasks, plan.exact
     engine_kernels = (lambda: stock_linear(lm.model)) if kernels == "stock" else contextlib.nullcontext
     engine, ref = Side(), Side()
     ref_flops = None
     with GenerateRecorder(lm, tasks) as rec:
-        # FLOPs on one image; these runs also warm up both sides.
         with engine_kernels():
             engine_flops = count_flops(lambda: run_engine(runner, pictures[:1], 1, Side()))
         echo(f"engine FLOPs per image: {engine_flops / 1e9:.1f} GFLOP")
@@ -229,9 +146,6 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
         if lm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(lm.device)
         runner.decode_stats = DecodeStats()  # the engine counts its own decoding work (scheduler or generate)
-        # One engine stream over all images (batches join each other's decoding), timed inside the
-        # stream; the reference catches up after each batch the engine returns, so on a shared
-        # machine both sides see the same load.
         stream = runner.annotate_stream(engine_batches(lm, tasks, pictures, batch_size))
         while True:
             rec.side = engine
@@ -249,29 +163,38 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
                 with stock_linear(lm.model):  # the published loop runs torch's own kernels
                     ref.seconds += timed(lambda: run_reference(lm, tasks, exact[start:start + batch_size], num_beams,
                                                                pictures[start:start + batch_size], ref))
-            echo(f"  {engine.images}/{images} images: engine {engine.seconds:.1f} s"
+            echo(f"  {engine.images}/{len(pictures)} images: engine {engine.seconds:.1f} s"
                  + (f", reference {ref.seconds:.1f} s ({ref.images} images)" if baseline else ""))
         rec.side = None
-    decode = runner.decode_stats
-    engine.tokens, engine.generate_calls = dict(decode.tokens), decode.calls
+    engine.tokens, engine.generate_calls = dict(runner.decode_stats.tokens), runner.decode_stats.calls
     peak = peak_memory_bytes(lm.device)  # the engine's batches set the peak: the reference runs batch 1
-    # Again at the end, keeping the best: on a shared machine a busy moment must not lower the ceiling.
-    end = matmul_rates(lm.dtype, dev, matmul_size)
-    rates = {k: max(v, end.get(k, 0.0)) for k, v in rates.items()}
+    return Sides(engine, ref, engine_flops, ref_flops, peak)
+
+
+RESULT_ORDER = ("model", "dtype", "attention", "device", "threads", "kernels", "scores", "tasks", "num_beams", "images",
+                "batch_size", "lengths", "forced_tokens", "seed", "decode", "matmul_gflops", "ceiling_gflops", "engine",
+                "baseline", "tokens_equal", "speedup", "ceiling", "torch")
+
+
+def _report(runner, plan: BenchPlan, sides: Sides, rates: dict, baseline: bool, echo) -> dict:
+    """The closing lines, and every figure (run_bench adds its arguments)."""
+    import torch
+
+    lm, decode, engine, ref = runner.lm, runner.decode_stats, sides.engine, sides.ref
+    num_beams = plan.generation.num_beams
     ceiling_rate = max(rates.values())
-    echo("matmul ceiling (best of start and end): " + "  ".join(f"{k} {v:.0f}" for k, v in rates.items())
-         + " GFLOP/s")
-    engine_gflops = engine_flops * engine.images_per_s / 1e9
+    engine_gflops = sides.engine_flops * engine.images_per_s / 1e9
     ceiling = engine_gflops / ceiling_rate
     echo(f"engine:    {engine.images} images in {engine.seconds:.1f} s = {engine.images_per_s:.3f} images/s  "
          f"{engine_gflops:.0f} GFLOP/s = {ceiling:.0%} of the matmul ceiling  "
-         f"peak {'GPU memory' if lm.device.type == 'cuda' else 'RSS'} {peak / 2**30:.2f} GiB  "
+         f"peak {'GPU memory' if lm.device.type == 'cuda' else 'RSS'} {sides.peak / 2**30:.2f} GiB  "
          f"tokens {sum(engine.tokens.values())}")
     echo(f"engine decoding: {'scheduler (continuous batching)' if runner.use_scheduler else 'generate'}  "
          f"{decode.steps} steps  {decode.row_steps / max(decode.steps, 1):.1f} rows in flight per step  "
          f"slot efficiency {decode.efficiency:.0%} (useful tokens / (steps x rows in flight))  "
          f"occupancy {decode.occupancy:.0%} of {runner.max_prompts} slots"
          + (f" (prompts; x {num_beams} beam rows each)" if num_beams > 1 else ""))
+    ref_flops = sides.ref_flops
     if baseline:
         echo(f"reference: {ref.images} images in {ref.seconds:.1f} s = {ref.images_per_s:.3f} images/s  "
              f"{ref_flops * ref.images_per_s / 1e9:.0f} GFLOP/s  tokens {sum(ref.tokens.values())}")
@@ -280,24 +203,20 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
         echo(f"WARNING: generated tokens differ (engine {engine.tokens}, reference {ref.tokens}): "
              "the speedup compares different work")
     speedup = engine.images_per_s / ref.images_per_s if baseline and ref.images_per_s > 0 else None
-    result = {
-        "model": model, "dtype": str(lm.dtype).replace("torch.", ""), "attention": lm.attention, "device": str(dev),
-        "threads": torch.get_num_threads(), "kernels": kernels, "scores": scores, "tasks": [t.name for t in tasks],
-        "num_beams": num_beams, "images": images, "batch_size": batch_size, "lengths": lengths,
-        "forced_tokens": tokens if lengths == "fixed" else None, "seed": seed,
+    echo(f"speedup={'n/a' if speedup is None else f'{speedup:.2f}'} ceiling={ceiling:.3f}")
+    return {
+        "dtype": str(lm.dtype).replace("torch.", ""), "attention": lm.attention, "device": str(plan.dev),
+        "threads": torch.get_num_threads(), "scores": plan.generation.scores, "tasks": [t.name for t in plan.tasks],
+        "num_beams": num_beams, "lengths": plan.lengths, "forced_tokens": plan.tokens if plan.lengths == "fixed" else None,
         "decode": dict(asdict(decode), efficiency=decode.efficiency, occupancy=decode.occupancy,
                        scheduler=runner.use_scheduler, slots=runner.max_prompts),
         "matmul_gflops": rates, "ceiling_gflops": ceiling_rate,
         "engine": dict(asdict(engine), images_per_s=engine.images_per_s, gflops=engine_gflops,
-                       flops_per_image=engine_flops, peak_memory_bytes=peak),
-        "baseline": None if not baseline else dict(asdict(ref), images_per_s=ref.images_per_s,
-                                                   flops_per_image=ref_flops,
+                       flops_per_image=sides.engine_flops, peak_memory_bytes=sides.peak),
+        "baseline": None if not baseline else dict(asdict(ref), images_per_s=ref.images_per_s, flops_per_image=ref_flops,
                                                    gflops=ref_flops * ref.images_per_s / 1e9),
-        "tokens_equal": tokens_equal, "speedup": speedup, "ceiling": ceiling,
-        "torch": torch.__version__,
+        "tokens_equal": tokens_equal, "speedup": speedup, "ceiling": ceiling, "torch": torch.__version__,
     }
-    echo(f"speedup={'n/a' if speedup is None else f'{speedup:.2f}'} ceiling={ceiling:.3f}")
-    return result
 
 
 @click.command("bench")
@@ -336,7 +255,7 @@ def bench(model, tasks_spec, images, batch_size, num_beams, baseline, tokens_spe
 
     Last line: speedup=<engine/reference images/s or n/a> ceiling=<achieved / matmul GFLOP/s>."""
     from annotator.config import ConfigError
-    from annotator.model.load import ModelLoadError
+    from annotator.model import ModelLoadError
     from annotator.tasks import UnknownTask
 
     try:

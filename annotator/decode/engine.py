@@ -39,6 +39,7 @@ class Engine:
         self.inputs = task_inputs
         self.generation = generation
         self.max_prompts = max_prompts  # prompts per generate call; halved on OOM
+        self.max_images: int | None = None  # images per vision forward (None: the whole batch); halved on OOM
         self.sources = plan_sources(tasks, bool(task_inputs.text), bool(task_inputs.classes))
         self.waves = task_waves(tasks, self.sources)
         self.prompt_ids = PromptCache(lm.processor)  # prompt -> `<image>*N <s> words </s>` ids (sequence.py)
@@ -70,8 +71,13 @@ class Engine:
 
     @property
     def stats(self) -> dict[str, int]:
-        """The quality counters so far (the assembler's; tiling adds its own)."""
+        """The quality counters so far (the assembler's; tiling adds its own through `count`)."""
         return self.assembler.stats
+
+    def count(self, name: str, n: int) -> None:
+        """Add to a quality counter (tiling's: tiles run, rows merged, ...)."""
+        if n:
+            self.assembler.stats[name] = self.assembler.stats.get(name, 0) + n
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         lm = self.lm
@@ -99,6 +105,11 @@ class Engine:
         self.max_prompts = max(1, in_flight // 2)
         log.warning("out of memory with %d prompts in flight; going on with %d", in_flight, self.max_prompts)
         free_cache(self.lm.device)
+
+    def halve_images(self, in_flight: int) -> None:
+        """Out of memory encoding `in_flight` images: half as many per vision forward from now on."""
+        self.max_images = max(1, in_flight // 2)
+        log.warning("out of memory encoding %d images; going on with %d", in_flight, self.max_images)
 
     def generate(self, requests: list[Request], features: torch.Tensor) -> list[Generation | BaseException]:
         """The generate path (beam search; greedy without the scheduler): every request,

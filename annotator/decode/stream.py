@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 
@@ -21,18 +21,39 @@ from annotator.model.load import free_cache, is_oom
 from annotator.decode.scheduler import DecodeScheduler, Job, rows_for_memory
 from annotator.outdir.table import OK, Annotation
 
-if TYPE_CHECKING:
-    from annotator.decode.engine import Engine
-
 log = logging.getLogger(__name__)
+
+
+class ModelWork(Protocol):
+    """What the stream asks of the engine (engine.py): the model work, the task plan, and the
+    memory limits both share (prompts in flight, images per vision forward)."""
+
+    lm: Any
+    generation: Any
+    waves: list
+    sources: dict[str, str]
+    assembler: Any
+    use_scheduler: bool
+    decode_stats: Any
+    forced_lengths: Any
+    locs: Any
+    prompt_ids: Callable[[str], list[int]]
+    max_prompts: int
+    max_images: int | None
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
+    def requests(self, task, i: int, width: int, height: int, source) -> list[Request]: ...
+    def encode_requests(self, requests: list[Request], features: torch.Tensor) -> tuple: ...
+    def generate(self, requests: list[Request], features: torch.Tensor) -> list: ...
+    def halve_prompts(self, in_flight: int) -> None: ...
+    def halve_images(self, in_flight: int) -> None: ...
 
 
 class BatchStream:
     """The engine's one stream (Engine.stream): batches in, each batch's rows out as it finishes."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: ModelWork):
         self.engine = engine
-        self.max_images: int | None = None  # images per vision forward; set (halved) on OOM
         self._decoder: DecodeScheduler | None = None  # made on first use, kept across batches
 
     @torch.inference_mode()
@@ -79,7 +100,7 @@ class BatchStream:
     def _vision(self, items: list[ImageItem], pixel_values: torch.Tensor) -> list["_Group | list[Annotation]"]:
         """Vision features once per image, `max_images` at a time: image groups, or error rows for
         the images it failed on (in item order)."""
-        step = self.max_images or len(items)
+        step = self.engine.max_images or len(items)
         if len(items) > step:
             return [part for s in range(0, len(items), step)
                     for part in self._vision(items[s:s + step], pixel_values[s:s + step])]
@@ -92,8 +113,7 @@ class BatchStream:
                 return [[Annotation.failed(item.key, t, f"vision encoder failed: {describe_error(exc)}",
                                            item.width, item.height) for t in item.tasks]]
             if is_oom(exc):
-                self.max_images = max(1, len(items) // 2)
-                log.warning("out of memory encoding %d images; going on with %d", len(items), self.max_images)
+                self.engine.halve_images(len(items))
                 return self._vision(items, pixel_values)
             log.warning("vision encoder failed on %d images (%s); retrying one by one", len(items), describe_error(exc))
             return [part for i in range(len(items)) for part in self._vision(items[i:i + 1], pixel_values[i:i + 1])]

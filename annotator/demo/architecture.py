@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from annotator.model.sequence import LOC_TOKENS
 from annotator.tasks import DEMO_TASKS
 
 
@@ -57,7 +58,7 @@ def build_processor():
     from transformers import Florence2Processor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from annotator.model.load import POST_PROCESSOR_CONFIG
+    from annotator.model.sequence import POST_PROCESSOR_CONFIG
 
     image_processor = CLIPImageProcessorPil(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False, do_resize=True, resample=3,
@@ -115,7 +116,7 @@ def _init_location_embeddings(model, tokenizer) -> None:
     computes easily from a coordinate it holds as one number. Sinusoids (periods 4 to 4000 bins)
     learned far slower: their fine periods are not smooth functions of an object's position."""
     emb = model.get_input_embeddings().weight  # [V, d], tied to lm_head
-    ids = tokenizer.convert_tokens_to_ids([f"<loc_{i}>" for i in range(1000)])
+    ids = tokenizer.convert_tokens_to_ids(LOC_TOKENS)
     emb[ids] = tent_code(torch.arange(1000).float(), emb.shape[1])
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from annotator.tasks import TASKS
+
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {"red": (215, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), "yellow": (235, 195, 20),
            "purple": (140, 50, 180)}
@@ -235,25 +237,27 @@ def write(out: Path, n: int = 50, seed: int = 0, kind: str = "mixed", background
 
 # --------------------------------------------------------------------------- as Florence-2 answers
 
-def florence_pairs(d: Drawn) -> dict[str, tuple[str, str]]:
-    """task name -> (prompt, target): the ground truth written the way Florence-2 answers, with
-    locations quantized exactly as the exporters quantize them. Objects and lines are in reading
+def truth_pairs(d: Drawn) -> dict[str, tuple[str, str]]:
+    """task name -> (prompt, target): the drawing's ground truth written the way Florence-2 answers,
+    with locations quantized exactly as the exporters quantize them. Objects and lines are in reading
     order (top to bottom, then left to right), so one scene has one right answer."""
-    from annotator.model.sequence import quantize
+    from annotator.model.sequence import loc_tokens
 
     w, h = d.image.size
+    token = {name: TASKS[name].token for name in ("ocr", "ocr_with_region", "caption", "od", "caption_to_phrase_grounding")}
 
     def locs(flat: list[float]) -> str:
-        return "".join(f"<loc_{quantize(v, w if k % 2 == 0 else h)}>" for k, v in enumerate(flat))
+        return loc_tokens(flat, w, h)
 
     if d.kind == "document":
         lines = sorted(d.lines, key=lambda l: (l[1][1], l[1][0]))
-        return {"ocr": ("<OCR>", d.ocr), "ocr_with_region": ("<OCR_WITH_REGION>", "".join(t + locs(q) for t, q in lines)),
-                "caption": ("<CAPTION>", d.caption), "od": ("<OD>", "")}  # a page holds no shapes
+        return {"ocr": (token["ocr"], d.ocr),
+                "ocr_with_region": (token["ocr_with_region"], "".join(t + locs(q) for t, q in lines)),
+                "caption": (token["caption"], d.caption), "od": (token["od"], "")}  # a page holds no shapes
     objects = sorted(d.objects, key=lambda o: (o[1][1], o[1][0]))
-    pairs = {"od": ("<OD>", "".join(c + locs(b) for c, b in objects)), "caption": ("<CAPTION>", d.caption)}
+    pairs = {"od": (token["od"], "".join(c + locs(b) for c, b in objects)), "caption": (token["caption"], d.caption)}
     if objects:
         phrase = objects[0][0]
         boxes = "".join(locs(b) for c, b in objects if c == phrase)
-        pairs["caption_to_phrase_grounding"] = ("<CAPTION_TO_PHRASE_GROUNDING>" + phrase, phrase + boxes)
+        pairs["caption_to_phrase_grounding"] = (token["caption_to_phrase_grounding"] + phrase, phrase + boxes)
     return pairs

@@ -42,8 +42,6 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    from annotator.model.load import load_model
-
     start = time.monotonic()
     torch.manual_seed(cfg.seed + rank)  # dropout; the data order comes from the sampler's own seed
     device = torch.device(device)
@@ -60,35 +58,14 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
             prepare_out(cfg)
         _barrier(distributed)
 
-        # ---- model: float32 master weights; autocast (GPU) does the half-precision math
         base_model, state = cfg.model, None
         if resume_dir is not None:
             state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=True)
             base_model = state.get("base_model", cfg.model)
-        spec = ModelSpec(str(resume_dir) if resume_dir else cfg.model, None if resume_dir else cfg.revision,
-                         "float32", "sdpa", cfg.allow_pickle)
-        lm = load_model(spec, device)
-        model, processor = lm.model, lm.processor
-        params = configure_trainable(model, cfg.freeze_vision)
-        if cfg.gradient_checkpointing:
-            enable_checkpointing(model)
+        model, processor, params, net = _model(cfg, resume_dir, device, distributed)
         text_config = model.config.text_config
-        net = model
-        if distributed:
-            from torch.nn.parallel import DistributedDataParallel
 
-            net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-        # ---- data
-        pad_id = processor.tokenizer.pad_token_id
-        train_ds = PairDataset(data.train, processor, cfg.max_target_tokens)
-        sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                                      seed=cfg.seed)
-        loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=Collator(pad_id),
-                         pin_memory=device.type == "cuda")
-        train_loader = torch.utils.data.DataLoader(train_ds, sampler=sampler, **loader_kw)
-        val_ds = PairDataset(data.val[rank::world], processor, cfg.max_target_tokens)  # no padding repeats
-        val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, **loader_kw) if data.val else None
+        sampler, train_loader, val_ds, val_loader = _loaders(cfg, data, processor, rank, world, device)
 
         # ---- optimizer and schedule
         steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
@@ -98,21 +75,7 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
         scaler = torch.amp.GradScaler("cuda", enabled=half is torch.float16)
         progress = Progress()
         if state is not None:
-            try:
-                optimizer.load_state_dict(state["optimizer"])
-            except ValueError as exc:
-                raise FinetuneError(f"--resume {resume_dir}: the optimizer state does not fit ({exc}); "
-                                    "resume with the same --freeze-vision setting") from None
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            progress = Progress(**state["progress"])
-            if resume_dir.parent.resolve() != cfg.out.resolve():
-                # the best model so far lives in the other folder: pick the best among this folder's epochs
-                progress.best_epoch = progress.best_value = None
-            if state.get("data") != data.describe():
-                log.warning("--resume: the data differ from the run being resumed (%s)", state.get("data"))
-            if owner:
-                tqdm.write(f"resuming after epoch {progress.epoch} (step {progress.step}) from {resume_dir}")
+            progress = _restore(state, resume_dir, cfg, data, optimizer, scheduler, scaler, owner)
         if progress.epoch >= cfg.epochs and owner:
             tqdm.write(f"already trained {progress.epoch} epochs (--epochs {cfg.epochs}): nothing to do")
 
@@ -125,25 +88,8 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
             train_mode(net, model, cfg.freeze_vision)
             bar = tqdm(total=len(train_loader), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                        disable=not (cfg.progress and owner), dynamic_ncols=True, leave=False)
-            total = torch.zeros(2, dtype=torch.float64)  # [summed loss, tokens] of this rank
-            for window in _windows(train_loader, cfg.grad_accum):
-                batches = [b.to(device) for b in window if b is not None]
-                done = backward_window(net, batches, text_config, world, autocast, scaler)
-                if done is None:  # every image of the window failed to decode
-                    bar.update(len(window))
-                    continue
-                total += done
-                scaler.unscale_(optimizer)
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                progress.step += 1
-                bar.update(len(window))
-                bar.set_postfix(loss=f"{total[0].item() / max(total[1].item(), 1):.4f}",
-                                lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            total = _epoch_steps(cfg, train_loader, net, params, text_config, world, autocast, optimizer, scheduler,
+                                 scaler, progress, bar, device)
             bar.close()
             train_loss = _global_mean(total, distributed)
             record = {"epoch": epoch, "step": progress.step, "train_loss": train_loss,
@@ -167,6 +113,87 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _model(cfg: FinetuneConfig, resume_dir, device, distributed: bool):
+    """float32 master weights (autocast on GPU does the half-precision math), the trainable
+    parameters, and the module the steps run (DDP-wrapped across ranks)."""
+    from annotator.model.load import load_model
+
+    spec = ModelSpec(str(resume_dir) if resume_dir else cfg.model, None if resume_dir else cfg.revision,
+                     "float32", "sdpa", cfg.allow_pickle)
+    lm = load_model(spec, device)
+    model = lm.model
+    params = configure_trainable(model, cfg.freeze_vision)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    net = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, lm.processor, params, net
+
+
+def _loaders(cfg: FinetuneConfig, data, processor, rank: int, world: int, device):
+    """The training loader (its sampler shards and shuffles across ranks) and this rank's validation share."""
+    pad_id = processor.tokenizer.pad_token_id
+    train_ds = PairDataset(data.train, processor, cfg.max_target_tokens)
+    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=cfg.seed)
+    loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=Collator(pad_id),
+                     pin_memory=device.type == "cuda")
+    train_loader = torch.utils.data.DataLoader(train_ds, sampler=sampler, **loader_kw)
+    val_ds = PairDataset(data.val[rank::world], processor, cfg.max_target_tokens)  # no padding repeats
+    val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, **loader_kw) if data.val else None
+    return sampler, train_loader, val_ds, val_loader
+
+
+def _restore(state: dict, resume_dir, cfg: FinetuneConfig, data, optimizer, scheduler, scaler, owner: bool) -> Progress:
+    """--resume: the optimizer, schedule and scaler as the last epoch left them, and the progress so far."""
+    from tqdm import tqdm
+
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as exc:
+        raise FinetuneError(f"--resume {resume_dir}: the optimizer state does not fit ({exc}); "
+                            "resume with the same --freeze-vision setting") from None
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    progress = Progress(**state["progress"])
+    if resume_dir.parent.resolve() != cfg.out.resolve():
+        # the best model so far lives in the other folder: pick the best among this folder's epochs
+        progress.best_epoch = progress.best_value = None
+    if state.get("data") != data.describe():
+        log.warning("--resume: the data differ from the run being resumed (%s)", state.get("data"))
+    if owner:
+        tqdm.write(f"resuming after epoch {progress.epoch} (step {progress.step}) from {resume_dir}")
+    return progress
+
+
+def _epoch_steps(cfg: FinetuneConfig, train_loader, net, params, text_config, world: int, autocast, optimizer,
+                 scheduler, scaler, progress: Progress, bar, device) -> torch.Tensor:
+    """One epoch's optimizer steps; returns [summed loss, tokens] of this rank."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for window in _windows(train_loader, cfg.grad_accum):
+        batches = [b.to(device) for b in window if b is not None]
+        done = backward_window(net, batches, text_config, world, autocast, scaler)
+        if done is None:  # every image of the window failed to decode
+            bar.update(len(window))
+            continue
+        total += done
+        scaler.unscale_(optimizer)
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        bar.update(len(window))
+        bar.set_postfix(loss=f"{total[0].item() / max(total[1].item(), 1):.4f}",
+                        lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    return total
 
 
 def _ranks_in_sync(params: list, world: int) -> bool:

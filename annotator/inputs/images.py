@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -76,7 +76,13 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+class DecodedElsewhere(Exception):
+    """A decode failure already described where the image was read (a Ray decode task): its message is the row's error."""
+
+
 def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, DecodedElsewhere):
+        return str(exc)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     # Messages quote file names; a non-UTF-8 name arrives as lone surrogates, which Arrow
     # refuses to store: escape them as \x.. like the image keys.
@@ -94,10 +100,19 @@ class WorkItem:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, work: list[WorkItem], image_processor, max_pixels: int):
+    """Work items -> processed images. `open_image` reads one item's image (default: its file or URL,
+    decoded here); a Ray actor passes the images its decode task already read."""
+
+    def __init__(self, work: list[WorkItem], image_processor, max_pixels: int,
+                 open_image: Callable[[WorkItem], Image.Image] | None = None):
         self.work = work
         self.image_processor = image_processor
         self.max_pixels = max_pixels
+        self.open_image = open_image or self.read
+
+    @staticmethod
+    def collate(samples: list) -> "Batch":
+        return collate(samples)
 
     def __len__(self) -> int:
         return len(self.work)
@@ -113,11 +128,14 @@ class ImageDataset(torch.utils.data.Dataset):
         # decodes: spawned DataLoader workers do not inherit a value set in the parent.
         Image.MAX_IMAGE_PIXELS = None
         try:
-            image = load_rgb(image_source(item.ref), self.max_pixels)  # remote: bytes, retried
+            image = self.open_image(item)
             pixels = self.pixels(image)
         except Exception as exc:  # any decode problem is data, not a crash
             return None, DecodeFailure(item.ref.key, describe_error(exc), item.tasks)
         return image, ImageItem(item.ref.key, image.width, image.height, pixels, item.tasks)
+
+    def read(self, item: WorkItem) -> Image.Image:
+        return load_rgb(image_source(item.ref), self.max_pixels)  # remote: bytes, retried
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]

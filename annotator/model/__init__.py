@@ -1,1 +1,5 @@
 """Florence-2 itself: loading, converting original checkpoints, the location-token sequence, CPU kernels."""
+
+
+class ModelLoadError(RuntimeError):
+    """Loading failed in a way the user can fix; the message says how."""

@@ -24,7 +24,8 @@ import torch
 from annotator.config import ModelSpec
 from annotator.model.convert_map import (ConversionError, build_generation_config, build_processor, check_names, convert_config,
                           grow_vocab, rename_weights)
-from annotator.model.load import ModelLoadError, _publish, _staging, random_cache_dir
+from annotator.model import ModelLoadError
+from annotator.model.cache import cache_dir, publish, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def native_checkpoint(spec: ModelSpec) -> Path | None:
         return None
     key = hashlib.sha256(f"{orig.source}@{orig.revision}#v{CONVERT_FORMAT}".encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", orig.source.strip("/"))[-60:]
-    dest = random_cache_dir() / "converted" / f"{slug}-{key}"
+    dest = cache_dir() / "converted" / f"{slug}-{key}"
     if (dest / "config.json").is_file():
         log.info("%s is in the original Florence-2 format; using its native conversion cached at %s", spec.name, dest)
         return dest
@@ -127,7 +128,7 @@ def convert_checkpoint(spec: ModelSpec, out: Path, overwrite: bool = False) -> O
 def _write_staged(orig: OriginalCheckpoint, dest: Path, allow_pickle: bool, replace: bool = False) -> None:
     """Convert into a staging folder, then rename into place: a killed conversion never leaves a half
     checkpoint where a load would find it."""
-    staging = _staging(dest)
+    staging = staging_dir(dest)
     try:
         write_native(orig, staging, allow_pickle)
     except ConversionError:
@@ -142,7 +143,7 @@ def _write_staged(orig: OriginalCheckpoint, dest: Path, allow_pickle: bool, repl
         raise
     if replace and dest.exists():
         shutil.rmtree(dest)
-    _publish(dest)
+    publish(dest)
 
 
 def write_native(orig: OriginalCheckpoint, out: Path, allow_pickle: bool) -> None:
@@ -210,7 +211,8 @@ def load_original_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.T
 
 # ------------------------------------------------------------------------------------------ command
 
-def _command():
+def convert_command():
+    """`annotate convert`, built on demand so that click is imported only by the CLI."""
     import click
 
     @click.command("convert")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from annotator.model.load import ModelLoadError, POST_PROCESSOR_CONFIG
+from annotator.model import ModelLoadError
+from annotator.model.sequence import LOC_TOKENS, POST_PROCESSOR_CONFIG
 
 PAD_VOCAB_TO = 64  # as transformers' own conversion: embedding rows padded for tensor-core friendly shapes
 
@@ -184,7 +185,7 @@ def build_generation_config(orig: dict, folder: Path):
 # ------------------------------------------------------------------------------------------ processor
 
 # What the remote processor adds to the plain BART tokenizer, in its order (the ids the weights were trained with).
-ORIGINAL_TOKENS = (["<od>", "</od>", "<ocr>", "</ocr>"] + [f"<loc_{i}>" for i in range(1000)] + [
+ORIGINAL_TOKENS = (["<od>", "</od>", "<ocr>", "</ocr>"] + LOC_TOKENS + [
     "<cap>", "</cap>", "<ncap>", "</ncap>", "<dcap>", "</dcap>", "<grounding>", "</grounding>", "<seg>", "</seg>",
     "<sep>", "<region_cap>", "</region_cap>", "<region_to_desciption>", "</region_to_desciption>", "<proposal>",
     "</proposal>", "<poly>", "</poly>", "<and>"])

@@ -17,16 +17,15 @@ from pathlib import Path
 import torch
 
 from annotator.config import ModelSpec
+from annotator.model import ModelLoadError
+from annotator.model.cache import cache_dir, publish, staging_dir
+from annotator.model.sequence import FLORENCE_TOKENS, POST_PROCESSOR_CONFIG
 
 log = logging.getLogger(__name__)
 
 RANDOM_PREFIX = "random:"
 DEMO_NAME = "demo"  # the project's own small model, shipped inside the package (annotator/demo_model)
 RANDOM_FORMAT = 1  # bump when the random tokenizer/processor recipe changes (invalidates the cache)
-
-
-class ModelLoadError(RuntimeError):
-    """Loading failed in a way the user can fix; the message says how."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +71,11 @@ class LoadedModel:
     dtype: torch.dtype
     attention: str
     device: torch.device
+
+    @property
+    def runtime(self) -> dict:
+        """What the manifest records as the run's runtime (runtime_settings' shape)."""
+        return {"dtype": str(self.dtype).removeprefix("torch."), "attention": self.attention, "device": str(self.device)}
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -198,11 +202,6 @@ def _explain_load_failure(spec: ModelSpec, exc: Exception) -> str:
 
 # --------------------------------------------------------------------------- random models
 
-def random_cache_dir() -> Path:
-    root = os.environ.get("FLORENCE_ANNOTATE_CACHE") or Path.home() / ".cache" / "florence-annotate"
-    return Path(root)
-
-
 def _random_model(size: str, attention: str):
     from transformers import AutoProcessor
 
@@ -210,29 +209,12 @@ def _random_model(size: str, attention: str):
         raise ModelLoadError(f"unknown random model 'random:{size}'; use one of: "
                              + ", ".join(RANDOM_PREFIX + s for s in RANDOM_ARCHS))
     arch = RANDOM_ARCHS[size]
-    proc_dir = random_cache_dir() / f"random-processor-v{RANDOM_FORMAT}-{arch.image_size}"
+    proc_dir = cache_dir() / f"random-processor-v{RANDOM_FORMAT}-{arch.image_size}"
     if not (proc_dir / "processor_config.json").exists():
-        build_random_processor(arch.image_size).save_pretrained(_staging(proc_dir))
-        _publish(proc_dir)
+        build_random_processor(arch.image_size).save_pretrained(staging_dir(proc_dir))
+        publish(proc_dir)
     processor = AutoProcessor.from_pretrained(proc_dir)
     return random_florence2(size, len(processor.tokenizer), processor.tokenizer.image_token_id, attention), processor
-
-
-def _staging(dest: Path) -> Path:
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    return tmp
-
-
-def _publish(dest: Path) -> None:
-    """Rename the staging dir into place; another process may have won the race, which is fine."""
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    try:
-        os.replace(tmp, dest)
-    except OSError:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def random_florence2(size: str, vocab_size: int, image_token_id: int, attention: str = "sdpa"):
@@ -264,26 +246,6 @@ def _seeded(seed: int):
     finally:
         torch.random.set_rng_state(state)
 
-
-# Florence-2's extra vocabulary, in the order of the published tokenizer.
-FLORENCE_TOKENS = [
-    "<od>", "</od>", "<ocr>", "</ocr>", "<cap>", "</cap>", "<ncap>", "</ncap>", "<dcap>", "</dcap>",
-    "<grounding>", "</grounding>", "<seg>", "</seg>", "<sep>", "<region_cap>", "</region_cap>",
-    "<region_to_desciption>", "</region_to_desciption>", "<proposal>", "</proposal>", "<poly>", "</poly>", "<and>",
-] + [f"<loc_{i}>" for i in range(1000)]
-
-# The parse rules the published checkpoints ship in processor_config.json.
-POST_PROCESSOR_CONFIG = {
-    "ocr": {"PATTERN": r"(.+?)<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>",
-            "AREA_THRESHOLD": 0.0},
-    "phrase_grounding": {"banned_grounding_tokens": ["the image"]},
-    "pure_text": {},
-    "description_with_bboxes": {},
-    "description_with_polygons": {},
-    "polygons": {},
-    "bboxes": {},
-    "description_with_bboxes_or_polygons": {},
-}
 
 BART_VOCAB_SIZE = 50265
 

@@ -7,16 +7,42 @@ Florence-2's text encoder reads.
 training and annotation feed the model the same inputs; a test holds them to it.
 
 Locations are `<loc_0>`..`<loc_999>`: 1000 bins per axis, x against the width, y against the height.
-Prompts that carry a box (region_* tasks) and training targets (exporters) quantise them here."""
+Prompts that carry a box (region_* tasks) and training targets (exporters) quantise them here, and
+the parser, the scorer and the tile merge find them with the pattern here."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
 BINS = 1000  # Florence-2: <loc_0>..<loc_999> per axis
+LOC_PREFIX = "<loc_"
+LOC_PATTERN = r"<loc_\d+>"  # one location token, for patterns built from it
+LOC_TOKEN = re.compile(LOC_PATTERN)
+LOC_TOKENS = [f"<loc_{i}>" for i in range(BINS)]  # in vocabulary order
 DOCVQA_TOKEN = "<DocVQA>"  # not a Florence-2 task token: the model reads it as the literal text "<DocVQA>"
+
+
+# Florence-2's extra vocabulary, in the order of the published tokenizer.
+FLORENCE_TOKENS = [
+    "<od>", "</od>", "<ocr>", "</ocr>", "<cap>", "</cap>", "<ncap>", "</ncap>", "<dcap>", "</dcap>",
+    "<grounding>", "</grounding>", "<seg>", "</seg>", "<sep>", "<region_cap>", "</region_cap>",
+    "<region_to_desciption>", "</region_to_desciption>", "<proposal>", "</proposal>", "<poly>", "</poly>", "<and>",
+] + LOC_TOKENS
+
+# The parse rules the published checkpoints ship in processor_config.json.
+POST_PROCESSOR_CONFIG = {
+    "ocr": {"PATTERN": r"(.+?)" + r"<loc_(\d+)>" * 8, "AREA_THRESHOLD": 0.0},  # a text line and its quad
+    "phrase_grounding": {"banned_grounding_tokens": ["the image"]},
+    "pure_text": {},
+    "description_with_bboxes": {},
+    "description_with_polygons": {},
+    "polygons": {},
+    "bboxes": {},
+    "description_with_bboxes_or_polygons": {},
+}
 
 
 # --------------------------------------------------------------------------- prompts
@@ -83,4 +109,4 @@ def dequantize(bin_: int, size: float) -> float:
 
 def loc_tokens(flat, width: float, height: float) -> str:
     """[x1, y1, x2, y2, ...] (pixels) -> '<loc_a><loc_b>...' with x against width, y against height."""
-    return "".join(f"<loc_{quantize(v, width if i % 2 == 0 else height)}>" for i, v in enumerate(flat))
+    return "".join(LOC_TOKENS[quantize(v, width if i % 2 == 0 else height)] for i, v in enumerate(flat))

@@ -274,6 +274,21 @@ def _summary_html(counts: dict, labels: dict[str, list[tuple[str, int]]], manife
     return "\n".join(parts)
 
 
+def _errors_html(lf, counts: dict, max_error_rows: int) -> str:
+    """Error rows of the whole run (within --task), not only of the sampled images."""
+    err_df = (lf.filter(pl.col("status") != OK).select("image", "task", "error")
+              .sort(["image", "task"]).head(max_error_rows).collect())
+    n_err = sum(sum(v for s, v in c.items() if s != OK) for c in counts.values())
+    err_rows = "".join(f"<tr><td class=\"key\">{esc(i)}</td><td>{esc(t)}</td><td class=\"errmsg\">{esc(e)}</td></tr>"
+                       for i, t, e in err_df.iter_rows())
+    errors_html = f"<h2>error rows ({n_err})</h2>"
+    if n_err:
+        errors_html += f"<table><tr><th>image</th><th>task</th><th>error</th></tr>{err_rows}</table>"
+    if n_err > max_error_rows:
+        errors_html += f"<p>first {max_error_rows} shown; `annotate info` groups them by message</p>"
+    return errors_html
+
+
 def preview(annotations: Path, out: Path, tasks: list[str] | None = None, limit: int = 200,
             sample: str = "random", seed: int = 0, images: list[Path] | None = None, max_size: int = 1600,
             overwrite: bool = False, top_labels: int = 30, max_error_rows: int = 200,
@@ -331,18 +346,7 @@ def preview(annotations: Path, out: Path, tasks: list[str] | None = None, limit:
         _write_page(shown, folder)
         shown_all.append(shown)
 
-    # error rows of the whole run (within --task), not only of the sampled images
-    err_df = (lf.filter(pl.col("status") != OK).select("image", "task", "error")
-              .sort(["image", "task"]).head(max_error_rows).collect())
-    n_err = sum(sum(v for s, v in c.items() if s != OK) for c in counts.values())
-    err_rows = "".join(f"<tr><td class=\"key\">{esc(i)}</td><td>{esc(t)}</td><td class=\"errmsg\">{esc(e)}</td></tr>"
-                       for i, t, e in err_df.iter_rows())
-    errors_html = f"<h2>error rows ({n_err})</h2>"
-    if n_err:
-        errors_html += f"<table><tr><th>image</th><th>task</th><th>error</th></tr>{err_rows}</table>"
-    if n_err > max_error_rows:
-        errors_html += f"<p>first {max_error_rows} shown; `annotate info` groups them by message</p>"
-
+    errors_html = _errors_html(lf, counts, max_error_rows)
     all_tasks = sorted({r["task"] for s in shown_all for r in s.rows})
     all_labels = sorted({lab for s in shown_all for lab in s.labels})
     task_opts = "".join(f"<option value=\"{esc(t)}\">{esc(t)}</option>" for t in all_tasks)

@@ -1,37 +1,25 @@
-"""One device's run: discover -> skip what is done -> DataLoader -> engine -> part files.
+"""One device's run: discover -> the output folder's pending work -> DataLoader -> engine -> part files, and the summary.
 
-Also owns the run-level policy: manifest checks for resume, --overwrite, --retry-errors,
-the summary and the exit code."""
+What the folder holds and what may be written to it (lock, manifest, resume, --overwrite,
+--retry-errors) is the output folder's (outdir/folder.py); this module drives the work."""
 
 from __future__ import annotations
 
-import logging
-import os
-import socket
 import time
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
 
 import torch
 
-from annotator import __version__
 from annotator.clikit import EXIT_OK, EXIT_ROW_ERRORS, EXIT_WORKER_FAILED
 from annotator.config import RunConfig
-from annotator.decode.engine import Engine
-from annotator.inputs.images import ImageDataset, WorkItem, collate
-from annotator.outdir.keys import assign_keys, folder_owners, manifest_sources, sources_to_manifest, upgrade_parts
+from annotator.decode.builder import RunAnnotator
+from annotator.inputs.images import ImageDataset, WorkItem
+from annotator.inputs.sources import Discovery, SourceError, discover
+from annotator.inputs.tiles import TilingDataset
 from annotator.model.load import LoadedModel, load_model, runtime_settings
-from annotator.inputs.sources import Discovery, ImageRef, SourceError, discover, input_label
-from annotator.outdir.table import ERROR, MANIFEST, OK, Manifest, PartWriter, drop_error_rows, part_files, read_status
-from annotator.inputs.tiles import TiledAnnotator, TilingDataset, collate_tiles, engine_tasks, tileable
-
-log = logging.getLogger(__name__)
-
-
-class RunError(RuntimeError):
-    """The run cannot start as asked (e.g. the folder holds a different run); message says why."""
+from annotator.outdir.folder import Opened, OutputFolder
+from annotator.outdir.table import ERROR, OK, PartWriter
 
 
 @dataclass
@@ -82,96 +70,14 @@ class Summary:
         return out
 
 
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def prepare_out(cfg: RunConfig) -> Manifest:
-    """Create or check the output folder; returns the manifest to write. Nothing is deleted
-    unless --overwrite."""
-    out = cfg.out
-    out.mkdir(parents=True, exist_ok=True)
-    take_lock(out)  # before --overwrite deletes anything another run may be writing
-    try:
-        return _check_out(cfg)
-    except BaseException:
-        release_lock(out)
-        raise
-
-
-def _check_out(cfg: RunConfig) -> Manifest:
-    out = cfg.out
-    if cfg.overwrite:
-        for path in part_files(out) + [out / MANIFEST]:
-            path.unlink(missing_ok=True)
-    manifest = Manifest(identity=cfg.identity(), package_version=__version__,
-                        inputs=[input_label(p) for p in cfg.inputs], tasks=[t.name for t in cfg.tasks],
-                        started=now(), input_lists=[input_label(p) for p in cfg.input_lists],
-                        path_column=cfg.path_column)
-    old = previous_manifest(out)
-    if old is not None:
-        refusal = settings_refusal(cfg, old)
-        if refusal:
-            raise RunError(refusal)
-        manifest.tasks = old.tasks + [t for t in manifest.tasks if t not in old.tasks]
-        manifest.inputs = old.inputs + [p for p in manifest.inputs if p not in old.inputs]
-        manifest.input_lists = old.input_lists + [p for p in manifest.input_lists if p not in old.input_lists]
-        manifest.path_column = cfg.path_column or old.path_column
-        manifest.started = old.started
-        manifest.sources = sources_to_manifest(manifest_sources(old))
-    elif part_files(out) and not cfg.force:
-        raise RunError(f"{out} has part files but no {MANIFEST}; use another --out, or --overwrite")
-    return manifest
-
-
-def previous_manifest(out: Path) -> Manifest | None:
-    """The folder's manifest, if it holds rows: a run that wrote none (e.g. its model failed to
-    load) never blocks the next try."""
-    old = Manifest.load(out)
-    return old if old is not None and part_files(out) else None
-
-
-def settings_refusal(cfg: RunConfig, old: Manifest) -> str | None:
-    """Why `cfg` may not resume into a folder made with `old`'s settings (None: it may)."""
-    diff = {k: (old.identity.get(k), v) for k, v in cfg.identity().items() if old.identity.get(k) != v}
-    if not diff or cfg.force:
-        return None
-    shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-    return (f"{cfg.out} holds a run with other settings ({shown}); use another --out, "
-            "--overwrite to start fresh, or --force to mix them")
-
-
-def pending_work(cfg: RunConfig, refs: list[ImageRef], summary: Summary, write: bool = True) -> list[WorkItem]:
-    """(image, tasks) still to do: pairs with no row yet, and with --retry-errors pairs whose row failed.
-    `refs` carry folder keys (keys.assign_keys): a row counts as done only for the file it came from."""
-    status = read_status(cfg.out)
-    work = []
-    for ref in refs:
-        todo = tuple(t.name for t in cfg.tasks
-                     if status.get((ref.key, t.name)) is None or (cfg.retry_errors and status[(ref.key, t.name)] != OK))
-        summary.already_done += len(cfg.tasks) - len(todo)
-        if todo:
-            work.append(WorkItem(ref, todo))
-    work = work[: cfg.limit] if cfg.limit is not None else work
-    if cfg.retry_errors and write:
-        # Drop exactly the error rows this run redoes, so the new rows replace them instead of
-        # sitting next to them; errors of other tasks, or beyond --limit, stay.
-        redo = {(w.ref.key, t) for w in work for t in w.tasks if (w.ref.key, t) in status}
-        if redo:
-            log.info("--retry-errors: %d error rows will be redone", drop_error_rows(cfg.out, redo))
-    return work
-
-
-def make_loader(work: list[WorkItem], lm: LoadedModel, cfg: RunConfig,
-                dataset: ImageDataset | None = None) -> torch.utils.data.DataLoader:
-    dataset = dataset or ImageDataset(work, lm.processor.image_processor, cfg.max_image_pixels)
-    workers = min(cfg.workers, len(work))
+def make_loader(dataset: ImageDataset, lm: LoadedModel, cfg: RunConfig) -> torch.utils.data.DataLoader:
+    workers = min(cfg.workers, len(dataset))
+    tiled = isinstance(dataset, TilingDataset)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
-        collate_fn=collate_tiles if isinstance(dataset, TilingDataset) else collate,
+        dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=workers, collate_fn=dataset.collate,
         pin_memory=lm.device.type == "cuda",
         # a tiled sample is up to 17 processed images: keep fewer batches in flight
-        prefetch_factor=(2 if isinstance(dataset, TilingDataset) else 4) if workers else None,
+        prefetch_factor=(2 if tiled else 4) if workers else None,
         persistent_workers=False,
     )
 
@@ -183,13 +89,35 @@ class Progress(Protocol):
 
 @dataclass
 class Plan:
-    """What a run has to do, decided once before any model is loaded."""
+    """What a run has to do, decided once before any model is loaded: the folder it opened, what
+    the folder says is pending, and the summary the run fills in."""
 
-    manifest: Manifest
-    work: list[WorkItem]
+    folder: OutputFolder
+    opened: Opened
     summary: Summary
-    n_images: int  # every image discovered, done or not
-    created: bool = False  # this run made the folder: a start that fails before any row removes it
+
+    @property
+    def work(self) -> list[WorkItem]:
+        return self.opened.work
+
+    def finish(self, cfg: RunConfig, runtime: dict | None, device: str = "cpu") -> None:
+        """The manifest records the run's counts and the runtime its models really used (`runtime`;
+        None when no model ran here: the folder's earlier record, else what a load on `device` would
+        use); the folder is let go."""
+        runtime = runtime or self.opened.manifest.runtime or runtime_settings(cfg.model, device)
+        s = self.summary
+        counts = {"images": self.opened.n_images, "rows_ok_this_run": s.rows_ok, "rows_error_this_run": s.rows_error,
+                  "images_per_worker": s.per_worker, "quality": s.quality}
+        self.folder.finish(self.opened, counts, runtime)
+
+
+def merge_runtimes(runtimes: list[dict]) -> dict | None:
+    """What several workers or actors ran with, as one record: a setting they share keeps its
+    value, one they differ in lists the values ("cuda:0, cuda:1"). None when no model ran."""
+    if not runtimes:
+        return None
+    keys = dict.fromkeys(k for r in runtimes for k in r)
+    return {k: ", ".join(dict.fromkeys(str(r.get(k)) for r in runtimes)) for k in keys}
 
 
 def no_images_error(found: Discovery) -> SourceError:
@@ -201,31 +129,14 @@ def no_images_error(found: Discovery) -> SourceError:
 
 
 def plan_run(cfg: RunConfig, owner: bool = True) -> Plan:
-    """Discover, check the folder, and list the pending (image, tasks). Only the `owner` (the one
-    process of a run, or rank 0 under torchrun) may create, clean or rewrite the folder."""
+    """Discover, open the folder, and list the pending (image, tasks). Only the `owner` (the one
+    process of a run, or rank 0 under torchrun) locks, cleans or rewrites the folder."""
     found = discover(cfg.inputs, cfg.follow_symlinks, cfg.input_lists, cfg.path_column)
     if not found.refs:
         raise no_images_error(found)
-    created = not cfg.out.exists()
-    if owner:
-        manifest = prepare_out(cfg)
-        try:
-            refs, sources = assign_keys(found, manifest_sources(manifest), folder_owners(cfg.out))
-        except BaseException:
-            release_lock(cfg.out)
-            raise
-        if any(s.legacy for s in sources) and upgrade_parts(cfg.out):  # only once the folder is accepted
-            log.info("%s: parts upgraded to annotation schema 2 (a null `source` column)", cfg.out)
-        manifest.sources = sources_to_manifest(sources)
-        summary = Summary(skipped=dict(found.skipped))
-        work = pending_work(cfg, refs, summary)
-        manifest.save(cfg.out)
-    else:
-        manifest = Manifest.load(cfg.out)
-        refs, _ = assign_keys(found, manifest_sources(manifest), folder_owners(cfg.out), register=False)
-        summary = Summary(skipped=dict(found.skipped))
-        work = pending_work(replace(cfg, retry_errors=False), refs, summary)
-    return Plan(manifest, work, summary, len(refs), created)
+    folder = OutputFolder(cfg.out)
+    opened = folder.open(cfg, found) if owner else folder.join(cfg, found)
+    return Plan(folder, opened, Summary(skipped=dict(found.skipped), already_done=opened.already_done))
 
 
 @dataclass(frozen=True)
@@ -256,78 +167,16 @@ class RowSink:
         return BatchDone(images, sum(r.status == OK for r in rows), sum(r.status == ERROR for r in rows), quality)
 
 
-def annotate_work(cfg: RunConfig, lm: LoadedModel, work: list[WorkItem], writer: PartWriter,
+def annotate_work(cfg: RunConfig, annotator: RunAnnotator, work: list[WorkItem], writer: PartWriter,
                   on_batch: Callable[[BatchDone], None]) -> None:
     """The device loop: decode in DataLoader workers, annotate, hand rows to the writer;
     `on_batch` hears about every batch."""
-    # prompts per generate call: every task of a batch together (see stream.py, BatchStream._advance)
-    tasks = engine_tasks(list(cfg.tasks), cfg.tiling)
-    engine = Engine(lm, tasks, cfg.task_inputs, cfg.generation, max_prompts=cfg.batch_size * len(cfg.tasks))
-    annotator, dataset = engine, None
-    if cfg.tiling.enabled:  # tiles are images to the engine; the annotator merges them back
-        dataset = TilingDataset(work, lm.processor.image_processor, cfg.max_image_pixels, cfg.tiling,
-                                tileable(tasks, engine.sources))
-        annotator = TiledAnnotator(engine, dataset, vision_batch=cfg.batch_size)
+    dataset = annotator.dataset(work)
     sink = RowSink(writer, work)
     # A stream, not a call per batch: prompts of the next batches join the decoding while long
     # answers still run; each batch's rows come back whole, once done (keys, not order, matter).
-    for rows in annotator.annotate_stream(make_loader(work, lm, cfg, dataset)):
-        on_batch(sink.add(rows, engine.take_stats()))
-
-
-def new_writer(cfg: RunConfig, rank: int) -> PartWriter:
-    return PartWriter(cfg.out, rank=rank, every_rows=cfg.flush_every_rows, every_seconds=cfg.flush_every_seconds)
-
-
-LOCK = ".annotate.lock"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def take_lock(out: Path) -> None:
-    """One `annotate run` per folder: two writers would both redo the same pending rows.
-    The lock names host and pid; a lock whose process is gone (killed run) is taken over."""
-    path, me = out / LOCK, f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            host, _, pid = path.read_text().partition(" ")
-            mine = host == socket.gethostname()
-            if mine and pid.strip().isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
-                path.unlink(missing_ok=True)  # stale, or ours from an earlier call in this process
-                continue
-            raise RunError(f"{out} is being written by another annotate run ({host} pid {pid.strip()}); "
-                           f"wait for it, or delete {path} if that run is gone")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(me)
-        return
-
-
-def release_lock(out: Path) -> None:
-    path = out / LOCK
-    if path.exists() and path.read_text() == f"{socket.gethostname()} {os.getpid()}":
-        path.unlink(missing_ok=True)
-
-
-def finish_run(cfg: RunConfig, plan: Plan, device: str = "cpu") -> None:
-    manifest = plan.manifest
-    manifest.finished = now()
-    if not manifest.runtime:
-        manifest.runtime = runtime_settings(cfg.model, device)
-    manifest.counts = {"images": plan.n_images, "rows_ok_this_run": plan.summary.rows_ok,
-                       "rows_error_this_run": plan.summary.rows_error,
-                       "images_per_worker": plan.summary.per_worker, "quality": plan.summary.quality}
-    manifest.save(cfg.out)
-    release_lock(cfg.out)
+    for rows in annotator.annotate_stream(dataset, make_loader(dataset, annotator.lm, cfg)):
+        on_batch(sink.add(rows, annotator.take_stats()))
 
 
 def run(cfg: RunConfig, device: str = "cpu", lm: LoadedModel | None = None,
@@ -344,31 +193,17 @@ def run(cfg: RunConfig, device: str = "cpu", lm: LoadedModel | None = None,
         if progress:
             progress.update(done.images)
 
-    writer = new_writer(cfg, rank)
+    writer = plan.folder.writer(cfg, rank)
     try:
         if plan.work:
             lm = lm or load_model(cfg.model, device)
-            annotate_work(cfg, lm, plan.work, writer, on_batch)
+            annotate_work(cfg, RunAnnotator(cfg, lm), plan.work, writer, on_batch)
     except BaseException:
         writer.flush()  # first: on Ctrl-C what is finished is kept, and a folder with rows is never removed
-        release_lock(cfg.out)  # the folder is free again, even for a caller that goes on living
-        if plan.created and not part_files(cfg.out):
-            remove_empty_run(cfg.out)
+        plan.folder.abandon(plan.opened)  # the folder is free again, even for a caller that goes on living
         raise
     finally:
         writer.flush()  # a no-op after the except branch
         summary.seconds = time.monotonic() - start
-    if lm is not None:
-        plan.manifest.runtime = {"dtype": str(lm.dtype).removeprefix("torch."), "attention": lm.attention,
-                                 "device": str(lm.device)}
-    finish_run(cfg, plan, device)
+    plan.finish(cfg, lm.runtime if lm is not None else None, device)
     return summary
-
-
-def remove_empty_run(out: Path) -> None:
-    """Undo a start that wrote no rows (e.g. the model failed to load): no folder is left behind."""
-    (out / MANIFEST).unlink(missing_ok=True)
-    try:
-        out.rmdir()
-    except OSError:  # something else is in there: leave it
-        pass

@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from annotator.config import RunConfig
-from annotator.inputs.images import WorkItem
-from annotator.outdir.keys import assign_keys, folder_owners, manifest_sources
-from annotator.run.device import Summary, no_images_error, pending_work, previous_manifest, settings_refusal
 from annotator.inputs.sources import discover
-from annotator.outdir.table import MANIFEST, part_files
+from annotator.outdir.folder import OutputFolder
+from annotator.run.device import no_images_error
 
 
 @dataclass
@@ -36,33 +34,13 @@ class DryRun:
         return out
 
 
-def folder_state(cfg: RunConfig) -> str:
-    if not cfg.out.exists():
-        return "absent (would be created)"
-    if cfg.overwrite:
-        return f"would be emptied (--overwrite): {len(part_files(cfg.out))} part files"
-    old = previous_manifest(cfg.out)
-    if old is None:
-        return "holds no rows" + (" (parts without a manifest: refused)" if part_files(cfg.out) else "")
-    refusal = settings_refusal(cfg, old)
-    return f"refused: {refusal}" if refusal else f"resumable ({len(part_files(cfg.out))} part files, {MANIFEST} matches)"
-
-
 def dry_run(cfg: RunConfig) -> DryRun:
     found = discover(list(cfg.inputs), cfg.follow_symlinks)
     if not found.refs:
         raise no_images_error(found)
-    gone = cfg.overwrite or not cfg.out.is_dir()
-    old = None if gone else previous_manifest(cfg.out)
-    known = manifest_sources(old)
-    refs, sources = assign_keys(found, known, {} if gone else folder_owners(cfg.out))
-    summary = Summary(skipped=dict(found.skipped))
-    if gone:  # nothing is done yet: every image and task
-        work = [WorkItem(r, tuple(t.name for t in cfg.tasks)) for r in refs]
-        work = work[: cfg.limit] if cfg.limit is not None else work
-    else:
-        work = pending_work(cfg, refs, summary, write=False)
-    pairs = sum(len(w.tasks) for w in work)
-    new = [f"{s.root}" + (f" (keys prefixed {s.prefix})" if s.prefix else "") for s in sources[len(known):]]
-    return DryRun(str(cfg.out), folder_state(cfg), len(refs), len(work), pairs, summary.already_done,
+    folder = OutputFolder(cfg.out)
+    would = folder.preview(cfg, found)
+    pairs = sum(len(w.tasks) for w in would.work)
+    new = [f"{s.root}" + (f" (keys prefixed {s.prefix})" if s.prefix else "") for s in would.new_sources]
+    return DryRun(str(cfg.out), folder.state(cfg), would.n_images, len(would.work), pairs, would.already_done,
                   dict(found.skipped), dict(found.unsupported), new)

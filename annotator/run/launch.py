@@ -18,32 +18,15 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
-
 from annotator.config import ConfigError, RunConfig
-from annotator.model.load import ModelLoadError, load_model
-from annotator.run.device import BatchDone, Summary, annotate_work, finish_run, new_writer, plan_run, run
+from annotator.decode.builder import RunAnnotator
+from annotator.model import ModelLoadError
+from annotator.model.load import load_model
+from annotator.outdir.folder import OutputFolder
+from annotator.run.device import BatchDone, Summary, annotate_work, merge_runtimes, plan_run, run
+from annotator.run.progress import Bar
 
 log = logging.getLogger(__name__)
-
-
-class Bar:
-    """tqdm behind the runner's Progress protocol: images/s and ETA once the total is known."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar: tqdm | None = None
-
-    def start(self, total: int) -> None:
-        self.bar = tqdm(total=total, unit="img", disable=not self.enabled, dynamic_ncols=True, smoothing=0.1)
-
-    def update(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -125,6 +108,8 @@ class WorkerEvent:
     rank: int
     done: BatchDone | None = None
     failure: str | None = None  # first line of the error
+    runtime: dict | None = None  # the model is loaded: what it runs with (the manifest records it)
+
 
 def chunk_size(cfg: RunConfig) -> int:
     return cfg.batch_size * 4  # small enough to balance the tail, large enough to keep decoders busy
@@ -148,32 +133,38 @@ def launch_local(cfg: RunConfig, devices: list[str]) -> Summary:
     summary.per_worker = {rank: 0 for rank in range(len(devices))}  # a worker that got no chunk shows 0
     bar = Bar(cfg.progress)
     bar.start(len(work))
+    runtimes: list[dict] = []
     try:
         for p in procs:
             p.start()
-        _supervise(procs, devices, events, summary, bar)
-    except KeyboardInterrupt:
+        _supervise(procs, devices, events, summary, bar, runtimes)
+        summary.seconds = time.monotonic() - start
+        load_errors = [f for f in summary.failed_workers if "cannot load model" in f]
+        if load_errors and len(load_errors) == len(devices):
+            raise ModelLoadError(load_errors[0].split(": ", 1)[1])
+    except BaseException:
         for p in procs:
             if p.is_alive():
-                p.terminate()  # SIGTERM: each worker flushes its finished rows and stops
+                p.terminate()  # SIGTERM (Ctrl-C): each worker flushes its finished rows and stops
         for p in procs:
-            p.join(timeout=30)
+            if p.pid is not None:
+                p.join(timeout=30)
+        plan.folder.abandon(plan.opened)
         raise
     finally:
         bar.close()
-    summary.seconds = time.monotonic() - start
-    load_errors = [f for f in summary.failed_workers if "cannot load model" in f]
-    if load_errors and len(load_errors) == len(devices):
-        raise ModelLoadError(load_errors[0].split(": ", 1)[1])
-    finish_run(cfg, plan, torch_device(devices[0]))
+    plan.finish(cfg, merge_runtimes(runtimes), torch_device(devices[0]))
     return summary
 
 
-def _supervise(procs, devices, events, summary: Summary, bar: Bar) -> None:
-    """Relay progress until every worker has exited; note those that died or failed."""
+def _supervise(procs, devices, events, summary: Summary, bar: Bar, runtimes: list[dict]) -> None:
+    """Relay progress until every worker has exited; note those that died or failed, and what
+    the others ran with."""
     reported: set[int] = set()
 
     def handle(event: WorkerEvent) -> None:
+        if event.runtime is not None:
+            runtimes.append(event.runtime)
         if event.done is not None:
             summary.add(event.rank, event.done)
             bar.update(event.done.images)
@@ -203,17 +194,19 @@ def worker_main(rank: int, device: str, cfg: RunConfig, jobs, events, threads: i
 
     if threads:
         torch.set_num_threads(threads)
-    writer = new_writer(cfg, rank)
+    writer = OutputFolder(cfg.out).writer(cfg, rank)
     try:
         with stop_on_signals(130):
             lm = load_model(cfg.model, torch_device(device))
+            events.put(WorkerEvent(rank, runtime=lm.runtime))
+            annotator = RunAnnotator(cfg, lm)
             on_batch = lambda done: events.put(WorkerEvent(rank, done=done))  # noqa: E731
             while True:
                 chunk = jobs.get()
                 if chunk is None:
                     break
                 _test_kill_hook(chunk)
-                annotate_work(cfg, lm, chunk, writer, on_batch)
+                annotate_work(cfg, annotator, chunk, writer, on_batch)
     except KeyboardInterrupt:
         raise SystemExit(130)
     except BaseException as exc:  # report, then die non-zero: the parent names the failed worker
@@ -257,7 +250,8 @@ def launch_torchrun(cfg: RunConfig, env: DistEnv) -> Summary:
     start = time.monotonic()
     bar = Bar(cfg.progress and owner)
     bar.start(len(share))
-    writer = new_writer(cfg, env.rank)
+    writer = plan.folder.writer(cfg, env.rank)
+    lm = None
     try:
         lm = load_model(cfg.model, device) if share else None
 
@@ -266,17 +260,21 @@ def launch_torchrun(cfg: RunConfig, env: DistEnv) -> Summary:
             bar.update(done.images)
 
         if share:
-            annotate_work(cfg, lm, share, writer, on_batch)
+            annotate_work(cfg, RunAnnotator(cfg, lm), share, writer, on_batch)
+    except BaseException:
+        if owner:
+            plan.folder.abandon(plan.opened)
+        raise
     finally:
         writer.flush()
         bar.close()
     plan.summary.seconds = time.monotonic() - start
     if use_dist:
-        summaries: list = [None] * env.world
-        dist.all_gather_object(summaries, plan.summary)
+        reports: list = [None] * env.world
+        dist.all_gather_object(reports, (plan.summary, lm.runtime if lm is not None else None))
         if owner:
-            plan.summary = _merge(summaries)
-            finish_run(cfg, plan, device)
+            plan.summary = _merge([summary for summary, _ in reports])
+            plan.finish(cfg, merge_runtimes([runtime for _, runtime in reports if runtime]), device)
         dist.destroy_process_group()
     return plan.summary
 

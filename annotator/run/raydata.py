@@ -1,18 +1,22 @@
 """`annotate run --ray`: the same run on a Ray cluster, elastically, with Ray Data.
 
     pending work (driver) -> batches -> decode (Ray tasks on CPU workers: bytes -> RGB arrays)
-      -> annotate (an actor pool: one model per GPU, or CPU actors; the same Engine as `annotate run`)
+      -> annotate (an actor pool: one model per GPU, or CPU actors; the same Engine as `annotate run`,
+         built by decode/builder.py, tiles included)
       -> rows back to the driver -> Parquet parts in --out (PartWriter), manifest, summary.
 
 Why this shape:
-- Resume is decided before the dataset exists (runner.plan_run), so a re-run only does what is missing.
+- Resume is decided before the dataset exists (device.plan_run, by the output folder), so a re-run only
+  does what is missing.
 - A unit of work is one engine batch with an id. Ray restarts a lost actor and retries its batch;
   a batch's rows reach the driver once (Ray Data emits a finished task's output once, and the driver
   also drops any batch id it has already written), and parts appear by atomic rename.
 - The driver writes the parts, so --out needs to exist only where the driver runs; the inputs must
   be readable from every node (URLs, or a shared filesystem).
-- Decoding keeps the original pixels (uint8); the processor's resize and normalisation run in the
-  actor, on exactly the arrays the local DataLoader path would give it, so the rows are the same."""
+- Decoding keeps the original pixels (uint8); the processor's resize and normalisation (and with
+  --tile the tile crops) run in the actor, through the same dataset the local DataLoader path uses,
+  on the same decoded image, so the rows are the same.
+- The manifest records the runtime the actors report (their device, dtype and attention)."""
 
 from __future__ import annotations
 
@@ -27,9 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from annotator.config import ConfigError, RunConfig
-from annotator.inputs.images import Batch, DecodeFailure, ImageItem, WorkItem, collate, describe_error, load_rgb
-from annotator.run.device import RowSink, Summary, finish_run, new_writer, plan_run, release_lock
+from annotator.inputs.images import DecodedElsewhere, WorkItem, describe_error, load_rgb
 from annotator.inputs.sources import image_source
+from annotator.run.device import RowSink, Summary, merge_runtimes, plan_run
+from annotator.run.progress import Bar
 
 log = logging.getLogger(__name__)
 
@@ -90,47 +95,46 @@ def decode_batch(row: dict, max_pixels: int) -> dict:
     out = []
     for item in pickle.loads(row["work"]):
         try:
-            out.append((item.ref.key, item.tasks, np.asarray(load_rgb(image_source(item.ref), max_pixels))))
+            out.append((item, np.asarray(load_rgb(image_source(item.ref), max_pixels))))
         except Exception as exc:  # data, not a crash: becomes error rows
-            out.append((item.ref.key, item.tasks, describe_error(exc)))
+            out.append((item, describe_error(exc)))
     return {"batch": row["batch"], "decoded": pickle.dumps(out, protocol=5)}
 
 
-def to_batch(decoded: list, image_processor) -> Batch:
+def decoded_opener(decoded: list):
+    """ImageDataset's `open_image` for images a decode task already read (or failed to)."""
     from PIL import Image
 
-    samples: list[ImageItem | DecodeFailure] = []
-    for key, tasks, image in decoded:
+    by_key = {item.ref.key: image for item, image in decoded}
+
+    def open_image(item: WorkItem):
+        image = by_key[item.ref.key]
         if isinstance(image, str):
-            samples.append(DecodeFailure(key, image, tasks))
-            continue
-        try:
-            pixels = image_processor(images=Image.fromarray(image), return_tensors="pt")["pixel_values"][0]
-        except Exception as exc:
-            samples.append(DecodeFailure(key, describe_error(exc), tasks))
-            continue
-        samples.append(ImageItem(key, image.shape[1], image.shape[0], pixels, tasks))
-    return collate(samples)
+            raise DecodedElsewhere(image)
+        return Image.fromarray(image)
+
+    return open_image
 
 
 class AnnotateActor:
-    """One model (one GPU, or CPU) and the engine; annotates one batch per call."""
+    """One model (one GPU, or CPU) and the run's annotator; annotates one batch per call."""
 
     def __init__(self, cfg: RunConfig, gpu: bool):
-        from annotator.decode.engine import Engine
+        from annotator.decode.builder import RunAnnotator
         from annotator.model.load import load_model
 
-        self.lm = load_model(cfg.model, "cuda" if gpu else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES
-        self.engine = Engine(self.lm, list(cfg.tasks), cfg.task_inputs, cfg.generation,
-                             max_prompts=cfg.batch_size * len(cfg.tasks))
+        lm = load_model(cfg.model, "cuda" if gpu else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES
+        self.annotator = RunAnnotator(cfg, lm)
+        self.runtime = json.dumps(lm.runtime)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, row: dict) -> dict:
         _maybe_die(row["batch"])
-        batch = to_batch(pickle.loads(row["decoded"]), self.lm.processor.image_processor)
-        rows = self.engine.annotate(batch)
-        quality = self.engine.take_stats()
-        return {"batch": row["batch"], "images": len(batch), "actor": self.name,
+        decoded = pickle.loads(row["decoded"])
+        dataset = self.annotator.dataset([item for item, _ in decoded], decoded_opener(decoded))
+        rows = self.annotator.annotate(dataset)
+        quality = self.annotator.take_stats()
+        return {"batch": row["batch"], "images": len(dataset), "actor": self.name, "runtime": self.runtime,
                 "rows": pickle.dumps(rows), "quality": json.dumps(quality)}
 
 
@@ -145,14 +149,13 @@ def _maybe_die(batch: int) -> None:
 
 def launch_ray(cfg: RunConfig) -> Summary:
     ray = import_ray()  # before the folder is touched: a missing Ray is a usage error
-    from annotator.run.launch import Bar
-
     start = time.monotonic()
     plan = plan_run(cfg)
     summary, work = plan.summary, plan.work
     bar = Bar(cfg.progress)
-    writer = new_writer(cfg, rank=0)
+    writer = plan.folder.writer(cfg, rank=0)
     started = False
+    runtimes: dict[str, dict] = {}  # actor -> what it ran with
     try:
         if work:
             started = connect(ray, cfg.ray or "auto")
@@ -165,10 +168,11 @@ def launch_ray(cfg: RunConfig) -> Summary:
                 seen.add(row["batch"])
                 done = sink.add(pickle.loads(row["rows"]), json.loads(row["quality"]), row["images"])
                 summary.add(row["actor"], done)
+                runtimes[row["actor"]] = json.loads(row["runtime"])
                 bar.update(row["images"])
     except BaseException:
         writer.flush()
-        release_lock(cfg.out)
+        plan.folder.abandon(plan.opened)
         raise
     finally:
         bar.close()
@@ -176,7 +180,7 @@ def launch_ray(cfg: RunConfig) -> Summary:
             ray.shutdown()
     writer.flush()
     summary.seconds = time.monotonic() - start
-    finish_run(cfg, plan)
+    plan.finish(cfg, merge_runtimes(list(runtimes.values())))  # no actor ran: the folder's earlier record
     return summary
 
 
