@@ -56,7 +56,7 @@ class ModelSpec:
 class GenerationSettings:
     num_beams: int = 3
     max_new_tokens: int = 1024
-    scores: bool = True  # per-instance confidence from token probabilities (scores.py)
+    scores: bool = True  # per-instance confidence from token probabilities (confidence.py)
     # Forced output length per task (bench: equal work on both sides). Empty in real runs.
     min_new_tokens: dict = field(default_factory=dict)
 
@@ -78,7 +78,7 @@ class TaskInputs:
 
 @dataclass(frozen=True)
 class TileSettings:
-    """--tile auto|off|WxH and --tile-overlap (tiling.py does the work)."""
+    """--tile auto|off|WxH and --tile-overlap (inputs/tiles.py cuts, decode/tiled.py runs, answers/tile_merge.py merges)."""
 
     mode: str = "off"  # off | auto | fixed
     size: tuple[int, int] | None = None  # fixed: tile width, height in pixels

@@ -3,10 +3,10 @@
     python examples/train_demo.py --out annotator/demo_model            # the shipped run
     python examples/train_demo.py --out /tmp/probe --steps 300 --tasks od  # a quick probe
 
-Every batch is freshly drawn (annotator/samples.py, seeded), so the model never sees an image twice
+Every batch is freshly drawn (annotator/demo/world.py, seeded), so the model never sees an image twice
 and the held-out scenes (another seed) measure generalisation. The loss, batches and checkpoint
 writing are `annotate finetune`'s own (annotator/finetune/); what is particular to training from
-scratch is here: the architecture and its initialisation (annotator/demo.py), a warm-up + cosine
+scratch is here: the architecture and its initialisation (annotator/demo/architecture.py), a warm-up + cosine
 schedule at 3e-4 (post-LN BART diverges at 1e-3), and a curriculum from few large objects to the
 full world.
 """

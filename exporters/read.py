@@ -24,7 +24,7 @@ ROW_COLUMNS = ["image", "width", "height", "task", "prompt", "text", "bboxes", "
                "quad_boxes", "scores"]
 
 
-Row = Annotation  # one row type for the whole package (store.py); exporters see ok rows only
+Row = Annotation  # one row type for the whole package (outdir/table.py); exporters see ok rows only
 
 
 @dataclass

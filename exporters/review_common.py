@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from annotator.readback.drawing import label_color
+from exporters.colors import label_color
 from annotator.tasks import TASKS, Input, Output
 from exporters.base import Layout, choose_tasks, count_errors
 from exporters.boxes import DETECTION_DEFAULTS, OCR_TASK, build_vocab, labelled

@@ -1,5 +1,5 @@
 """The layout's rules, read from the code itself (issue 29): no import circle (imports inside
-functions count), no import of another module's private names, modules <= 400 lines and functions
+functions count) between modules or between subpackages, no import of another module's private names, modules <= 400 lines and functions
 <= 80 lines, and every module says in its first docstring line what it owns."""
 
 from __future__ import annotations
@@ -102,6 +102,23 @@ def test_no_import_circle_even_through_imports_inside_functions():
     assert circles(graph()) == []
 
 
+def room(module: str) -> str:
+    """The subpackage a module lives in (exporters is one room; cli, config, tasks, ... are their own)."""
+    parts = module.split(".")
+    return "exporters" if parts[0] == "exporters" else ".".join(parts[:2])
+
+
+def test_no_circle_between_subpackages():
+    """The rooms stand on each other: a subpackage never imports one that imports it back."""
+    rooms: dict[str, set[str]] = {}
+    for a, targets in graph().items():
+        rooms.setdefault(room(a), set()).update(room(b) for b in targets if room(b) != room(a))
+    for targets in list(rooms.values()):
+        for b in targets:
+            rooms.setdefault(b, set())
+    assert circles(rooms) == []
+
+
 def test_no_module_imports_another_modules_private_names():
     crossing = [f"{name}:{line} imports {target}.{imported}" for name, path in MODULES.items()
                 for target, imported, line in imports(name, path)
@@ -121,3 +138,25 @@ def test_sizes_and_the_opening_line(name):
     assert long == [], f"{name}: functions over {MAX_FUNCTION_LINES} lines"
     doc = ast.get_docstring(tree)
     assert doc and doc.strip(), f"{name}: no docstring saying what it owns"
+
+
+def literals(path: Path) -> list[tuple[int, str]]:
+    """The string constants of a module's code (docstrings left out: prose may name a token)."""
+    tree = ast.parse(path.read_text())
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs]
+
+
+def test_location_tokens_and_task_tokens_are_written_in_one_place():
+    """`<loc_N>` (its spelling, pattern and vocabulary) lives in model/sequence.py, task tokens such
+    as `<OD>` in tasks.py; everything else asks them."""
+    import re
+
+    token = re.compile(r"<[A-Z][A-Z_]+>")
+    homes = {"<loc_": "annotator.model.sequence", "task token": "annotator.tasks"}
+    found = [f"{name}:{line} {value[:40]!r}" for name, path in MODULES.items() for line, value in literals(path)
+             if ("<loc_" in value and name != homes["<loc_"]) or (token.search(value) and name != homes["task token"])]
+    assert found == []

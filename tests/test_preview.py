@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from annotator.cli import cli
-from annotator.readback.drawing import Style, draw_annotations, label_color
+from annotator.readback.drawing import Style, draw_annotations
+from exporters.colors import label_color
 from annotator.readback.preview import PreviewError, preview
 from annotator.outdir.table import Annotation
 from export_fixtures import make_run, ok, standard_rows

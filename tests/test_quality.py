@@ -21,7 +21,7 @@ GT = _coco([(1, [10, 10, 20, 20], None), (2, [50, 50, 30, 30], None)])
 
 
 def test_match_is_greedy_by_score_one_truth_once_and_class_aware():
-    """The per-box verdicts are COCOeval's own (evaluate.py), plus: a label the truth lacks is wrong."""
+    """The per-box verdicts are COCOeval's own (coco_eval.py), plus: a label the truth lacks is wrong."""
     pred = _coco([(1, [10, 10, 20, 20], 0.9),  # right
                   (1, [11, 11, 20, 20], 0.8),  # a duplicate of the same object: the truth is taken
                   (1, [50, 50, 30, 30], 0.7),  # right place, wrong class

@@ -12,7 +12,7 @@ from PIL import Image
 
 from annotator.config import GenerationSettings, TaskInputs
 from annotator.decode.engine import Engine
-from annotator.bench.lengths import ForcedLengths
+from annotator.decode.forced_lengths import ForcedLengths
 from annotator.decode.scheduler import supports
 from annotator.decode.stream import BatchStream
 from annotator.tasks import parse_task_list

@@ -1,4 +1,4 @@
-"""Generations -> Annotation rows: each answer parsed (parse.py), its scores attached (scores.py),
+"""Generations -> Annotation rows: each answer parsed (parse.py), its scores attached (confidence.py),
 the quality rules applied (parse.refine), and the answers of a task that asks several prompts
 per image merged into one row (one prompt per class, one per source region).
 
@@ -82,14 +82,14 @@ class Assembler:
                 found = instance_scores(task, tt)
                 n = len(parsed.bboxes or parsed.polygons or parsed.quad_boxes or [])
                 parsed.scores = found if len(found) == n and None not in found else None
-                if parsed.scores is None:  # null rather than misaligned (scores.py); counted, not silent
+                if parsed.scores is None:  # null rather than misaligned (confidence.py); counted, not silent
                     self.stats["scores_not_aligned"] = self.stats.get("scores_not_aligned", 0) + 1
         if task.output is not Output.TEXT:
             parsed = refine(parsed, gen.truncated, size[0], size[1], self.stats)
         return parsed
 
     def _token_text(self, gen: Generation):
-        """The generation's tokens with their log p, as scores.py aligns them (None: scoring off)."""
+        """The generation's tokens with their log p, as confidence.py aligns them (None: scoring off)."""
         return token_text(self.processor.tokenizer, list(gen.ids), list(gen.logprobs)) if gen.logprobs else None
 
     def _parse(self, task: Task, width: int, height: int, results) -> Parsed:

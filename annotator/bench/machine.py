@@ -68,7 +68,7 @@ _registered = False
 
 
 def _register_onednn_flops() -> None:
-    """Teach FlopCounterMode the oneDNN Linear (speed.py): x [..., K] @ w[N, K]^T."""
+    """Teach FlopCounterMode the oneDNN Linear (cpu_kernels.py): x [..., K] @ w[N, K]^T."""
     global _registered
     import torch
 

@@ -38,7 +38,7 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
 
     from annotator.config import ModelSpec, TaskInputs
     from annotator.decode.engine import Engine
-    from annotator.bench.lengths import ForcedLengths
+    from annotator.decode.forced_lengths import ForcedLengths
     from annotator.model.load import load_model
 
     if threads:
@@ -232,7 +232,7 @@ def _report(runner, plan: BenchPlan, sides: Sides, rates: dict, baseline: bool, 
                    f"(default {','.join(f'{k}={v}' for k, v in DEFAULT_TOKENS.items())}, others {OTHER_TASK_TOKENS}).")
 @click.option("--lengths", type=click.Choice(["fixed", "realistic"]), default="fixed", show_default=True,
               help="Answer lengths: fixed per task (--tokens), or drawn per image and task from "
-                   "realistic per-task distributions (annotator/lengths.py; --seed).")
+                   "realistic per-task distributions (annotator/bench/lengths.py; --seed).")
 @click.option("--scheduler/--no-scheduler", default=True, show_default=True,
               help="Engine decoding (greedy or beams) through the continuous-batching scheduler "
                    "(off: one generate per chunk).")

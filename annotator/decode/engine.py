@@ -20,7 +20,7 @@ from annotator.config import GenerationSettings, TaskInputs
 from annotator.inputs.images import Batch, describe_error
 from annotator.model.load import LoadedModel, free_cache, is_oom
 from annotator.model.sequence import PromptCache, loc_tokens, pad_right
-from annotator.bench.lengths import ForcedLengths
+from annotator.decode.forced_lengths import ForcedLengths
 from annotator.decode.scheduler import DecodeStats, supports
 from annotator.answers.confidence import LocBins, chosen_logprobs
 from annotator.model.cpu_kernels import use_onednn_linear
@@ -44,15 +44,15 @@ class Engine:
         self.waves = task_waves(tasks, self.sources)
         self.prompt_ids = PromptCache(lm.processor)  # prompt -> `<image>*N <s> words </s>` ids (sequence.py)
         self.assembler = Assembler(lm.processor, task_inputs)  # answers -> rows, and the quality counters
-        self.locs = LocBins.of(lm.processor.tokenizer)  # location tokens score with their neighbourhood (scores.py)
-        self.forced_lengths: ForcedLengths | None = None  # bench only: exact answer lengths (lengths.py)
+        self.locs = LocBins.of(lm.processor.tokenizer)  # location tokens score with their neighbourhood (confidence.py)
+        self.forced_lengths: ForcedLengths | None = None  # bench only: exact answer lengths (forced_lengths.py)
         self.decode_stats = DecodeStats()  # decoding work, for the bench's slot efficiency
         # Greedy and beam search go through the continuous-batching scheduler (scheduler.py) when
         # it does exactly what generate would.
         self.use_scheduler = supports(lm.model.generation_config)
         self.stream = BatchStream(self)  # what runs when: vision, task waves, the decode scheduler
         if lm.device.type == "cpu":
-            use_onednn_linear(lm.model)  # fp32 Linear through oneDNN: 2x the GFLOP/s on AMD CPUs (speed.py)
+            use_onednn_linear(lm.model)  # fp32 Linear through oneDNN: 2x the GFLOP/s on AMD CPUs (cpu_kernels.py)
 
     # ------------------------------------------------------------------ batches -> rows
     def annotate(self, batch: Batch) -> list[Annotation]:
@@ -132,7 +132,7 @@ class Engine:
 
     def _groups(self, requests: list[Request]) -> list[list[Request]]:
         """Requests come grouped by task (similar answer lengths side by side) and share generate
-        calls; the bench's forced lengths may split them (lengths.ForcedLengths.groups)."""
+        calls; the bench's forced lengths may split them (ForcedLengths.groups)."""
         if self.forced_lengths:
             return self.forced_lengths.groups(requests, self.generation.num_beams)
         return [requests] if requests else []
@@ -205,7 +205,7 @@ class Engine:
     def token_logprobs(self, encoded: torch.Tensor, mask: torch.Tensor, sequences: torch.Tensor,
                        lengths: list[int]) -> list[list[float]]:
         """log p of each generated token under the model, by one teacher-forced decoder pass
-        (cheap next to generation: all positions at once). See scores.py for why."""
+        (cheap next to generation: all positions at once). See confidence.py for why."""
         model = self.lm.model
         hidden = model.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoded), attention_mask=mask,
                              decoder_input_ids=sequences[:, :-1], use_cache=False).last_hidden_state  # [P, T, D]

@@ -1,5 +1,5 @@
 """The demo model: a small Florence-2 of the native architecture, trained by the project on its
-synthetic world (annotator/samples.py) and shipped inside the package, so `--model demo` really
+synthetic world (annotator/demo/world.py) and shipped inside the package, so `--model demo` really
 annotates offline.
 
 This module owns its architecture, its tokenizer (a small byte-level BPE over the world's words:

@@ -39,7 +39,7 @@ SCHEMA = pa.schema(
         pa.field("scores", pa.list_(pa.float32())),
         pa.field("text_score", pa.float32()),
         pa.field("truncated", pa.bool_()),
-        # Added with tiling (tiling.py): tiles merged into the row, 0 = whole image only. Parts
+        # Added with tiling (answers/tile_merge.py): tiles merged into the row, 0 = whole image only. Parts
         # written before it lack the column; scan_parts reads it there as null. No SCHEMA_VERSION
         # bump (nor for text_score): the version makes older readers refuse a folder, for changes
         # they would misread (2: keys carry a source); an added column misleads no reader.

@@ -1,11 +1,9 @@
 """Drawing annotation rows on an image: boxes, polygons and OCR quads with their labels, in a
 colour per label that is the same in every image and run, and a band of caption/OCR text under
-it. Used by `annotate preview` (preview.py) and the review exporters (label colours)."""
+it. Used by `annotate preview` (preview.py); the colours are exporters/colors.py's, shared with the review exporters."""
 
 from __future__ import annotations
 
-import colorsys
-import hashlib
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,19 +11,10 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from annotator.outdir.table import OK
+from exporters.colors import label_color
 
 
 # --- drawing ------------------------------------------------------------------------------------
-def label_color(label: str) -> tuple[int, int, int]:
-    """The same label gets the same colour in every image and every run (md5, not hash())."""
-    h = int.from_bytes(hashlib.md5(label.encode("utf-8", "surrogatepass")).digest()[:4], "big")
-    hue = (h % 360) / 360.0
-    sat = 0.75 + ((h >> 9) % 25) / 100.0
-    val = 0.85 + ((h >> 17) % 15) / 100.0
-    r, g, b = colorsys.hsv_to_rgb(hue, sat, val)
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
 def _text_fill(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     lum = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
     return (0, 0, 0) if lum > 140 else (255, 255, 255)

@@ -24,7 +24,8 @@ from pathlib import Path
 import polars as pl
 from PIL import Image
 
-from annotator.readback.drawing import add_text_band, draw_annotations, fit, instances_of, label_color, open_scaled, text_lines
+from annotator.readback.drawing import add_text_band, draw_annotations, fit, instances_of, open_scaled, text_lines
+from exporters.colors import label_color
 from annotator.outdir.table import OK
 from annotator.tasks import TASKS, Labels
 
