@@ -13,7 +13,7 @@ from PIL import Image
 from annotator.config import GenerationSettings, TaskInputs
 from annotator.decode.engine import Engine
 from annotator.decode.forced_lengths import ForcedLengths
-from annotator.decode.scheduler import supports
+from annotator.decode.scheduler import supports, unsupported_reason
 from annotator.decode.stream import BatchStream
 from annotator.tasks import parse_task_list
 from test_engine import batches, make_items
@@ -122,8 +122,11 @@ def test_unknown_rules_keep_generate(tiny_lm):
     config.num_beams = 3  # the checkpoints' default; the engine passes its own num_beams
     config.early_stopping, config.length_penalty = True, 2.0  # implemented (beams.py)
     assert supports(config)
-    for rule, value in (("no_repeat_ngram_size", 3), ("num_return_sequences", 2), ("min_new_tokens", 5)):
+    assert supports(_with(_with(config, "no_repeat_ngram_size", 3), "repetition_penalty", 1.5))  # logits_rules.py
+    for rule, value in (("encoder_no_repeat_ngram_size", 3), ("num_return_sequences", 2), ("min_new_tokens", 5)):
         assert not supports(_with(config, rule, value))
+        assert rule in unsupported_reason(_with(config, rule, value))  # said, for the manifest and the log
+    assert unsupported_reason(config) is None
 
 
 def _with(config, rule, value):
@@ -239,3 +242,68 @@ def test_per_row_and_padded_self_attention_give_the_same_answers(eos_lm, monkeyp
     monkeypatch.setattr(DecodeScheduler, "RAGGED_WASTE", waste)
     got, _ = annotate(eos_lm, items, gen, max_prompts=6, scheduler=True, batch_size=2, stream=True)
     assert key(got) == key(one)
+
+
+def _ruled(lm, **rules):
+    """lm (shared weights) with its own generation config carrying `rules`."""
+    ruled = copy.copy(lm)
+    ruled.model = copy.copy(lm.model)
+    config = lm.model.generation_config
+    for rule, value in rules.items():
+        config = _with(config, rule, value)
+    ruled.model.generation_config = config
+    return ruled
+
+
+@pytest.mark.parametrize("rules,num_beams", [({"no_repeat_ngram_size": 3}, 1), ({"no_repeat_ngram_size": 3}, 2),
+                                             ({"no_repeat_ngram_size": 3}, 3), ({"repetition_penalty": 1.5}, 1),
+                                             ({"repetition_penalty": 1.5}, 3)])
+def test_repetition_rules_equal_generate_and_the_batch_1_loop(tiny_lm, rules, num_beams):
+    """The published checkpoints' no_repeat_ngram_size=3 and a served recipe's repetition_penalty=1.5:
+    the scheduler (prompts joining mid-flight, uneven lengths) == generate batched == batch 1,
+    token for token, scores to 1e-4. Without the rule the random model repeats 3-grams / tokens,
+    so a scheduler that ignored it would differ (checked: without the rule the answers change)."""
+    lm = _ruled(tiny_lm, **rules)
+    gen = GenerationSettings(num_beams=num_beams, max_new_tokens=MAX_NEW)
+    items = make_items(lm, SPEC.split(","), n=4)
+    sched, stats = annotate(lm, items, gen, max_prompts=3, scheduler=True, batch_size=2, stream=True)
+    plain, _ = annotate(lm, items, gen, max_prompts=4, scheduler=False, batch_size=2)
+    one, _ = annotate(lm, items, gen, max_prompts=1, scheduler=False, batch_size=1)
+    assert stats.calls > 1 and key(sched) == key(plain) == key(one)
+    for a, b in zip(sched, one):
+        assert (a.text_score is None) == (b.text_score is None)
+        if a.text_score is not None:
+            assert a.text_score == pytest.approx(b.text_score, rel=1e-4)
+    free, _ = annotate(tiny_lm, items, replace(gen, scores=False), max_prompts=3, scheduler=True, batch_size=2,
+                       stream=True)
+    assert sum(a.raw != b.raw for a, b in zip(free, sched)) >= 3  # the rule binds on these prompts
+
+
+@pytest.mark.parametrize("early_stopping", [True, False, "never"])
+def test_no_repeat_ngrams_with_each_early_stopping(eos_lm, early_stopping):
+    """Beams 3 under the published no_repeat_ngram_size=3, rows ending early at different steps:
+    the scheduler's answers are the batch-1 generate path's for each early_stopping."""
+    lm = _ruled(eos_lm, no_repeat_ngram_size=3, early_stopping=early_stopping)
+    gen = GenerationSettings(num_beams=3, max_new_tokens=MAX_NEW, scores=False)
+    items = make_items(lm, SPEC.split(","), n=3)
+    sched, _ = annotate(lm, items, gen, max_prompts=2, scheduler=True, batch_size=3, stream=True)
+    plain, _ = annotate(lm, items, gen, max_prompts=1, scheduler=False, batch_size=1)
+    assert key(sched) == key(plain)
+    assert any(not r.truncated for r in sched)
+
+
+def test_a_beam_job_stores_its_cross_attention_once(eos_lm):
+    """The cross-attention K/V of a beam job is stored once, not once per beam: 1/k of the bytes."""
+    from annotator.decode.scheduler import DecodeScheduler
+
+    gen = GenerationSettings(num_beams=3, max_new_tokens=MAX_NEW, scores=False)
+    engine = Engine(eos_lm, parse_task_list(SPEC), TaskInputs(), gen, max_prompts=4)
+    rows = [r for b in batches(make_items(eos_lm, SPEC.split(","), n=2), 2) for r in engine.annotate(b)]
+    cache = engine.stream._decoder.cache
+    assert cache.k[0].shape[0] == 3 * 4 and cache.ck[0].shape[0] == 4  # 4 jobs x 3 beam rows; 4 cross K/V
+    greedy = DecodeScheduler(eos_lm.model, 12, None, num_beams=1)
+    beams = DecodeScheduler(eos_lm.model, 12, None, num_beams=3)
+    per_beam_row, per_greedy_row = beams.kv_bytes_per_row(30, 600), greedy.kv_bytes_per_row(30, 600)
+    cross = greedy.kv_bytes_per_row(0, 600) - greedy.kv_bytes_per_row(0, 0)
+    assert per_greedy_row - per_beam_row == cross - cross // 3
+    assert len(rows) == 6

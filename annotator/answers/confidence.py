@@ -77,12 +77,18 @@ def logprobs_of(logp: torch.Tensor, chosen: torch.Tensor, locs: LocBins | None, 
     """`chosen_logprobs` from log_softmax(logits) [m, vocab] already computed; `rows` [n]: the row
     of `logp` each chosen token is scored under (default: row i for token i; beam search scores
     2k candidates of a job under its k beams' rows without copying them)."""
+    return logprobs_tensor(logp, chosen, locs, tolerance, rows).tolist()
+
+
+def logprobs_tensor(logp: torch.Tensor, chosen: torch.Tensor, locs: LocBins | None, tolerance: int = LOC_TOLERANCE,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`logprobs_of` as a float32 tensor [n] on logp's device (the decode scheduler keeps it there)."""
     if rows is not None:
         out = logp[rows, chosen]
     else:
         out = logp.gather(-1, chosen[:, None])[:, 0]
     if locs is None:
-        return out.tolist()
+        return out
     rel = chosen - locs.first
     is_loc = (rel >= 0) & (rel < locs.count)
     if is_loc.any():
@@ -93,7 +99,7 @@ def logprobs_of(logp: torch.Tensor, chosen: torch.Tensor, locs: LocBins | None, 
         hi = (rel[is_loc] + tolerance + 1).clamp(max=locs.count)
         window = mass.gather(-1, hi[:, None])[:, 0] - mass.gather(-1, lo[:, None])[:, 0]
         out[is_loc] = window.clamp(min=1e-30, max=1.0).log()
-    return out.tolist()
+    return out
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,20 @@
 """Beam search for the decode scheduler: transformers' `_beam_search` (generation/utils.py, 5.x)
-at batch size 1, per job, so each job keeps its own length limits and ends on its own step.
+at batch size 1 per job, so each job keeps its own length limits and ends on its own step, run
+for every job in flight at once as tensor operations (no Python loop per job and step).
 
 A job with k beams holds k consecutive decoding slots. Each step:
   1. `candidates` (all jobs at once, on the device): log_softmax of the raw logits, the logits
-     rules (min_new -> no </s>; forced <s> first; forced </s> last), plus each beam's running
-     score, then the top 2k of the job's k x vocab continuations (as generate: 2 x beams, so at
-     least k of them do not end);
-  2. `Beams.advance` (per job, on the CPU, in float32 like generate): the k best unfinished
+     rules (logits_rules.py: repetition penalty, no-repeat n-grams over each beam's own sequence,
+     min_new -> no </s>, forced <s> first, forced </s> last), plus each beam's running score, then
+     the top 2k of the job's k x vocab continuations (as generate: 2 x beams, so at least k of them
+     do not end);
+  2. `BeamSearch.advance` (all jobs at once, in float32 like generate): the k best unfinished
      candidates run on; candidates among the top k that end (</s> or the length limit) enter the
-     job's k finished hypotheses, scored sum(log p) / length ** length_penalty; the job ends when
+     job's k finished hypotheses, scored sum(log p) / length ** length_penalty; a job ends when
      generate's stopping rule says so (early_stopping False / True / "never").
-The scheduler then copies each new beam's self-attention cache from the beam it continues (rows
-of the same job only; cross-attention K/V are the same for all k beams of a job).
+The running beams' ids and self-attention caches are reordered to the beams they continue (rows of
+the same job only; the cross-attention K/V is stored once per job, kvcache.py). Only the finished
+hypotheses are kept as Python lists, copied when one ends (rare next to steps).
 
 The answer is the best finished hypothesis, and its per-token log p (scores) are the raw model
 log p of each token along that hypothesis, recorded as the beams grow (what the generate path's
@@ -22,6 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from annotator.decode.kvcache import SlotCache
+from annotator.decode.logits_rules import LogitsRules
 
 NEG = -1.0e9  # generate's "never pick this" score offset
 
@@ -40,99 +46,125 @@ class BeamSettings:
         return cls(num_beams, 1.0 if lp is None else float(lp), False if es is None else es)
 
 
-def candidates(logits: torch.Tensor, running: torch.Tensor, rules: list[tuple[int, int, int]], k: int, eos: int,
-               forced_bos: int | None, forced_eos: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [J*k, V] of J jobs' beams, running scores [J, k] (float32), rules[j] = (tokens
-    generated, min_new, max_new) -> top 2k accumulated log p [J, 2k], their indices into k*V, and
-    the raw log_softmax [J*k, V] (for scores)."""
+def candidates(logits: torch.Tensor, running: torch.Tensor, rules: LogitsRules, cache: SlotCache, n: int,
+               scores: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [J*k, V] of J jobs' beams (the rows [0, n) of `cache`), running scores [J, k] (float32)
+    -> top 2k accumulated log p [J, 2k], their indices into k*V, and the raw log_softmax [J*k, V]
+    (for scores)."""
     raw = torch.log_softmax(logits.float(), -1)
-    ruled = [(j, g, min_new, max_new) for j, (g, min_new, max_new) in enumerate(rules)
-             if g < min_new or (g == 0 and forced_bos is not None) or (g == max_new - 1 and forced_eos is not None)]
-    logp = raw.clone() if ruled else raw
-    for j, g, min_new, max_new in ruled:
-        apply_rules(logp[j * k:(j + 1) * k], g, min_new, max_new, eos, forced_bos, forced_eos)
-    vocab = logp.shape[-1]
-    acc = logp.view(len(rules), k, vocab) + running[:, :, None]
-    vals, index = torch.topk(acc.view(len(rules), k * vocab), k=2 * k)
+    length = cache.pos[:n]  # tokens in each row's sequence, the decoder start included
+    min_new, max_new = cache.min_new[:n], cache.max_new[:n]
+    logp = raw.clone() if scores else raw  # the rules and running scores go into logp in place; scores read the raw
+    rules.apply(logp, cache.ids[:n], length, min_new, max_new)
+    jobs, k, vocab = running.shape[0], running.shape[1], logp.shape[-1]
+    acc = logp.view(jobs, k, vocab).add_(running[:, :, None])
+    vals, index = torch.topk(acc.view(jobs, k * vocab), k=2 * k)
     return vals, index, raw
 
 
-def apply_rules(x: torch.Tensor, generated: int, min_new: int, max_new: int, eos: int,
-                forced_bos: int | None, forced_eos: int | None) -> None:
-    """generate's logits processors, in its order, on the rows `x` [r, V] of one job (in place):
-    no </s> before min_new; <s> forced first; </s> forced last (it wins when both apply, as the
-    later processor does in generate). Shared by greedy (scheduler._choose) and beam search."""
-    if generated < min_new:
-        x[:, eos] = -float("inf")
-    if generated == 0 and forced_bos is not None:
-        x[:] = -float("inf")
-        x[:, forced_bos] = 0
-    if generated == max_new - 1 and forced_eos is not None:
-        x[:] = -float("inf")
-        x[:, forced_eos] = 0
+class BeamSearch:
+    """The beam search state of every job in flight (job j: rows [j*k, (j+1)*k) of the cache), after
+    transformers' `_beam_search` with batch size 1 for each."""
 
+    def __init__(self, settings: BeamSettings, eos: int, device: torch.device):
+        self.k, self.settings, self.eos, self.device = settings.num_beams, settings, eos, device
+        k = self.k
+        self.running = torch.empty((0, k), device=device)  # running beams' scores
+        self.done_scores = torch.empty((0, k), device=device)  # the k best finished hypotheses per job
+        self.done_flags = torch.empty((0, k), dtype=torch.bool, device=device)  # False: a placeholder
+        self.improvable = torch.empty(0, dtype=torch.bool, device=device)  # generate's is_early_stop_heuristic_unsatisfied
+        self.done_seqs: list[list[list[int]]] = []  # per job, its finished hypotheses' ids
+        self.done_lps: list[list[list[float]]] = []  # and their raw log p per token
+        self.pow = torch.ones(1, device=device)  # pow[i] = i ** length_penalty, as generate computes it
 
-class Beams:
-    """One job's beam search state, after transformers' `_beam_search` with batch size 1."""
+    def admit(self, m: int) -> None:
+        """m new jobs: beam 0 at score 0, the others never picked from (generate's start)."""
+        k = self.k
+        start = torch.full((m, k), NEG, device=self.device)
+        start[:, 0] = 0.0
+        self.running = torch.cat([self.running, start])
+        self.done_scores = torch.cat([self.done_scores, torch.full((m, k), NEG, device=self.device)])
+        self.done_flags = torch.cat([self.done_flags, torch.zeros((m, k), dtype=torch.bool, device=self.device)])
+        self.improvable = torch.cat([self.improvable, torch.ones(m, dtype=torch.bool, device=self.device)])
+        self.done_seqs += [[[] for _ in range(k)] for _ in range(m)]
+        self.done_lps += [[[] for _ in range(k)] for _ in range(m)]
 
-    def __init__(self, settings: BeamSettings, min_new: int, max_new: int, eos: int, scores: bool):
-        k = self.k = settings.num_beams
-        self.settings, self.min_new, self.max_new, self.eos, self.scoring = settings, min_new, max_new, eos, scores
-        self.generated = 0
-        self.seqs: list[list[int]] = [[] for _ in range(k)]  # running beams' ids
-        self.lps: list[list[float]] = [[] for _ in range(k)]  # their raw log p per token (scores)
-        self.running = torch.full((k,), NEG)  # first beam 0, the others never picked from (generate's start)
-        self.running[0] = 0.0
-        # the k best finished hypotheses (placeholders until real ones arrive: flags False)
-        self.done_scores = torch.full((k,), NEG)
-        self.done_flags = torch.zeros(k, dtype=torch.bool)
-        self.done_seqs: list[list[int]] = [[] for _ in range(k)]
-        self.done_lps: list[list[float]] = [[] for _ in range(k)]
-        self.improvable = True  # generate's is_early_stop_heuristic_unsatisfied
-        self.ended = False
+    def move(self, src: int, dst: int) -> None:
+        """Job src's state into job dst's (dst has finished); then `truncate` drops the last."""
+        for state in (self.running, self.done_scores, self.done_flags, self.improvable):
+            state[dst] = state[src]
+        self.done_seqs[dst], self.done_lps[dst] = self.done_seqs[src], self.done_lps[src]
 
-    def advance(self, vals: torch.Tensor, index: list[int], vocab: int, lps: list[float] | None) -> list[int]:
-        """One step from the job's top-2k candidates (vals [2k] float32 on CPU, flat indices into
-        k*vocab, their raw log p) -> for each new running beam, the beam it continues."""
+    def truncate(self, jobs: int) -> None:
+        self.running, self.done_scores = self.running[:jobs], self.done_scores[:jobs]
+        self.done_flags, self.improvable = self.done_flags[:jobs], self.improvable[:jobs]
+        del self.done_seqs[jobs:], self.done_lps[jobs:]
+
+    def best(self, j: int) -> tuple[list[int], list[float]]:
+        """Job j's answer: its best finished hypothesis (generate's sequences[0]) and its log p."""
+        return self.done_seqs[j][0], self.done_lps[j][0]
+
+    def _powers(self, upto: int) -> torch.Tensor:
+        if len(self.pow) <= upto:  # Python's float pow, as generate's `length ** length_penalty`
+            lp = self.settings.length_penalty
+            self.pow = torch.tensor([1.0] + [i ** lp for i in range(1, 2 * upto + 2)], device=self.device)
+        return self.pow
+
+    def advance(self, vals: torch.Tensor, index: torch.Tensor, vocab: int, lps: torch.Tensor | None,
+                cache: SlotCache, n: int) -> list[int]:
+        """One step of every job from its top-2k candidates (vals [J, 2k] float32, indices into k*vocab,
+        their raw log p [J, 2k] or None): the running beams continue (cache rows reordered, their new
+        token written), finished hypotheses are kept; returns the jobs that ended."""
         k, s = self.k, self.settings
-        beam = [i // vocab for i in index]
-        tok = [i % vocab for i in index]
-        seqs = [self.seqs[b] + [t] for b, t in zip(beam, tok)]
-        lp = [self.lps[b] + [x] for b, x in zip(beam, lps)] if self.scoring else [[] for _ in index]
-        length = self.generated + 1  # tokens generated, this one included
-        hits = torch.tensor([t == self.eos or length >= self.max_new for t in tok])
+        beam, tok = index // vocab, index % vocab
+        length = cache.pos[:n:k]  # tokens in the sequence, this step's included (start token + generated)
+        max_new = cache.max_new[:n:k]
+        powers = self._powers(int(max_new.max()))
+        hits = (tok == self.eos) | (length >= max_new)[:, None]
         # e. the k best candidates that did not end run on
         run_scores = vals + hits.to(torch.float32) * NEG
-        keep = torch.topk(run_scores, k=k)[1].tolist()
+        keep = torch.topk(run_scores, k=k)[1]
         # f. candidates among the top k that ended join the finished hypotheses, if good enough
-        top = torch.zeros(2 * k, dtype=torch.bool)
-        top[:k] = True
-        did = hits & top
-        final = vals / (length ** s.length_penalty)
-        final = final + (bool(self.done_flags.all()) and s.early_stopping is True) * NEG
-        final = final + (not self.improvable) * NEG
+        did = hits.clone()
+        did[:, k:] = False
+        final = vals / powers[length][:, None]
+        final = final + (self.done_flags.all(1) & (s.early_stopping is True))[:, None].to(torch.float32) * NEG
+        final = final + (~self.improvable)[:, None].to(torch.float32) * NEG
         final = final + (~did).to(torch.float32) * NEG
-        merged = torch.cat([self.done_scores, final])
-        best = torch.topk(merged, k=k)[1].tolist()
-        all_seqs, all_lps = self.done_seqs + seqs, self.done_lps + lp
-        self.done_scores = merged[best]
-        self.done_flags = torch.cat([self.done_flags, did])[best]
-        self.done_seqs, self.done_lps = [all_seqs[i] for i in best], [all_lps[i] for i in best]
-        self.seqs, self.lps, self.running = [seqs[i] for i in keep], [lp[i] for i in keep], run_scores[keep]
-        self.generated = length
-        # g. generate's stopping rule for the job
-        hypothetical = self.max_new if s.early_stopping == "never" and s.length_penalty > 0.0 else length
-        best_running = self.running[:1] / (hypothetical ** s.length_penalty)
-        worst_done = torch.where(self.done_flags, self.done_scores.min(), torch.tensor(NEG))
-        self.improvable = self.improvable and bool((best_running > worst_done).any())
-        full = bool(self.done_flags.all()) and s.early_stopping is True
-        self.ended = not self.improvable or full or bool(hits.all())
-        return [beam[i] for i in keep]
+        merged = torch.cat([self.done_scores, final], 1)
+        best = torch.topk(merged, k=k)[1]
+        flags = torch.cat([self.done_flags, did], 1).gather(1, best)
+        self._keep_hypotheses(best, flags, beam, tok, lps, cache, length)
+        self.done_scores, self.done_flags = merged.gather(1, best), flags
+        self.running = run_scores.gather(1, keep)
+        rows = torch.arange(n, device=vals.device)
+        cache.reorder((beam.gather(1, keep) + rows[::k, None]).flatten(), n)
+        at = cache.pos[:n]
+        cache.ids[rows, at] = tok.gather(1, keep).flatten()
+        if lps is not None:
+            cache.lps[rows, at] = lps.gather(1, keep).flatten()
+        # g. generate's stopping rule for each job
+        never = s.early_stopping == "never" and s.length_penalty > 0.0
+        best_running = self.running[:, 0] / powers[max_new if never else length]
+        worst_done = torch.where(self.done_flags, self.done_scores.min(1, keepdim=True)[0], torch.tensor(NEG))
+        self.improvable = self.improvable & (best_running[:, None] > worst_done).any(1)
+        full = self.done_flags.all(1) & (s.early_stopping is True)
+        return (~self.improvable | full | hits.all(1)).nonzero()[:, 0].tolist()
 
-    def tokens(self) -> list[int]:
-        """The running beams' last tokens: the next step's input."""
-        return [seq[-1] for seq in self.seqs]
-
-    def best(self) -> tuple[list[int], list[float] | None]:
-        """The answer: the best finished hypothesis (generate's sequences[0])."""
-        return self.done_seqs[0], self.done_lps[0] if self.scoring else None
+    def _keep_hypotheses(self, best: torch.Tensor, flags: torch.Tensor, beam: torch.Tensor, tok: torch.Tensor,
+                         lps: torch.Tensor | None, cache: SlotCache, length: torch.Tensor) -> None:
+        """The finished hypotheses' ids and log p, for the jobs where a real one arrived or moved
+        (`best` indexes [done | candidates]): read from the rows' sequences before they are reordered."""
+        k = self.k
+        moved = (flags & (best != torch.arange(k, device=best.device))).any(1).nonzero()[:, 0].tolist()
+        for j in moved:
+            old_seqs, old_lps, seqs, lp = self.done_seqs[j], self.done_lps[j], [], []
+            for i, real in zip(best[j].tolist(), flags[j].tolist()):
+                if i < k or not real:
+                    seqs.append(old_seqs[i] if i < k else [])
+                    lp.append(old_lps[i] if i < k else [])
+                    continue
+                row, end = j * k + int(beam[j, i - k]), int(length[j])
+                seqs.append(cache.ids[row, 1:end].tolist() + [int(tok[j, i - k])])
+                lp.append(cache.lps[row, 1:end].tolist() + [float(lps[j, i - k])] if lps is not None else [])
+            self.done_seqs[j], self.done_lps[j] = seqs, lp

@@ -1,6 +1,7 @@
 """The decoding scheduler's static KV cache (scheduler.py): one slot per row in flight, each with
-its own self-attention K/V up to the longest answer allowed and its prompt's cross-attention K/V,
-and the head reshapes the decoder step uses."""
+its own self-attention K/V up to the longest answer allowed and its decoder ids so far; one
+cross-attention K/V per job (prompt), shared by its k beam rows; and the head reshapes the
+decoder step uses."""
 
 from __future__ import annotations
 
@@ -18,85 +19,112 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class SlotCache:
-    """The static per-slot KV cache (see module doc): `slots` rows of `positions` self-attention and
-    `prompt_len` cross-attention entries. Grows (rarely: a longer prompt or answer limit than any
-    before) by copying into a larger one; a persistent scheduler keeps it between batches."""
+    """The static per-slot state (see module doc): `slots` rows of `positions` self-attention entries
+    and decoder ids / log p, and per job (`width` consecutive rows: a job's beams) `prompt_len`
+    cross-attention entries, stored once for its k beams (they all read the same prompt). Grows
+    (rarely: a longer prompt or answer limit than any before) by copying into a larger one; a
+    persistent scheduler keeps it between batches."""
 
-    def __init__(self, decoder, slots: int, positions: int, prompt_len: int):
+    def __init__(self, decoder, slots: int, positions: int, prompt_len: int, width: int = 1):
         self.decoder = decoder
         w = decoder.embed_tokens.weight
         self.device = w.device
         layer = decoder.layers[0].self_attn
         heads, hd = layer.embed_dim // layer.head_dim, layer.head_dim
-        self.slots, self.positions, self.prompt_len = slots, positions, prompt_len
-        shape_self, shape_cross = (slots, heads, positions, hd), (slots, heads, prompt_len, hd)
+        self.slots, self.positions, self.prompt_len, self.width = slots, positions, prompt_len, width
+        jobs = -(-slots // width)
+        shape_self, shape_cross = (slots, heads, positions, hd), (jobs, heads, prompt_len, hd)
         n = len(decoder.layers)
         self.k = [torch.zeros(shape_self, dtype=w.dtype, device=self.device) for _ in range(n)]
         self.v = [torch.zeros(shape_self, dtype=w.dtype, device=self.device) for _ in range(n)]
         self.ck = [torch.zeros(shape_cross, dtype=w.dtype, device=self.device) for _ in range(n)]
         self.cv = [torch.zeros(shape_cross, dtype=w.dtype, device=self.device) for _ in range(n)]
-        self.cross_mask = torch.zeros((slots, prompt_len), dtype=torch.bool, device=self.device)
+        self.cross_mask = torch.zeros((jobs, prompt_len), dtype=torch.bool, device=self.device)
         self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)  # next position to write, per slot
+        # per slot: its decoder sequence (start token, then the tokens chosen; ids[r, pos[r]] is the next
+        # input), the raw log p of each chosen token, and the row's min / max new tokens
+        self.ids = torch.zeros((slots, positions), dtype=torch.long, device=self.device)
+        self.lps = torch.zeros((slots, positions), dtype=torch.float32, device=self.device)
+        self.min_new = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.max_new = torch.zeros(slots, dtype=torch.long, device=self.device)
+
+    def per_row(self) -> list[torch.Tensor]:
+        return [self.pos, self.ids, self.lps, self.min_new, self.max_new]
 
     @classmethod
-    def fit(cls, cache: "SlotCache | None", decoder, slots: int, used: int, positions: int, prompt_len: int) -> "SlotCache":
+    def fit(cls, cache: "SlotCache | None", decoder, slots: int, used: int, positions: int, prompt_len: int,
+            width: int = 1) -> "SlotCache":
         """`cache` if it holds `slots` x `positions` x `prompt_len`, else a larger one with its first
-        `used` slots copied over."""
+        `used` slots (used // width jobs) copied over."""
         if cache is not None and cache.slots >= slots and cache.positions >= positions \
                 and cache.prompt_len >= prompt_len:
             return cache
         if cache is not None:
             slots, positions = max(slots, cache.slots), max(positions, cache.positions)
             prompt_len = max(prompt_len, cache.prompt_len)
-        new = cls(decoder, slots, positions, prompt_len)
+        new = cls(decoder, slots, positions, prompt_len, width)
         if cache is not None and used:
+            jobs = used // width
             for dst, src in ((new.k, cache.k), (new.v, cache.v)):
                 for d, s in zip(dst, src):
                     d[:used, :, :cache.positions] = s[:used]
             for dst, src in ((new.ck, cache.ck), (new.cv, cache.cv)):
                 for d, s in zip(dst, src):
-                    d[:used, :, :cache.prompt_len] = s[:used]
-            new.cross_mask[:used, :cache.prompt_len] = cache.cross_mask[:used]
-            new.pos[:used] = cache.pos[:used]
+                    d[:jobs, :, :cache.prompt_len] = s[:jobs]
+            new.cross_mask[:jobs, :cache.prompt_len] = cache.cross_mask[:jobs]
+            for d, s in zip(new.per_row(), cache.per_row()):
+                if d.dim() == 2:
+                    d[:used, :cache.positions] = s[:used]
+                else:
+                    d[:used] = s[:used]
         return new
 
-    def admit(self, first: int, states: torch.Tensor, mask: torch.Tensor, repeat: int = 1) -> None:
-        """Encoder states [m, L, D] of new jobs into slots [first, first + m * repeat), `repeat` rows
-        per job (its beams): their cross K/V, computed once per job."""
+    def admit(self, first: int, states: torch.Tensor, mask: torch.Tensor, start: int, min_new: list[int],
+              max_new: list[int]) -> None:
+        """Encoder states [m, L, D] of m new jobs into slots [first, first + m * width) (`first` a
+        multiple of width): their cross K/V once per job, their rows' sequences = the start token."""
         m, length = states.shape[:2]
-        end = first + m * repeat
-        self.cross_mask[first:end] = False
-        self.cross_mask[first:end, :length] = mask.bool().repeat_interleave(repeat, 0)
+        k = self.width
+        end, job = first + m * k, first // k
+        self.cross_mask[job:job + m] = False
+        self.cross_mask[job:job + m, :length] = mask.bool()
         self.pos[first:end] = 0
+        self.ids[first:end, 0] = start
+        self.min_new[first:end] = torch.tensor(min_new, device=self.device).repeat_interleave(k)
+        self.max_new[first:end] = torch.tensor(max_new, device=self.device).repeat_interleave(k)
         for i, layer in enumerate(self.decoder.layers):
             xa = layer.encoder_attn
-            self.ck[i][first:end, :, :length] = heads(xa.k_proj(states), xa.head_dim).repeat_interleave(repeat, 0)
-            self.cv[i][first:end, :, :length] = heads(xa.v_proj(states), xa.head_dim).repeat_interleave(repeat, 0)
+            self.ck[i][job:job + m, :, :length] = heads(xa.k_proj(states), xa.head_dim)
+            self.cv[i][job:job + m, :, :length] = heads(xa.v_proj(states), xa.head_dim)
 
     def advance(self, n: int) -> None:
         self.pos[:n] += 1
 
-    def reorder(self, source: list[int]) -> None:
-        """Beam search: slot r's self-attention K/V := slot source[r]'s, for the rows [0, len(source))
-        (a new beam continues an old beam of its job; only rows whose source differs are copied)."""
-        dst = [r for r, s in enumerate(source) if s != r]
-        if not dst:
+    def reorder(self, source: torch.Tensor, n: int) -> None:
+        """Beam search: row r's self-attention K/V, ids and log p := row source[r]'s, for the rows
+        [0, n) (a new beam continues an old beam of its job; only rows whose source differs are copied)."""
+        dst = (source != torch.arange(n, device=source.device)).nonzero()[:, 0]
+        if not dst.numel():
             return
-        src = torch.tensor([source[r] for r in dst], device=self.device)
-        dst_t = torch.tensor(dst, device=self.device)
-        t = int(self.pos[dst_t].max())
+        src = source[dst]
+        t = int(self.pos[dst].max())
         for caches in (self.k, self.v):
             for c in caches:
-                c[dst_t, :, :t] = c[src, :, :t]  # the right side is gathered first: no overwrite-before-read
+                c[dst, :, :t] = c[src, :, :t]  # the right side is gathered first: no overwrite-before-read
+        self.ids[dst, :t + 1] = self.ids[src, :t + 1]
+        self.lps[dst, :t + 1] = self.lps[src, :t + 1]
 
     def move(self, src: int, dst: int) -> None:
-        """Slot src's row into slot dst (dst's row has finished)."""
-        t = int(self.pos[src])
+        """Job src's rows and cross K/V into job dst's (dst has finished)."""
+        k = self.width
+        rows_src, rows_dst = slice(src * k, (src + 1) * k), slice(dst * k, (dst + 1) * k)
+        t = int(self.pos[rows_src].max())
         for caches in (self.k, self.v):
             for c in caches:
-                c[dst, :, :t] = c[src, :, :t]
+                c[rows_dst, :, :t] = c[rows_src, :, :t]
         for caches in (self.ck, self.cv):
             for c in caches:
                 c[dst] = c[src]
         self.cross_mask[dst] = self.cross_mask[src]
-        self.pos[dst] = self.pos[src]
+        for state in self.per_row():
+            state[rows_dst] = state[rows_src]

@@ -16,12 +16,15 @@ images as slots free up, so a long answer of one batch decodes beside the prompt
 (stream.BatchStream) instead of alone.
 
 Beam search (beams.py): a job with k beams holds k consecutive slots, its beams' self-attention
-caches are copied among its own rows each step, and its k slots free up together when it ends;
-admission needs k free slots. Greedy is the case k = 1 (argmax, as generate's greedy search).
+caches are copied among its own rows each step, its prompt's cross-attention K/V is stored once
+(not once per beam), and its k slots free up together when it ends; admission needs k free slots.
+Greedy is the case k = 1 (argmax, as generate's greedy search).
 
-Only the logits rules written here (forced <s> first, forced </s> last, per-row min/max lengths;
-for beams the model's length_penalty and early_stopping); anything else in the model's generation
-config -> `supports()` is False and the engine keeps its `generate` path."""
+Each row's decoder sequence lives in the cache (SlotCache.ids), so the logits rules
+(logits_rules.py: repetition penalty, no-repeat n-grams, per-row min/max lengths, forced <s> and
+</s>; for beams the model's length_penalty and early_stopping) and the bookkeeping of a step are
+batched tensor work over all rows, with Python only for the rows that end. Anything else in the
+model's generation config -> `unsupported_reason()` names it and the engine keeps its `generate` path."""
 
 from __future__ import annotations
 
@@ -32,14 +35,16 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from annotator.decode.beams import Beams, BeamSettings, apply_rules, candidates
+from annotator.decode.beams import BeamSearch, BeamSettings, candidates
 from annotator.decode.kvcache import SlotCache, heads, merge_heads
-from annotator.answers.confidence import LocBins, chosen_logprobs, logprobs_of
+from annotator.decode.logits_rules import LogitsRules
+from annotator.answers.confidence import LocBins, logprobs_tensor
 
 # generation_config rules that shape greedy logits and that this module does not implement: each
-# must keep its no-op value. (It implements decoder_start/bos/eos/pad ids and forced_bos/forced_eos;
-# num_beams and do_sample are the engine's own settings, passed explicitly, so they do not count.)
-UNSUPPORTED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+# must keep its no-op value. (It implements decoder_start/bos/eos/pad ids, forced_bos/forced_eos,
+# repetition_penalty and no_repeat_ngram_size (logits_rules.py); num_beams and do_sample are the
+# engine's own settings, passed explicitly, so they do not count.)
+UNSUPPORTED = {"encoder_no_repeat_ngram_size": 0,
                "min_length": 0, "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
                "encoder_repetition_penalty": 1.0, "exponential_decay_length_penalty": None,
                "sequence_bias": None, "renormalize_logits": False, "min_new_tokens": 0,
@@ -96,9 +101,19 @@ class Answer:
 Encode = Callable[[list[Job]], tuple[torch.Tensor, torch.Tensor]]
 
 
+def unsupported_reason(generation_config) -> str | None:
+    """Why the scheduler would not decode exactly as `generate` with this config (e.g.
+    "num_return_sequences=2 is not implemented"), or None when it would."""
+    for key, default in UNSUPPORTED.items():
+        value = getattr(generation_config, key, default)
+        if value not in (default, None):
+            return f"{key}={value!r} is not implemented by the decode scheduler"
+    return None
+
+
 def supports(generation_config) -> bool:
     """True when greedy decoding and beam search with this config are exactly what `DecodeScheduler` does."""
-    return all(getattr(generation_config, key, default) in (default, None) for key, default in UNSUPPORTED.items())
+    return unsupported_reason(generation_config) is None
 
 
 class DecodeScheduler:
@@ -122,20 +137,19 @@ class DecodeScheduler:
         self.stats = stats
         gc = model.generation_config
         self.start, self.eos = gc.decoder_start_token_id, gc.eos_token_id
-        self.forced_bos, self.forced_eos = gc.forced_bos_token_id, gc.forced_eos_token_id
+        self.rules = LogitsRules.of(gc)
         self.waiting: deque[Job] = deque()
         self.rows: list[Job] = []  # jobs in flight; job j holds the packed slots [j * width, (j + 1) * width)
-        self.ids: list[list[int]] = []  # greedy: per job, its ids so far
-        self.lps: list[list[float]] = []  # greedy: their log p
-        self.beams: list[Beams] = []  # beam search: per job, its beams
-        self.cache: SlotCache | None = None
-        self.tokens = torch.empty(0, dtype=torch.long)
+        self.cache: SlotCache | None = None  # per slot: KV, decoder ids and log p so far (kvcache.py)
+        self.beams = BeamSearch(self.beam_settings, self.eos, self.decoder.embed_tokens.weight.device) \
+            if num_beams > 1 else None
 
     def kv_bytes_per_row(self, max_new: int, prompt_len: int) -> int:
-        """Self (max_new + 1 positions) and cross (prompt_len) K and V, every decoder layer."""
+        """Self (max_new + 1 positions) and, its share of its job's, cross (prompt_len) K and V,
+        every decoder layer: a job's k beam rows store the cross K/V once."""
         cfg = self.decoder.config
         itemsize = self.decoder.embed_tokens.weight.element_size()
-        return 2 * len(self.decoder.layers) * cfg.d_model * (max_new + 1 + prompt_len) * itemsize
+        return 2 * len(self.decoder.layers) * cfg.d_model * itemsize * (max_new + 1 + -(-prompt_len // self.width))
 
     def submit(self, jobs: Sequence[Job]) -> None:
         self.waiting.extend(jobs)
@@ -158,7 +172,9 @@ class DecodeScheduler:
         """Every job in flight or waiting, taken out (after a failure: they restart from their first
         token elsewhere; decoding is deterministic, so nothing changes but the work)."""
         jobs = self.rows + list(self.waiting)
-        self.rows, self.ids, self.lps, self.beams, self.waiting, self.cache = [], [], [], [], deque(), None
+        self.rows, self.waiting, self.cache = [], deque(), None
+        if self.beams is not None:
+            self.beams = BeamSearch(self.beam_settings, self.eos, self.beams.device)
         return jobs
 
     @torch.inference_mode()
@@ -168,74 +184,63 @@ class DecodeScheduler:
         if not self.rows:
             return []
         cache, n = self.cache, len(self.rows) * self.width
-        logits = self._step(cache, self.tokens, n)  # [n, V]
+        tokens = cache.ids[:n].gather(1, cache.pos[:n, None])[:, 0]  # each row's last token
+        logits = self._step(cache, tokens, n)  # [n, V]
         if self.stats is not None:  # in prompts (jobs): a beam job's k rows scale both terms of efficiency alike
             self.stats.steps += 1
             self.stats.row_steps += len(self.rows)
             self.stats.slot_steps += self.capacity
         cache.advance(n)
-        done = self._greedy(logits) if self.width == 1 else self._beam(logits)
-        finished = []
-        for j, answer in reversed(done):  # highest first: moving the last job down never moves a finished one
-            finished.append((self.rows[j], answer))
+        ended = self._greedy(logits, n) if self.beams is None else self._beam(logits, n)
+        finished = [(self.rows[j], self._answer(j)) for j in ended]
+        for j in reversed(ended):  # highest first: moving the last job down never moves a finished one
             self._retire(j)
-        return finished[::-1]
+        return finished
 
-    def _greedy(self, logits: torch.Tensor) -> list[tuple[int, Answer]]:
-        """Each row's next token; the rows that ended, with their answers."""
-        chosen = self._choose(logits, self.rows, [len(x) for x in self.ids])
-        chosen_list = chosen.tolist()
-        if self.scores:
-            lp = chosen_logprobs(logits, chosen, self.locs)
-        done = []
-        for r, token in enumerate(chosen_list):
-            self.ids[r].append(token)
-            if self.scores:
-                self.lps[r].append(lp[r])
-            if token == self.eos or len(self.ids[r]) >= self.rows[r].max_new:
-                ids = self.ids[r]
-                done.append((r, Answer(ids, ids[-1] == self.eos, self.lps[r] if self.scores else None)))
-        self.tokens = chosen
-        return done
+    def _answer(self, j: int) -> Answer:
+        if self.beams is not None:
+            ids, lps = self.beams.best(j)
+        else:
+            end = int(self.cache.pos[j]) + 1
+            ids, lps = self.cache.ids[j, 1:end].tolist(), self.cache.lps[j, 1:end].tolist()
+        return Answer(ids, bool(ids) and ids[-1] == self.eos, lps if self.scores else None)
 
-    def _beam(self, logits: torch.Tensor) -> list[tuple[int, Answer]]:
-        """Beam search step of every job (beams.py): its k rows' caches reordered to the beams they
-        continue, the jobs that ended with their best hypothesis."""
-        k, vocab = self.width, logits.shape[-1]
-        running = torch.stack([b.running for b in self.beams]).to(logits.device)
-        rules = [(b.generated, job.min_new, job.max_new) for b, job in zip(self.beams, self.rows)]
-        vals, index, raw = candidates(logits, running, rules, k, self.eos, self.forced_bos, self.forced_eos)
+    def _greedy(self, logits: torch.Tensor, n: int) -> list[int]:
+        """Each row's next token (generate's rules on the float32 logits, then argmax), written into
+        its sequence; the rows that ended (</s> or their length limit), in order."""
+        cache = self.cache
+        raw = torch.log_softmax(logits.float(), -1) if self.scores else None  # before the rules bend the logits
+        x = logits.float()
+        self.rules.apply(x, cache.ids[:n], cache.pos[:n], cache.min_new[:n], cache.max_new[:n])
+        chosen = x.argmax(-1)
+        rows, at = torch.arange(n, device=chosen.device), cache.pos[:n]
+        cache.ids[rows, at] = chosen
+        if raw is not None:
+            cache.lps[rows, at] = logprobs_tensor(raw, chosen, self.locs)
+        return ((chosen == self.eos) | (at >= cache.max_new[:n])).nonzero()[:, 0].tolist()
+
+    def _beam(self, logits: torch.Tensor, n: int) -> list[int]:
+        """Beam search step of every job (beams.py): its k rows reordered to the beams they continue;
+        the jobs that ended."""
+        beams, k, vocab = self.beams, self.width, logits.shape[-1]
+        vals, index, raw = candidates(logits, beams.running, self.rules, self.cache, n, self.scores)
         lps = None
         if self.scores:  # raw log p of every candidate token, under the logits of the beam it extends
             rows = (index // vocab + torch.arange(len(self.rows), device=index.device)[:, None] * k).flatten()
-            lps = logprobs_of(raw, (index % vocab).flatten(), self.locs, rows=rows)
-        vals, index = vals.cpu(), index.tolist()
-        source, tokens, done = [], [], []
-        for j, beams in enumerate(self.beams):
-            origin = beams.advance(vals[j], index[j], vocab, lps and lps[j * 2 * k:(j + 1) * 2 * k])
-            source += [j * k + b for b in origin]
-            tokens += beams.tokens()
-            if beams.ended:
-                ids, lp = beams.best()
-                done.append((j, Answer(ids, bool(ids) and ids[-1] == self.eos, lp)))
-        self.cache.reorder(source)
-        self.tokens = torch.tensor(tokens, dtype=torch.long, device=self.cache.device)
-        return done
+            lps = logprobs_tensor(raw, (index % vocab).flatten(), self.locs, rows=rows).view(index.shape)
+        return beams.advance(vals, index, vocab, lps, self.cache, n)
 
     def _retire(self, j: int) -> None:
         """Job j has ended: the last job's rows move into its slots, so rows stay packed."""
-        k, last = self.width, len(self.rows) - 1
+        last = len(self.rows) - 1
         if j != last:
-            for i in range(k):
-                self.cache.move(last * k + i, j * k + i)
-            self.tokens[j * k:(j + 1) * k] = self.tokens[last * k:(last + 1) * k]
-            for state in (self.rows, self.ids, self.lps, self.beams):
-                if state:
-                    state[j] = state[last]
-        for state in (self.rows, self.ids, self.lps, self.beams):
-            if state:
-                state.pop()
-        self.tokens = self.tokens[:last * k]
+            self.cache.move(last, j)
+            self.rows[j] = self.rows[last]
+            if self.beams is not None:
+                self.beams.move(last, j)
+        self.rows.pop()
+        if self.beams is not None:
+            self.beams.truncate(last)
 
     def _admit(self) -> None:
         """Waiting jobs into the free slots (k = width per job), their prompts encoded together."""
@@ -248,25 +253,13 @@ class DecodeScheduler:
             self.waiting.popleft()
         k, used = self.width, len(self.rows) * self.width
         self.cache = SlotCache.fit(self.cache, self.decoder, self.capacity * k, used,
-                                max(j.max_new for j in self.rows + new) + 1, states.shape[1])
-        self.cache.admit(used, states, mask, repeat=k)
+                                   max(j.max_new for j in self.rows + new) + 1, states.shape[1], k)
+        self.cache.admit(used, states, mask, self.start, [j.min_new for j in new], [j.max_new for j in new])
         self.rows += new
-        if k == 1:
-            self.ids += [[] for _ in new]
-            self.lps += [[] for _ in new]
-        else:
-            self.beams += [Beams(self.beam_settings, j.min_new, j.max_new, self.eos, self.scores) for j in new]
-        start = torch.full((len(new) * k,), self.start, dtype=torch.long, device=self.cache.device)
-        self.tokens = torch.cat([self.tokens.to(self.cache.device), start])
+        if self.beams is not None:
+            self.beams.admit(len(new))
         if self.stats is not None:
             self.stats.calls += 1  # admissions: prompt encodings batched together
-
-    def _choose(self, logits: torch.Tensor, jobs: list[Job], generated: list[int]) -> torch.Tensor:
-        """Greedy next token per row, after the rules generate applies (see module doc)."""
-        logits = logits.clone()
-        for r, (job, g) in enumerate(zip(jobs, generated)):
-            apply_rules(logits[r:r + 1], g, job.min_new, job.max_new, self.eos, self.forced_bos, self.forced_eos)
-        return logits.argmax(-1)
 
     def _step(self, cache: SlotCache, tokens: torch.Tensor, n: int) -> torch.Tensor:
         """One decoder step for the rows in slots [0, n): tokens [n] at positions cache.pos[:n] -> logits [n, V]."""
@@ -283,7 +276,7 @@ class DecodeScheduler:
         self_mask = None if ragged else \
             (torch.arange(t, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, t]
         w = self.width  # a job's k beams share its prompt: their k queries read its cross K/V once
-        cross_mask = cache.cross_mask[:n:w, None, None, :]  # [J, 1, 1, L]
+        cross_mask = cache.cross_mask[:n // w, None, None, :]  # [J, 1, 1, L]
         rows = torch.arange(n, device=pos.device)
         for i, layer in enumerate(dec.layers):
             att = layer.self_attn
@@ -301,7 +294,8 @@ class DecodeScheduler:
             xa = layer.encoder_attn
             q = heads(xa.q_proj(h), xa.head_dim)
             q = q.view(n // w, w, *q.shape[1:]).transpose(1, 2).flatten(2, 3)  # [n, H, 1, hd] -> [J, H, k, hd]
-            o = F.scaled_dot_product_attention(q, cache.ck[i][:n:w], cache.cv[i][:n:w], cross_mask, scale=xa.scaling)
+            o = F.scaled_dot_product_attention(q, cache.ck[i][:n // w], cache.cv[i][:n // w], cross_mask,
+                                               scale=xa.scaling)
             o = o.view(n // w, o.shape[1], w, 1, o.shape[-1]).transpose(1, 2).flatten(0, 1)  # -> [n, H, 1, hd]
             h = layer.encoder_attn_layer_norm(h + xa.out_proj(merge_heads(o)))
             h = layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
