@@ -212,27 +212,31 @@ def _random_model(size: str, attention: str):
     arch = RANDOM_ARCHS[size]
     proc_dir = random_cache_dir() / f"random-processor-v{RANDOM_FORMAT}-{arch.image_size}"
     if not (proc_dir / "processor_config.json").exists():
-        build_random_processor(arch.image_size).save_pretrained(_staging(proc_dir))
-        _publish(proc_dir)
+        build_random_processor(arch.image_size).save_pretrained(staging_dir(proc_dir))
+        publish_staged(proc_dir)
     processor = AutoProcessor.from_pretrained(proc_dir)
     return random_florence2(size, len(processor.tokenizer), processor.tokenizer.image_token_id, attention), processor
 
 
-def _staging(dest: Path) -> Path:
+def staging_dir(dest: Path) -> Path:
+    """A fresh sibling of `dest` to write into; `publish_staged` renames it into place."""
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     return tmp
 
 
-def _publish(dest: Path) -> None:
-    """Rename the staging dir into place; another process may have won the race, which is fine."""
+def publish_staged(dest: Path) -> None:
+    """Rename the staging dir into place. Another process may have won the race (dest is there: fine);
+    any other failure is raised, so nobody reports success over a missing folder."""
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     try:
         os.replace(tmp, dest)
-    except OSError:
+    except OSError as exc:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+        if not dest.is_dir():
+            raise ModelLoadError(f"cannot move the new files into {dest}: {exc.strerror or exc}") from exc
 
 
 def random_florence2(size: str, vocab_size: int, image_token_id: int, attention: str = "sdpa"):
