@@ -55,7 +55,8 @@ def dry_run(cfg: RunConfig) -> DryRun:
     gone = cfg.overwrite or not cfg.out.is_dir()
     old = None if gone else previous_manifest(cfg.out)
     known = manifest_sources(old)
-    refs, sources = assign_keys(found, known, {} if gone else folder_owners(cfg.out))
+    refs, sources = assign_keys(found, known, {} if gone else folder_owners(cfg.out),
+                                out=None if gone else cfg.out)
     summary = Summary(skipped=dict(found.skipped))
     if gone:  # nothing is done yet: every image and task
         work = [WorkItem(r, tuple(t.name for t in cfg.tasks)) for r in refs]

@@ -210,7 +210,7 @@ def plan_run(cfg: RunConfig, owner: bool = True) -> Plan:
     if owner:
         manifest = prepare_out(cfg)
         try:
-            refs, sources = assign_keys(found, manifest_sources(manifest), folder_owners(cfg.out))
+            refs, sources = assign_keys(found, manifest_sources(manifest), folder_owners(cfg.out), out=cfg.out)
         except BaseException:
             release_lock(cfg.out)
             raise

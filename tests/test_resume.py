@@ -259,3 +259,42 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_stale_lock_is_taken_ov
     assert (out / LOCK).read_text().endswith(str(__import__("os").getpid()))
     release_lock(out)
     assert not (out / LOCK).exists()
+
+
+def test_a_moved_input_folder_reuses_its_rows_instead_of_annotating_again(tiny_lm, tmp_path, caplog):
+    images = tmp_path / "images"
+    noise_images(images, 4)
+    out = tmp_path / "out"
+    run(make_cfg(images, out, "caption"), lm=tiny_lm)
+    first = {k: r["raw"] for k, r in by_key(out).items()}
+    moved = tmp_path / "renamed"
+    images.rename(moved)
+    noise_images(moved, 1, start=4)  # and one new image
+    with caplog.at_level("WARNING", logger="annotator.keys"):
+        summary = run(make_cfg(moved, out, "caption"), lm=tiny_lm)
+    got = by_key(out)
+    assert summary.already_done == 4 and summary.rows_ok == 1
+    assert set(got) == {(f"img{i:02d}.png", "caption") for i in range(5)}  # no `renamed/...` second copies
+    assert all(got[k]["raw"] == raw for k, raw in first.items())
+    assert [s["root"] for s in Manifest.load(out).sources] == [str(moved)]
+    notices = [r.message for r in caplog.records if "moved" in r.message]
+    assert len(notices) == 1 and str(images) in notices[0]
+
+
+def test_other_images_under_a_gone_folders_names_are_refused(tiny_lm, tmp_path):
+    images = tmp_path / "images"
+    noise_images(images, 3)
+    out = tmp_path / "out"
+    run(make_cfg(images, out, "caption"), lm=tiny_lm)
+    other = tmp_path / "other"
+    other.mkdir()
+    for i, p in enumerate(sorted(images.iterdir())):  # same names, different pictures (sizes)
+        noise_images(other, 1, start=10 + i)[0].rename(other / p.name)
+    import shutil
+
+    shutil.rmtree(images)
+    from annotator.keys import KeyConflict  # a SourceError: one line, exit 2
+
+    with pytest.raises(KeyConflict, match="another --out"):
+        run(make_cfg(other, out, "caption"), lm=tiny_lm)
+    assert len(rows(out)) == 3
