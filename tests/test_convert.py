@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -246,7 +247,57 @@ def test_convert_command_writes_a_native_checkpoint(original_st, tiny_lm, tmp_pa
     assert again.exit_code == 2 and "--overwrite" in again.output
     assert CliRunner().invoke(cli, ["convert", str(original_st), str(out), "--overwrite"]).exit_code == 0
     native = CliRunner().invoke(cli, ["convert", str(out), str(tmp_path / "x")])
-    assert native.exit_code == 2 and "not an original-format" in native.output
+    assert native.exit_code == 3 and "not an original-format" in native.output  # README: 3, cannot load
+
+
+def test_convert_overwrite_replaces_only_a_folder_it_wrote(original_st, tmp_path):
+    from click.testing import CliRunner
+
+    from annotator.cli import cli
+
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"not ours to delete")
+    res = CliRunner().invoke(cli, ["convert", str(original_st), str(mine), "--overwrite"])
+    assert res.exit_code == 2 and "not written by `annotate convert`" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert (mine / "holiday.jpg").read_bytes() == b"not ours to delete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no staging folder left behind
+
+
+def test_convert_failed_swap_keeps_the_old_folder_and_fails(original_st, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import annotator.model.convert as convert
+    from annotator.cli import cli
+
+    out = tmp_path / "native"
+    assert CliRunner().invoke(cli, ["convert", str(original_st), str(out)]).exit_code == 0
+    before = sorted(p.name for p in out.iterdir())
+    real_replace = os.replace
+
+    def failing(src, dst):  # the new folder cannot be moved into place (full disk, permissions, ...)
+        if Path(dst) == out and ".tmp" in Path(src).name:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(convert.os, "replace", failing)
+    res = CliRunner().invoke(cli, ["convert", str(original_st), str(out), "--overwrite"])
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "cannot move" in errors[0] and "Traceback" not in res.output
+    assert sorted(p.name for p in out.iterdir()) == before  # the earlier conversion is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["native"]
+
+
+def test_failed_cache_publish_is_an_error_not_a_missing_folder(original_st, tmp_path, monkeypatch):
+    import annotator.model.cache as model
+    from annotator.model.convert import native_checkpoint
+
+    monkeypatch.setenv("FLORENCE_ANNOTATE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(model.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(13, "Permission denied")))
+    with pytest.raises(ModelLoadError, match="cannot move"):
+        native_checkpoint(ModelSpec(str(original_st)))
 
 
 def test_finetune_from_an_original_checkpoint_saves_native_ones(original_st, tmp_path):

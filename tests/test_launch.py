@@ -67,6 +67,50 @@ def test_torchrun_two_processes_equal_one(many_images, single_run, tmp_path):
     assert {p.name.split("-")[1] for p in out.glob("part-*.parquet")} == {"r0000", "r0001"}
 
 
+CHANGING_FOLDER = """
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+import annotator.run.device as runner
+
+real = runner.discover
+
+
+def discover(*args, **kwargs):  # the folder gains an image right after every discovery
+    found = real(*args, **kwargs)
+    folder = Path(sys.argv[2])
+    n = len(list(folder.glob("a_new*.png")))
+    Image.new("RGB", (33 + n, 21), (9 * n, 80, 200)).save(folder / f"a_new{n}.png")
+    return found
+
+
+runner.discover = discover
+from annotator.cli import main  # noqa: E402
+
+main()
+"""
+
+
+def test_torchrun_ranks_split_one_list_while_the_folder_changes(many_images, single_run, tmp_path):
+    import shutil
+
+    folder = tmp_path / "images"
+    shutil.copytree(many_images, folder)
+    script = tmp_path / "changing.py"
+    script.write_text(CHANGING_FOLDER)
+    out = tmp_path / "ann"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), "run", str(folder), "--out", str(out), *ARGS]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert rows(out) == single_run  # the 12 images rank 0 listed, each exactly once
+    assert len(list(folder.glob("a_new*.png"))) == 1  # one discovery, by rank 0
+
+
 def test_a_dead_worker_is_reported_and_resume_finishes(many_images, single_run, tmp_path, monkeypatch):
     out = tmp_path / "ann"
     # The worker that takes the last chunk (img6..img9 in key order: 12 images in chunks of 8 and 4) dies

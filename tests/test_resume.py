@@ -237,3 +237,42 @@ def test_cli_interrupt_message_and_code(tmp_path, monkeypatch):
     noise_images(tmp_path / "images", 1)
     result = CliRunner().invoke(cli, ["run", str(tmp_path / "images"), "--out", str(tmp_path / "out"), *FAST])
     assert result.exit_code == EXIT_INTERRUPTED and "run the same command again to resume" in result.output
+
+
+def test_a_moved_input_folder_reuses_its_rows_instead_of_annotating_again(tiny_lm, tmp_path, caplog):
+    images = tmp_path / "images"
+    noise_images(images, 4)
+    out = tmp_path / "out"
+    run(make_cfg(images, out, "caption"), lm=tiny_lm)
+    first = {k: r["raw"] for k, r in by_key(out).items()}
+    moved = tmp_path / "renamed"
+    images.rename(moved)
+    noise_images(moved, 1, start=4)  # and one new image
+    with caplog.at_level("WARNING", logger="annotator.outdir.keys"):
+        summary = run(make_cfg(moved, out, "caption"), lm=tiny_lm)
+    got = by_key(out)
+    assert summary.already_done == 4 and summary.rows_ok == 1
+    assert set(got) == {(f"img{i:02d}.png", "caption") for i in range(5)}  # no `renamed/...` second copies
+    assert all(got[k]["raw"] == raw for k, raw in first.items())
+    assert [s["root"] for s in Manifest.load(out).sources] == [str(moved)]
+    notices = [r.message for r in caplog.records if "moved" in r.message]
+    assert len(notices) == 1 and str(images) in notices[0]
+
+
+def test_other_images_under_a_gone_folders_names_are_refused(tiny_lm, tmp_path):
+    images = tmp_path / "images"
+    noise_images(images, 3)
+    out = tmp_path / "out"
+    run(make_cfg(images, out, "caption"), lm=tiny_lm)
+    other = tmp_path / "other"
+    other.mkdir()
+    for i, p in enumerate(sorted(images.iterdir())):  # same names, different pictures (sizes)
+        noise_images(other, 1, start=10 + i)[0].rename(other / p.name)
+    import shutil
+
+    shutil.rmtree(images)
+    from annotator.outdir.keys import KeyConflict  # a SourceError: one line, exit 2
+
+    with pytest.raises(KeyConflict, match="another --out"):
+        run(make_cfg(other, out, "caption"), lm=tiny_lm)
+    assert len(rows(out)) == 3

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+
+from annotator.model import ModelLoadError
 
 
 def cache_dir() -> Path:
@@ -20,11 +23,12 @@ def staging_dir(dest: Path) -> Path:
 
 
 def publish(dest: Path) -> None:
-    """Rename the staging dir into place; another process may have won the race, which is fine."""
+    """Rename the staging dir into place. Another process may have won the race (dest is there: fine);
+    any other failure is raised, so nobody reports success over a missing folder."""
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     try:
         os.replace(tmp, dest)
-    except OSError:
-        import shutil
-
+    except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not dest.is_dir():
+            raise ModelLoadError(f"cannot move the new files into {dest}: {exc.strerror or exc}") from exc

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -30,6 +31,11 @@ from annotator.model.cache import cache_dir, publish, staging_dir
 log = logging.getLogger(__name__)
 
 CONVERT_FORMAT = 1  # bump when the converted output changes (invalidates cached conversions)
+MARKER = ".annotate-convert"  # written into every converted folder; --overwrite replaces only folders with it
+
+
+class OutputRefused(ValueError):
+    """OUT cannot be (re)placed: not empty, not ours, or the final rename failed. Exit 2."""
 
 
 @dataclass(frozen=True)
@@ -114,23 +120,65 @@ def native_checkpoint(spec: ModelSpec) -> Path | None:
 
 
 def convert_checkpoint(spec: ModelSpec, out: Path, overwrite: bool = False) -> OriginalCheckpoint:
-    """`annotate convert`: write the native checkpoint of an original-format one to `out`."""
+    """`annotate convert`: write the native checkpoint of an original-format one to `out`. An existing
+    `out` is replaced only with `overwrite` and only if this command wrote it (its MARKER file), and
+    only after the new checkpoint is complete: a failed conversion leaves `out` as it was."""
+    _check_out(out, overwrite)
     orig = find_original(spec)
     if orig is None:
         raise ConversionError(f"{spec.name!r} is not an original-format Florence-2 checkpoint (or cannot be "
                               "reached); native checkpoints load as they are")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConversionError(f"{out} is not empty; pass --overwrite to replace it")
-    _write_staged(orig, out, spec.allow_pickle, replace=True)
+    staging = _convert_into_staging(orig, out, spec.allow_pickle)
+    _swap_in(staging, out)
     return orig
 
 
-def _write_staged(orig: OriginalCheckpoint, dest: Path, allow_pickle: bool, replace: bool = False) -> None:
-    """Convert into a staging folder, then rename into place: a killed conversion never leaves a half
-    checkpoint where a load would find it."""
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputRefused(f"{out} exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise OutputRefused(f"{out} is not empty; pass --overwrite to replace it")
+    if out.is_symlink() or not (out / MARKER).is_file():
+        raise OutputRefused(f"refusing to replace {out}: it was not written by `annotate convert` (no {MARKER} "
+                            "file); choose an empty OUT")
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the finished `staging` folder at `out`. POSIX cannot rename a folder over a non-empty one, so
+    the old folder is first renamed aside and only deleted once the new one is in place; if any rename
+    fails the old folder is put back and the error says so."""
+    old = out.with_name(out.name + f".old{os.getpid()}") if out.exists() else None
+    try:
+        if old is not None:
+            os.replace(out, old)
+        try:
+            os.replace(staging, out)
+        except OSError:
+            if old is not None:
+                os.replace(old, out)
+            raise
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OutputRefused(f"cannot move the converted checkpoint into {out}: {exc.strerror or exc}; "
+                            f"{out} is unchanged") from exc
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_staged(orig: OriginalCheckpoint, dest: Path, allow_pickle: bool) -> None:
+    """The cache: convert into a staging folder, then rename into place, so a killed conversion never
+    leaves a half checkpoint where a load would find it."""
+    _convert_into_staging(orig, dest, allow_pickle)
+    publish(dest)
+
+
+def _convert_into_staging(orig: OriginalCheckpoint, dest: Path, allow_pickle: bool) -> Path:
     staging = staging_dir(dest)
     try:
         write_native(orig, staging, allow_pickle)
+        (staging / MARKER).write_text("written by `annotate convert`; --overwrite may replace this folder\n")
     except ConversionError:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -141,9 +189,7 @@ def _write_staged(orig: OriginalCheckpoint, dest: Path, allow_pickle: bool, repl
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if replace and dest.exists():
-        shutil.rmtree(dest)
-    publish(dest)
+    return staging
 
 
 def write_native(orig: OriginalCheckpoint, out: Path, allow_pickle: bool) -> None:
@@ -215,12 +261,14 @@ def convert_command():
     """`annotate convert`, built on demand so that click is imported only by the CLI."""
     import click
 
+    from annotator.clikit import EXIT_CANNOT_START, EXIT_USAGE
+
     @click.command("convert")
     @click.argument("src")
     @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
     @click.option("--revision", default=None, help="Hub branch, tag or commit of SRC.")
     @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) weights. Only for checkpoints you trust.")
-    @click.option("--overwrite", is_flag=True, help="Replace what is in OUT.")
+    @click.option("--overwrite", is_flag=True, help="Replace OUT if an earlier `annotate convert` wrote it.")
     def convert(src, out, revision, allow_pickle, overwrite) -> None:
         """Write the native checkpoint of an original-format Florence-2 one (SRC: hub id or folder).
 
@@ -228,9 +276,12 @@ def convert_command():
         SRC runs."""
         try:
             orig = convert_checkpoint(ModelSpec(src, revision, allow_pickle=allow_pickle), out, overwrite)
-        except ModelLoadError as exc:
+        except OutputRefused as exc:
             click.echo(f"Error: {exc}", err=True)
-            raise SystemExit(2)
+            raise SystemExit(EXIT_USAGE)
+        except ModelLoadError as exc:  # the source cannot be read or converted
+            click.echo(f"Error: {exc}", err=True)
+            raise SystemExit(EXIT_CANNOT_START)
         click.echo(f"{src} (revision {orig.revision}) -> {out}: native Florence2ForConditionalGeneration + "
                    f"Florence2Processor; load it with --model {out}")
 

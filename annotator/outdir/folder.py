@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -100,7 +100,8 @@ class OutputFolder:
         gone = cfg.overwrite or not self.out.is_dir()
         old = None if gone else self.previous_manifest()
         known = manifest_sources(old)
-        refs, sources = assign_keys(found, known, {} if gone else folder_owners(self.out))
+        refs, sources = assign_keys(found, known, {} if gone else folder_owners(self.out),
+                                    out=None if gone else self.out)
         if gone:  # nothing is done yet: every image and task
             work = [WorkItem(r, tuple(t.name for t in cfg.tasks)) for r in refs]
             work, done = (work[: cfg.limit] if cfg.limit is not None else work), 0
@@ -117,7 +118,7 @@ class OutputFolder:
         self.lock.acquire()  # before --overwrite deletes anything another run may be writing
         try:
             manifest = self._check(cfg)
-            refs, sources = assign_keys(found, manifest_sources(manifest), folder_owners(self.out))
+            refs, sources = assign_keys(found, manifest_sources(manifest), folder_owners(self.out), out=self.out)
             if any(s.legacy for s in sources) and upgrade_parts(self.out):  # only once the folder is accepted
                 log.info("%s: parts upgraded to annotation schema 2 (a null `source` column)", self.out)
             manifest.sources = sources_to_manifest(sources)
@@ -128,12 +129,10 @@ class OutputFolder:
             raise
         return Opened(manifest, work, done, len(refs), created)
 
-    def join(self, cfg: RunConfig, found: Discovery) -> Opened:
-        """The folder as its owner (torchrun's rank 0) opened it, for the other ranks: nothing is changed."""
-        manifest = Manifest.load(self.out)
-        refs, _ = assign_keys(found, manifest_sources(manifest), folder_owners(self.out), register=False)
-        work, done = self.pending(replace(cfg, retry_errors=False), refs)
-        return Opened(manifest, work, done, len(refs))
+    def joined(self, work: list[WorkItem]) -> Opened:
+        """The folder as its owner (torchrun's rank 0) opened it, for a rank handed `work` by the owner:
+        nothing is changed, nothing is discovered again (launch.launch_torchrun)."""
+        return Opened(Manifest.load(self.out), work, 0, len(work))
 
     def writer(self, cfg: RunConfig, rank: int) -> PartWriter:
         return PartWriter(self.out, rank=rank, every_rows=cfg.flush_every_rows, every_seconds=cfg.flush_every_seconds)

@@ -7,12 +7,19 @@ source id. A source that joins a folder where its plain keys are already taken b
 source gets a prefix (its folder name, `b/x.png`), decided once and kept for every resume, so
 `image` stays unique in the folder and exporters can keep keying on it.
 
+An input folder that was moved or renamed is recognised, not annotated again under a second key:
+when a new input holds most of the relative paths of a source whose folder is gone, and a sample
+of those files has the width and height their rows recorded, the source's root moves to the new
+folder (one log line says so) and its rows are reused. A sample that does not match refuses the
+run with the fix.
+
 Schema-1 folders (rows without a source) resume as before when they have one input; with
 several inputs a key that exists under two of them cannot be attributed, and the run is refused
 with the fix."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -20,8 +27,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from annotator.inputs.sources import Discovery, ImageRef, SourceError
+from annotator.inputs import remote
+from annotator.inputs.sources import Discovery, ImageRef, SourceError, image_source
 from annotator.outdir.table import SCHEMA, part_files, write_table_atomic
+
+log = logging.getLogger(__name__)
+MOVE_SAMPLE = 32  # files of a moved folder whose image size is checked against their rows
 
 
 class KeyConflict(SourceError):
@@ -79,11 +90,12 @@ def _prefix_for(root: Path, rels: list[str], taken: set[str], used_prefixes: set
 
 
 def assign_keys(found: Discovery, sources: list[Source], owners: dict[str, str | None],
-                register: bool = True) -> tuple[list[ImageRef], list[Source]]:
+                out: Path | None = None) -> tuple[list[ImageRef], list[Source]]:
     """Give every discovered image its folder key and source id. New inputs become new sources
-    (when `register`; torchrun's other ranks read the ones rank 0 registered). A file whose key
+    (only the folder's owner calls this: torchrun's other ranks get their shares from rank 0). A file whose key
     another source already holds is skipped and counted in `found.skipped`, never merged into
-    that source's rows. Returns (refs sorted by key, the folder's sources)."""
+    that source's rows. With `out` (the folder), an input that is a known source moved elsewhere takes
+    that source over (moved_source). Returns (refs sorted by key, the folder's sources)."""
     sources = list(sources)
     by_root = {s.root: s for s in sources}
     taken = set(owners)
@@ -92,8 +104,11 @@ def assign_keys(found: Discovery, sources: list[Source], owners: dict[str, str |
         refs_by_root.setdefault(str(ref.root), []).append(ref)
     for root, refs in refs_by_root.items():  # discovery order: the first input keeps plain keys
         if root not in by_root:
-            if not register:
-                raise KeyConflict(f"input {root} is not in the folder's manifest; rank 0 should have added it")
+            moved = moved_source(root, refs, sources, owners, out) if out is not None else None
+            if moved is not None:
+                by_root[root] = sources[sources.index(moved)] = replace(moved, root=root)
+                taken |= {moved.prefix + r.key for r in refs}
+                continue
             prefix = _prefix_for(Path(root), [r.key for r in refs], taken, {s.prefix for s in sources})
             by_root[root] = Source(f"s{len(sources)}", root, prefix)
             sources.append(by_root[root])
@@ -113,6 +128,56 @@ def assign_keys(found: Discovery, sources: list[Source], owners: dict[str, str |
         out.append(replace(ref, key=key, source=src.id))
     out.sort(key=lambda r: r.key)
     return out, sources
+
+
+def moved_source(root: str, refs: list[ImageRef], sources: list[Source], owners: dict[str, str | None],
+                 out: Path) -> Source | None:
+    """The source whose folder was moved to `root`, if any: its folder no longer exists, `root` holds at
+    least half of its keys, and a sample of them has the image size their rows recorded. A match by
+    name alone but not by size is refused: annotating it would put one image name under two keys."""
+    rels = {r.key: r for r in refs}
+    for src in sources:
+        if src.legacy or remote.is_url(src.root) or os.path.exists(src.root):
+            continue
+        mine = [k[len(src.prefix):] for k, owner in owners.items() if owner == src.id and k.startswith(src.prefix)]
+        common = sorted(k for k in mine if k in rels)
+        if not common or 2 * len(common) < len(mine):
+            continue
+        sample = common[:: max(1, len(common) // MOVE_SAMPLE)][:MOVE_SAMPLE]
+        recorded = _recorded_sizes(out, src, {src.prefix + k for k in sample})
+        differ = [k for k in sample if recorded.get(src.prefix + k) not in (None, _header_size(rels[k]))]
+        if differ:
+            raise KeyConflict(
+                f"input {root} holds {len(common)} of the file names of {src.root}, which no longer exists, but "
+                f"{differ[0]!r} is not the image annotated under that name (another size): annotate {root} "
+                "into another --out, or put the old folder back")
+        log.warning("input %s: recognised as %s moved (%d of its %d images found by relative path and image "
+                    "size); their rows are reused", root, src.root, len(common), len(mine))
+        return src
+    return None
+
+
+def _recorded_sizes(out: Path, src: Source, keys: set[str]) -> dict[str, tuple[int, int]]:
+    """(width, height) that the folder's rows of `src` recorded for `keys` (error rows may record none)."""
+    sizes: dict[str, tuple[int, int]] = {}
+    for part in part_files(out):
+        t = pq.read_table(part, columns=["image", "source", "width", "height"])
+        for key, owner, w, h in zip(*(t.column(c).to_pylist() for c in ("image", "source", "width", "height"))):
+            if owner == src.id and key in keys and w is not None and h is not None:
+                sizes[key] = (w, h)
+    return sizes
+
+
+def _header_size(ref: ImageRef) -> tuple[int, int] | None:
+    """The size `annotate run` records for the file (EXIF-rotated), read from its header only."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image_source(ref)) as im:
+            w, h = im.size
+            return (h, w) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
 
 
 def _check_legacy(found: Discovery, sources: list[Source], owners: dict[str, str | None]) -> None:

@@ -128,14 +128,14 @@ def no_images_error(found: Discovery) -> SourceError:
                        + (f"; skipped: {'; '.join(why)}" if why else " (the inputs hold no files)"))
 
 
-def plan_run(cfg: RunConfig, owner: bool = True) -> Plan:
-    """Discover, open the folder, and list the pending (image, tasks). Only the `owner` (the one
-    process of a run, or rank 0 under torchrun) locks, cleans or rewrites the folder."""
+def plan_run(cfg: RunConfig) -> Plan:
+    """Discover, open the folder (its lock, checks and keys), and list the pending (image, tasks).
+    The one process of a run, or torchrun's rank 0, which hands the other ranks their shares."""
     found = discover(cfg.inputs, cfg.follow_symlinks, cfg.input_lists, cfg.path_column)
     if not found.refs:
         raise no_images_error(found)
     folder = OutputFolder(cfg.out)
-    opened = folder.open(cfg, found) if owner else folder.join(cfg, found)
+    opened = folder.open(cfg, found)
     return Plan(folder, opened, Summary(skipped=dict(found.skipped), already_done=opened.already_done))
 
 

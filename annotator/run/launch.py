@@ -23,7 +23,7 @@ from annotator.decode.builder import RunAnnotator
 from annotator.model import ModelLoadError
 from annotator.model.load import load_model
 from annotator.outdir.folder import OutputFolder
-from annotator.run.device import BatchDone, Summary, annotate_work, merge_runtimes, plan_run, run
+from annotator.run.device import BatchDone, Plan, Summary, annotate_work, merge_runtimes, plan_run, run
 from annotator.run.progress import Bar
 
 log = logging.getLogger(__name__)
@@ -229,23 +229,25 @@ def _test_kill_hook(chunk) -> None:
 # ------------------------------------------------------------------ torchrun: many machines
 
 def launch_torchrun(cfg: RunConfig, env: DistEnv) -> Summary:
-    """Each rank annotates work[rank::world]; rank 0 prepares the folder first and reports.
-    Uses torch.distributed (gloo, the rendezvous torchrun already runs) only for barriers."""
+    """Rank 0 discovers, prepares the folder and hands every rank its share, work[rank::world], so all
+    ranks split one list (each rank discovering for itself would split different lists if the folder
+    changed in between: rows doubled or missed); rank 0 reports. torch.distributed (gloo, over the
+    rendezvous torchrun already runs) carries the shares."""
     import torch.distributed as dist
 
-    use_dist = "MASTER_ADDR" in os.environ
-    if use_dist and not dist.is_initialized():
+    if "MASTER_ADDR" not in os.environ:
+        raise ConfigError("RANK and WORLD_SIZE are set but MASTER_ADDR is not: start several processes "
+                          "with torchrun (or set the torch.distributed variables)")
+    if not dist.is_initialized():
         dist.init_process_group("gloo", rank=env.rank, world_size=env.world)
     owner = env.rank == 0
-    if owner:
-        plan = plan_run(cfg, owner=True)
-    if use_dist:
-        dist.barrier()  # rank 0 has checked, cleaned and listed the folder
-    if not owner:
-        plan = plan_run(cfg, owner=False)
-    if use_dist:
-        dist.barrier()  # everyone has read the same state before anyone writes
-    share = plan.work[env.rank::env.world]
+    plan = plan_run(cfg) if owner else None
+    shares = [plan.work[r::env.world] for r in range(env.world)] if owner else None
+    mine: list = [None]
+    dist.scatter_object_list(mine, shares, src=0)  # also the barrier: rank 0 has checked the folder
+    share = mine[0]
+    if not owner:  # counts of its own rows only: rank 0 reports skipped and already-done files
+        plan = Plan(OutputFolder(cfg.out), OutputFolder(cfg.out).joined(share), Summary())
     device = f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu"
     start = time.monotonic()
     bar = Bar(cfg.progress and owner)
@@ -269,13 +271,12 @@ def launch_torchrun(cfg: RunConfig, env: DistEnv) -> Summary:
         writer.flush()
         bar.close()
     plan.summary.seconds = time.monotonic() - start
-    if use_dist:
-        reports: list = [None] * env.world
-        dist.all_gather_object(reports, (plan.summary, lm.runtime if lm is not None else None))
-        if owner:
-            plan.summary = _merge([summary for summary, _ in reports])
-            plan.finish(cfg, merge_runtimes([runtime for _, runtime in reports if runtime]), device)
-        dist.destroy_process_group()
+    reports: list = [None] * env.world
+    dist.all_gather_object(reports, (plan.summary, lm.runtime if lm is not None else None))
+    if owner:
+        plan.summary = _merge([summary for summary, _ in reports])
+        plan.finish(cfg, merge_runtimes([runtime for _, runtime in reports if runtime]), device)
+    dist.destroy_process_group()
     return plan.summary
 
 
