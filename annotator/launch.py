@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .config import ConfigError, RunConfig
 from .model import ModelLoadError, load_model
-from .runner import BatchDone, Summary, annotate_work, finish_run, new_writer, plan_run, run
+from .runner import BatchDone, Summary, announce_decoding, annotate_work, finish_run, new_writer, plan_run, run
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ class WorkerEvent:
     rank: int
     done: BatchDone | None = None
     failure: str | None = None  # first line of the error
+    decoding: str | None = None  # the worker's decode path, once its model is loaded
 
 def chunk_size(cfg: RunConfig) -> int:
     return cfg.batch_size * 4  # small enough to balance the tail, large enough to keep decoders busy
@@ -177,6 +178,8 @@ def _supervise(procs, devices, events, summary: Summary, bar: Bar) -> None:
         if event.done is not None:
             summary.add(event.rank, event.done)
             bar.update(event.done.images)
+        if event.decoding is not None:
+            summary.decoding = event.decoding
         if event.failure is not None:
             reported.add(event.rank)
             summary.failed_workers.append(f"rank {event.rank} ({devices[event.rank]}): {event.failure}")
@@ -207,6 +210,7 @@ def worker_main(rank: int, device: str, cfg: RunConfig, jobs, events, threads: i
     try:
         with stop_on_signals(130):
             lm = load_model(cfg.model, torch_device(device))
+            events.put(WorkerEvent(rank, decoding=announce_decoding(lm, cfg, log_it=rank == 0)))
             on_batch = lambda done: events.put(WorkerEvent(rank, done=done))  # noqa: E731
             while True:
                 chunk = jobs.get()
@@ -260,6 +264,8 @@ def launch_torchrun(cfg: RunConfig, env: DistEnv) -> Summary:
     writer = new_writer(cfg, env.rank)
     try:
         lm = load_model(cfg.model, device) if share else None
+        if lm is not None:
+            plan.summary.decoding = announce_decoding(lm, cfg, log_it=owner)
 
         def on_batch(done: BatchDone) -> None:
             plan.summary.add(env.rank, done)
@@ -282,7 +288,8 @@ def launch_torchrun(cfg: RunConfig, env: DistEnv) -> Summary:
 
 
 def _merge(parts: list[Summary]) -> Summary:
-    total = Summary(skipped=parts[0].skipped, already_done=parts[0].already_done)
+    total = Summary(skipped=parts[0].skipped, already_done=parts[0].already_done,
+                    decoding=next((s.decoding for s in parts if s.decoding), None))
     for s in parts:
         total.images += s.images
         total.rows_ok += s.rows_ok

@@ -19,7 +19,7 @@ import torch
 from . import __version__
 from .clikit import EXIT_OK, EXIT_ROW_ERRORS, EXIT_WORKER_FAILED
 from .config import RunConfig
-from .engine import Engine
+from .engine import Engine, decoding_path, run_generation_config
 from .images import ImageDataset, WorkItem, collate
 from .keys import assign_keys, folder_owners, manifest_sources, sources_to_manifest, upgrade_parts
 from .model import LoadedModel, load_model, runtime_settings
@@ -45,6 +45,7 @@ class Summary:
     per_worker: dict = field(default_factory=dict)  # rank -> images annotated
     quality: dict = field(default_factory=dict)  # parse.refine counters: duplicates removed, ...
     failed_workers: list = field(default_factory=list)  # "rank 1 (cuda:1): why"
+    decoding: str | None = None  # "scheduler" or "generate: <why>" (announce_decoding)
 
     def add(self, rank, done: "BatchDone") -> None:
         self.images += done.images
@@ -77,6 +78,8 @@ class Summary:
             out.append("quality: " + ", ".join(f"{k.replace('_', ' ')}: {n}" for k, n in sorted(self.quality.items()) if n))
         if len(self.per_worker) > 1:
             out.append("images per worker: " + ", ".join(f"{r}: {n}" for r, n in sorted(self.per_worker.items())))
+        if self.decoding:
+            out.append(f"decoding: {self.decoding}")
         for failure in self.failed_workers:
             out.append(f"worker failed: {failure} -- run the same command again to finish its work")
         return out
@@ -275,6 +278,18 @@ def annotate_work(cfg: RunConfig, lm: LoadedModel, work: list[WorkItem], writer:
         on_batch(sink.add(rows, engine.take_stats()))
 
 
+def announce_decoding(lm: LoadedModel, cfg: RunConfig, log_it: bool = True) -> str:
+    """The run's decode path (the model's generation config with the run's overrides), logged once
+    at start by whoever reports the run: off the scheduler it is a warning that says why."""
+    path = decoding_path(run_generation_config(lm.model, cfg.generation))
+    if log_it:
+        if path == "scheduler":
+            log.info("decoding: scheduler (continuous batching)")
+        else:
+            log.warning("decoding: %s; every wave decodes through generate (slower)", path)
+    return path
+
+
 def new_writer(cfg: RunConfig, rank: int) -> PartWriter:
     return PartWriter(cfg.out, rank=rank, every_rows=cfg.flush_every_rows, every_seconds=cfg.flush_every_seconds)
 
@@ -323,6 +338,8 @@ def finish_run(cfg: RunConfig, plan: Plan, device: str = "cpu") -> None:
     manifest.finished = now()
     if not manifest.runtime:
         manifest.runtime = runtime_settings(cfg.model, device)
+    if plan.summary.decoding:
+        manifest.runtime["decoding"] = plan.summary.decoding
     manifest.counts = {"images": plan.n_images, "rows_ok_this_run": plan.summary.rows_ok,
                        "rows_error_this_run": plan.summary.rows_error,
                        "images_per_worker": plan.summary.per_worker, "quality": plan.summary.quality}
@@ -348,6 +365,7 @@ def run(cfg: RunConfig, device: str = "cpu", lm: LoadedModel | None = None,
     try:
         if plan.work:
             lm = lm or load_model(cfg.model, device)
+            summary.decoding = announce_decoding(lm, cfg)
             annotate_work(cfg, lm, plan.work, writer, on_batch)
     except BaseException:
         writer.flush()  # first: on Ctrl-C what is finished is kept, and a folder with rows is never removed

@@ -101,6 +101,15 @@ def supports(generation_config) -> bool:
     return all(getattr(generation_config, key, default) in (default, None) for key, default in UNSUPPORTED.items())
 
 
+def unsupported_reason(generation_config) -> str | None:
+    """Why `DecodeScheduler` cannot decode with this config (the first rule it does not implement), or None."""
+    for key, default in UNSUPPORTED.items():
+        value = getattr(generation_config, key, default)
+        if value not in (default, None):
+            return f"{key}={value!r} is not implemented by the decode scheduler"
+    return None
+
+
 class DecodeScheduler:
     """A persistent decoding loop: `submit` jobs at any time (e.g. the prompts of the next batch of
     images while long answers of the last one still run), `step` until `busy` is False. Jobs are
