@@ -15,6 +15,7 @@ The reference loop, as in the published examples, per image and per task:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import sys
 import time
@@ -132,6 +133,17 @@ def engine_batches(lm, tasks, images, batch_size: int, first: int = 0):
         yield collate(items)
 
 
+def restarted_stream(engine, batches, every: int):
+    """The engine's stream over `batches`, drained and restarted every `every` batches (0: one
+    stream): what an `annotate run --ray` actor does once per call (raydata.py)."""
+    if not every:
+        yield from engine.annotate_stream(batches)
+        return
+    batches = iter(batches)
+    while chunk := list(itertools.islice(batches, every)):
+        yield from engine.annotate_stream(chunk)
+
+
 def count_rows(side: Side, rows) -> None:
     side.rows_error += sum(r.status != "ok" for r in rows)
     side.images += len({r.image for r in rows})
@@ -170,7 +182,8 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
           batch_size: int = 8, num_beams: int = 3, baseline: bool = False, tokens_spec: str | None = None,
           dtype: str = "auto", attention: str = "auto", device: str = "auto", kernels: str = "onednn",
           seed: int = 0, threads: int | None = None, matmul_size: int | None = None, scores: bool = True,
-          lengths: str = "fixed", scheduler: bool = True, echo=print) -> dict:
+          lengths: str = "fixed", scheduler: bool = True, echo=print, overrides: dict | None = None,
+          stream_batches: int = 0) -> dict:
     """Run the benchmark; prints a human report through `echo`, returns every figure."""
     import torch
 
@@ -196,7 +209,9 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
     exact = draw_lengths(lengths, [t.name for t in tasks], images, tokens, seed)  # [image][task] -> new tokens
     by_key = {f"bench{i}.png": row for i, row in enumerate(exact)}  # run_engine's image keys
     generation = GenerationSettings(num_beams=num_beams, max_new_tokens=max(max(r.values()) for r in exact),
-                                    scores=scores)
+                                    scores=scores, **(overrides or {}))  # overrides reach both sides (the model's config)
+    if stream_batches < 0:
+        raise ConfigError("--stream-batches must be >= 0")
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
     lm = load_model(ModelSpec(model, dtype=dtype, attention=attention), dev)
@@ -232,7 +247,7 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
         # One engine stream over all images (batches join each other's decoding), timed inside the
         # stream; the reference catches up after each batch the engine returns, so on a shared
         # machine both sides see the same load.
-        stream = runner.annotate_stream(engine_batches(lm, tasks, pictures, batch_size))
+        stream = restarted_stream(runner, engine_batches(lm, tasks, pictures, batch_size), stream_batches)
         while True:
             rec.side = engine
             with engine_kernels():
@@ -267,7 +282,8 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
          f"{engine_gflops:.0f} GFLOP/s = {ceiling:.0%} of the matmul ceiling  "
          f"peak {'GPU memory' if lm.device.type == 'cuda' else 'RSS'} {peak / 2**30:.2f} GiB  "
          f"tokens {sum(engine.tokens.values())}")
-    echo(f"engine decoding: {'scheduler (continuous batching)' if runner.use_scheduler else 'generate'}  "
+    echo(f"engine decoding: {runner.decoding}"
+         + (f" (stream restarted every {stream_batches} batches)" if stream_batches else "") + "  "
          f"{decode.steps} steps  {decode.row_steps / max(decode.steps, 1):.1f} rows in flight per step  "
          f"slot efficiency {decode.efficiency:.0%} (useful tokens / (steps x rows in flight))  "
          f"occupancy {decode.occupancy:.0%} of {runner.max_prompts} slots"
@@ -286,7 +302,8 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
         "num_beams": num_beams, "images": images, "batch_size": batch_size, "lengths": lengths,
         "forced_tokens": tokens if lengths == "fixed" else None, "seed": seed,
         "decode": dict(asdict(decode), efficiency=decode.efficiency, occupancy=decode.occupancy,
-                       scheduler=runner.use_scheduler, slots=runner.max_prompts),
+                       scheduler=runner.use_scheduler, decoding=runner.decoding, slots=runner.max_prompts,
+                       stream_batches=stream_batches),
         "matmul_gflops": rates, "ceiling_gflops": ceiling_rate,
         "engine": dict(asdict(engine), images_per_s=engine.images_per_s, gflops=engine_gflops,
                        flops_per_image=engine_flops, peak_memory_bytes=peak),
@@ -317,6 +334,10 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
 @click.option("--scheduler/--no-scheduler", default=True, show_default=True,
               help="Engine decoding (greedy or beams) through the continuous-batching scheduler "
                    "(off: one generate per chunk).")
+@click.option("--no-repeat-ngram-size", type=int, default=None, help="Override the model's (as `run`), on both sides.")
+@click.option("--repetition-penalty", type=float, default=None, help="Override the model's (as `run`), on both sides.")
+@click.option("--stream-batches", default=0, show_default=True,
+              help="Restart the engine's stream every N batches (0: one stream), as a --ray actor does per call.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--attention", type=click.Choice(["auto", "sdpa", "eager", "flash_attention_2"]), default="auto",
               show_default=True)
@@ -330,8 +351,9 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
 @click.option("--no-scores", is_flag=True, help="Time the engine without its confidence-score pass (as `run --no-scores`).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write every figure to this JSON file.")
-def bench(model, tasks_spec, images, batch_size, num_beams, baseline, tokens_spec, lengths, scheduler, dtype, attention, device,
-              kernels, threads, matmul_size, seed, no_scores, json_path) -> None:
+def bench(model, tasks_spec, images, batch_size, num_beams, baseline, tokens_spec, lengths, scheduler,
+          no_repeat_ngram_size, repetition_penalty, stream_batches, dtype, attention, device,
+          kernels, threads, matmul_size, seed, no_scores, json_path) -> None:
     """Images/s of the engine vs the one-image-one-prompt loop, FLOPs, and the matmul ceiling.
 
     Last line: speedup=<engine/reference images/s or n/a> ceiling=<achieved / matmul GFLOP/s>."""
@@ -342,7 +364,9 @@ def bench(model, tasks_spec, images, batch_size, num_beams, baseline, tokens_spe
     try:
         result = run_bench(model, tasks_spec, images, batch_size, num_beams, baseline, tokens_spec, dtype,
                            attention, device, kernels, seed, threads, matmul_size, scores=not no_scores,
-                           lengths=lengths, scheduler=scheduler, echo=click.echo)
+                           lengths=lengths, scheduler=scheduler, echo=click.echo, stream_batches=stream_batches,
+                           overrides={k: v for k, v in (("no_repeat_ngram_size", no_repeat_ngram_size),
+                                                        ("repetition_penalty", repetition_penalty)) if v is not None})
     except (ConfigError, UnknownTask) as exc:
         raise click.UsageError(str(exc)) from None
     except ModelLoadError as exc:

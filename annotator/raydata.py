@@ -113,8 +113,15 @@ def to_batch(decoded: list, image_processor) -> Batch:
     return collate(samples)
 
 
+# Engine batches per actor call. Ray Data hands an actor whole batches and wants each call's output
+# back before the call ends, so the engine's stream (stream.py: the next batches' prompts fill the
+# slots long answers leave) drains at the end of every call; over 8 batches the drain costs little
+# (README, "Ray": slot efficiency by batches per call, measured with `annotate bench --stream-batches`).
+ACTOR_BATCHES = 8
+
+
 class AnnotateActor:
-    """One model (one GPU, or CPU) and the engine; annotates one batch per call."""
+    """One model (one GPU, or CPU) and the engine; annotates ACTOR_BATCHES engine batches per call."""
 
     def __init__(self, cfg: RunConfig, gpu: bool):
         from .engine import Engine
@@ -125,13 +132,22 @@ class AnnotateActor:
                              max_prompts=cfg.batch_size * len(cfg.tasks))
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
-    def __call__(self, row: dict) -> dict:
-        _maybe_die(row["batch"])
-        batch = to_batch(pickle.loads(row["decoded"]), self.lm.processor.image_processor)
-        rows = self.engine.annotate(batch)
-        quality = self.engine.take_stats()
-        return {"batch": row["batch"], "images": len(batch), "actor": self.name,
-                "rows": pickle.dumps(rows), "quality": json.dumps(quality)}
+    def __call__(self, calls: dict) -> dict:
+        """Columns of engine batches in, columns of their rows out (one row per engine batch): the
+        batches go through one engine stream, and come out as they finish."""
+        ids = [int(b) for b in calls["batch"]]
+        for b in ids:
+            _maybe_die(b)
+        batches = [to_batch(pickle.loads(d), self.lm.processor.image_processor) for d in calls["decoded"]]
+        owner = {s.key: b for b, batch in zip(ids, batches) for s in [*batch.items, *batch.failures]}
+        size = dict(zip(ids, map(len, batches)))
+        out: dict[str, list] = {k: [] for k in ("batch", "images", "actor", "rows", "quality", "decoding")}
+        for rows in self.engine.annotate_stream(batches):
+            b = owner[rows[0].image]
+            for key, value in (("batch", b), ("images", size[b]), ("actor", self.name), ("rows", pickle.dumps(rows)),
+                               ("quality", json.dumps(self.engine.take_stats())), ("decoding", self.engine.decoding)):
+                out[key].append(value)
+        return out
 
 
 def _maybe_die(batch: int) -> None:
@@ -164,6 +180,10 @@ def launch_ray(cfg: RunConfig) -> Summary:
                     continue  # cannot happen with Ray Data's exactly-once output; never write twice anyway
                 seen.add(row["batch"])
                 done = sink.add(pickle.loads(row["rows"]), json.loads(row["quality"]), row["images"])
+                if summary.decoding is None:  # the actors' decode path, said once (as `annotate run` does)
+                    summary.decoding = row["decoding"]
+                    log.log(logging.INFO if row["decoding"] == "scheduler" else logging.WARNING,
+                            "decoding: %s", row["decoding"])
                 summary.add(row["actor"], done)
                 bar.update(row["images"])
     except BaseException:
@@ -191,6 +211,6 @@ def _dataset(ray, cfg: RunConfig, work: list[WorkItem]):
     actor_cpus = 0 if plan.gpu else max(0.25, min(1.0, (resources.get("CPU", 1) - 1) / plan.actors))
     ds = ray.data.from_items(batches, override_num_blocks=len(batches))
     ds = ds.map(decode_batch, fn_kwargs={"max_pixels": cfg.max_image_pixels}, num_cpus=1)
-    return ds.map(AnnotateActor, fn_constructor_args=(cfg, plan.gpu),
-                  compute=ray.data.ActorPoolStrategy(size=plan.actors),
-                  num_gpus=1 if plan.gpu else 0, num_cpus=actor_cpus)
+    return ds.map_batches(AnnotateActor, batch_size=ACTOR_BATCHES, batch_format="numpy",
+                          fn_constructor_args=(cfg, plan.gpu), compute=ray.data.ActorPoolStrategy(size=plan.actors),
+                          num_gpus=1 if plan.gpu else 0, num_cpus=actor_cpus)

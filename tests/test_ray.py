@@ -34,6 +34,16 @@ class FakeDataset:
             fn = fn(*fn_constructor_args)
         return FakeDataset([fn(r, **(fn_kwargs or {})) for r in self.rows])
 
+    def map_batches(self, fn, *, batch_size, fn_constructor_args=(), **_):
+        """Rows in batches of `batch_size` as columns (Ray's numpy format), rows back from columns."""
+        fn = fn(*fn_constructor_args)  # an actor class: one instance, like an actor pool of one
+        out = []
+        for i in range(0, len(self.rows), batch_size):
+            chunk = self.rows[i:i + batch_size]
+            columns = fn({k: [r[k] for r in chunk] for k in chunk[0]})
+            out += [dict(zip(columns, values)) for values in zip(*columns.values())]
+        return FakeDataset(out)
+
     def iter_rows(self):
         yield from self.rows
         yield self.rows[0]
