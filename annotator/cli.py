@@ -80,6 +80,10 @@ def model_options(f):
 @click.option("--workers", default=2, show_default=True, help="DataLoader worker processes for decoding.")
 @click.option("--num-beams", default=3, show_default=True, help="Beam search width (1 = greedy).")
 @click.option("--max-new-tokens", default=1024, show_default=True, help="Generation limit; rows that hit it get truncated=true.")
+@click.option("--no-repeat-ngram-size", type=int, default=None,
+              help="Override the model's no_repeat_ngram_size (published checkpoints: 3; 0 turns it off).")
+@click.option("--repetition-penalty", type=float, default=None,
+              help="Override the model's repetition_penalty (1.0: off; e.g. 1.2 discourages repeats).")
 @click.option("--no-scores", is_flag=True, help="Skip the per-instance confidence scores (one extra decoder pass).")
 @click.option("--devices", default="auto", show_default=True,
               help="auto (every GPU, else cpu), cpu, cuda, cuda:0,1, or cpu:0,cpu:1 (one worker process each).")
@@ -102,7 +106,8 @@ def model_options(f):
 @click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[auto|ADDRESS]",
               help="Run on a Ray cluster with Ray Data (auto: the running one, else a local Ray). Needs the [ray] extra.")
 def run_cmd(inputs, input_lists, path_column, tasks_spec, out, model, revision, dtype, attention, allow_pickle,
-            trust_remote_code, text, classes, batch_size, workers, num_beams, max_new_tokens, no_scores, devices, limit,
+            trust_remote_code, text, classes, batch_size, workers, num_beams, max_new_tokens, no_repeat_ngram_size,
+            repetition_penalty, no_scores, devices, limit,
             flush_every, flush_seconds, max_image_pixels, follow_symlinks, retry_errors, overwrite, force, no_progress,
             tile_spec, tile_overlap, dry_run, as_json, ray_address) -> None:
     """Annotate images: one Parquet row per image and task.
@@ -119,7 +124,9 @@ def run_cmd(inputs, input_lists, path_column, tasks_spec, out, model, revision, 
         cfg = RunConfig(
             inputs=tuple(inputs), tasks=tuple(tasks), out=out,
             model=ModelSpec(model, revision, dtype, attention, allow_pickle, trust_remote_code),
-            generation=GenerationSettings(num_beams=num_beams, max_new_tokens=max_new_tokens, scores=not no_scores),
+            generation=GenerationSettings(num_beams=num_beams, max_new_tokens=max_new_tokens, scores=not no_scores,
+                                          no_repeat_ngram_size=no_repeat_ngram_size,
+                                          repetition_penalty=repetition_penalty),
             task_inputs=TaskInputs(text=text, classes=_csv(classes)),
             batch_size=batch_size, workers=workers, limit=limit, devices=devices,
             flush_every_rows=flush_every, flush_every_seconds=flush_seconds, max_image_pixels=max_image_pixels,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,11 @@ class ModelSpec:
             raise ConfigError(f"--attention must be one of {', '.join(ATTENTIONS)}, not {self.attention!r}")
 
 
+# Rules of the model's generation config a run may override from the command line (None: the
+# checkpoint's own value). Both decode paths read them from the model's config (Engine applies them).
+GENERATION_OVERRIDES = ("no_repeat_ngram_size", "repetition_penalty")
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     num_beams: int = 3
@@ -59,12 +66,42 @@ class GenerationSettings:
     scores: bool = True  # per-instance confidence from token probabilities (confidence.py)
     # Forced output length per task (bench: equal work on both sides). Empty in real runs.
     min_new_tokens: dict = field(default_factory=dict)
+    no_repeat_ngram_size: int | None = None  # --no-repeat-ngram-size (0: off); None: the model's
+    repetition_penalty: float | None = None  # --repetition-penalty (1.0: off); None: the model's
 
     def __post_init__(self):
         if self.num_beams < 1:
             raise ConfigError("--num-beams must be >= 1")
         if self.max_new_tokens < 1:
             raise ConfigError("--max-new-tokens must be >= 1")
+        n, p = self.no_repeat_ngram_size, self.repetition_penalty
+        if n is not None and n < 0:
+            raise ConfigError(f"--no-repeat-ngram-size must be >= 0 (0 turns the rule off), not {n}")
+        if p is not None and not (0 < p < math.inf):
+            raise ConfigError(f"--repetition-penalty must be a number > 0 (1.0 turns it off, 1.2-1.5 discourage "
+                              f"repeats), not {p}")
+
+    def overrides(self) -> dict:
+        """The generation-config rules this run sets itself."""
+        return {k: getattr(self, k) for k in GENERATION_OVERRIDES if getattr(self, k) is not None}
+
+    def apply(self, generation_config):
+        """A copy of a model's generation config with this run's overrides (the config itself when none)."""
+        if not self.overrides():
+            return generation_config
+        config = copy.deepcopy(generation_config)
+        for key, value in self.overrides().items():
+            setattr(config, key, value)
+        return config
+
+    def identity(self) -> dict:
+        """For the manifest: an override left unset is left out, so folders written before the
+        overrides existed (whose identity lacks them) still resume, and setting one is a change."""
+        ident = asdict(self)
+        for key in GENERATION_OVERRIDES:
+            if ident[key] is None:
+                del ident[key]
+        return ident
 
 
 @dataclass(frozen=True)
@@ -154,7 +191,7 @@ class RunConfig:
             "text": self.task_inputs.text,
             "classes": list(self.task_inputs.classes),
             "group_classes": self.task_inputs.group_classes,
-            "generation": asdict(self.generation),
+            "generation": self.generation.identity(),
         }
         # None when off: a manifest written before tiling existed lacks the key, which reads as None,
         # so old folders still resume. JSON-shaped (a list, not a tuple) to compare equal after loading.

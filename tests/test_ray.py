@@ -34,6 +34,16 @@ class FakeDataset:
             fn = fn(*fn_constructor_args)
         return FakeDataset([fn(r, **(fn_kwargs or {})) for r in self.rows])
 
+    def map_batches(self, fn, *, batch_size, fn_constructor_args=(), **_):
+        """Rows in batches of `batch_size` as columns (Ray's numpy format), rows back from columns."""
+        fn = fn(*fn_constructor_args)  # an actor class: one instance, like an actor pool of one
+        out = []
+        for i in range(0, len(self.rows), batch_size):
+            chunk = self.rows[i:i + batch_size]
+            columns = fn({k: [r[k] for r in chunk] for k in chunk[0]})
+            out += [dict(zip(columns, values)) for values in zip(*columns.values())]
+        return FakeDataset(out)
+
     def iter_rows(self):
         yield from self.rows
         yield self.rows[0]
@@ -146,7 +156,7 @@ def test_ray_with_tile_equals_the_plain_tiled_run_and_records_the_actors_runtime
     launch(cfg)
     assert tiled(tmp_path / "ray") == tiled(tmp_path / "plain")
     assert any(r["tiles"] for r in by_key(tmp_path / "ray").values())
-    assert Manifest.load(tmp_path / "ray").runtime == gpu
+    assert Manifest.load(tmp_path / "ray").runtime == dict(gpu, decoding="scheduler")
 
 
 @needs_ray

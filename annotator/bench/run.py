@@ -25,14 +25,17 @@ import click
 
 from annotator.bench.machine import count_flops, matmul_rates, peak_memory_bytes, sync, timed
 from annotator.bench.sides import (DEFAULT_TOKENS, OTHER_TASK_TOKENS, GenerateRecorder, Side, count_rows,
-                                   engine_batches, parse_tokens, run_engine, run_reference, synthetic_images)
+                                   engine_batches, parse_tokens, restarted_stream, run_engine, run_reference,
+                                   synthetic_images)
 from annotator.clikit import Aliased
+
 
 def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_region_caption,ocr", images: int = 8,
               batch_size: int = 8, num_beams: int = 3, baseline: bool = False, tokens_spec: str | None = None,
               dtype: str = "auto", attention: str = "auto", device: str = "auto", kernels: str = "onednn",
               seed: int = 0, threads: int | None = None, matmul_size: int | None = None, scores: bool = True,
-              lengths: str = "fixed", scheduler: bool = True, echo=print) -> dict:
+              lengths: str = "fixed", scheduler: bool = True, echo=print, overrides: dict | None = None,
+              stream_batches: int = 0) -> dict:
     """Run the benchmark; prints a human report through `echo`, returns every figure."""
     import torch
 
@@ -43,7 +46,8 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
 
     if threads:
         torch.set_num_threads(threads)
-    plan = _plan(tasks_spec, images, batch_size, num_beams, tokens_spec, device, seed, scores, lengths)
+    plan = _plan(tasks_spec, images, batch_size, num_beams, tokens_spec, device, seed, scores, lengths, overrides,
+                 stream_batches)
     lm = load_model(ModelSpec(model, dtype=dtype, attention=attention), plan.dev)
     pictures = synthetic_images(images, seed)
     rates = matmul_rates(lm.dtype, plan.dev, matmul_size)
@@ -78,6 +82,7 @@ class BenchPlan:
     generation: object
     dev: object
     seed: int
+    stream_batches: int = 0  # restart the engine's stream every N batches (0: one stream), as a --ray actor does
 
     def describe(self, num_beams: int, images: int, batch_size: int, scores: bool) -> str:
         from annotator.bench.lengths import REALISTIC
@@ -90,7 +95,8 @@ class BenchPlan:
                 f"images {images}  batch {batch_size}  lengths {self.lengths}: " + lengths)
 
 
-def _plan(tasks_spec, images, batch_size, num_beams, tokens_spec, device, seed, scores, lengths) -> BenchPlan:
+def _plan(tasks_spec, images, batch_size, num_beams, tokens_spec, device, seed, scores, lengths, overrides=None,
+          stream_batches: int = 0) -> BenchPlan:
     import torch
 
     from annotator.config import ConfigError, GenerationSettings
@@ -108,9 +114,11 @@ def _plan(tasks_spec, images, batch_size, num_beams, tokens_spec, device, seed, 
         raise ConfigError(f"--lengths must be fixed or realistic, not {lengths!r}")
     exact = draw_lengths(lengths, [t.name for t in tasks], images, tokens, seed)  # [image][task] -> new tokens
     generation = GenerationSettings(num_beams=num_beams, max_new_tokens=max(max(r.values()) for r in exact),
-                                    scores=scores)
+                                    scores=scores, **(overrides or {}))  # overrides reach both sides (the model's config)
+    if stream_batches < 0:
+        raise ConfigError("--stream-batches must be >= 0")
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    return BenchPlan(tasks, tokens, lengths, exact, generation, dev, seed)
+    return BenchPlan(tasks, tokens, lengths, exact, generation, dev, seed, stream_batches)
 
 
 @dataclass
@@ -146,7 +154,7 @@ def _measure(runner, plan: BenchPlan, pictures, batch_size: int, num_beams: int,
         if lm.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(lm.device)
         runner.decode_stats = DecodeStats()  # the engine counts its own decoding work (scheduler or generate)
-        stream = runner.annotate_stream(engine_batches(lm, tasks, pictures, batch_size))
+        stream = restarted_stream(runner, engine_batches(lm, tasks, pictures, batch_size), plan.stream_batches)
         while True:
             rec.side = engine
             with engine_kernels():
@@ -189,7 +197,8 @@ def _report(runner, plan: BenchPlan, sides: Sides, rates: dict, baseline: bool, 
          f"{engine_gflops:.0f} GFLOP/s = {ceiling:.0%} of the matmul ceiling  "
          f"peak {'GPU memory' if lm.device.type == 'cuda' else 'RSS'} {sides.peak / 2**30:.2f} GiB  "
          f"tokens {sum(engine.tokens.values())}")
-    echo(f"engine decoding: {'scheduler (continuous batching)' if runner.use_scheduler else 'generate'}  "
+    echo(f"engine decoding: {runner.decoding}"
+         + (f" (stream restarted every {plan.stream_batches} batches)" if plan.stream_batches else "") + "  "
          f"{decode.steps} steps  {decode.row_steps / max(decode.steps, 1):.1f} rows in flight per step  "
          f"slot efficiency {decode.efficiency:.0%} (useful tokens / (steps x rows in flight))  "
          f"occupancy {decode.occupancy:.0%} of {runner.max_prompts} slots"
@@ -209,7 +218,8 @@ def _report(runner, plan: BenchPlan, sides: Sides, rates: dict, baseline: bool, 
         "threads": torch.get_num_threads(), "scores": plan.generation.scores, "tasks": [t.name for t in plan.tasks],
         "num_beams": num_beams, "lengths": plan.lengths, "forced_tokens": plan.tokens if plan.lengths == "fixed" else None,
         "decode": dict(asdict(decode), efficiency=decode.efficiency, occupancy=decode.occupancy,
-                       scheduler=runner.use_scheduler, slots=runner.max_prompts),
+                       scheduler=runner.use_scheduler, decoding=runner.decoding, slots=runner.max_prompts,
+                       stream_batches=plan.stream_batches),
         "matmul_gflops": rates, "ceiling_gflops": ceiling_rate,
         "engine": dict(asdict(engine), images_per_s=engine.images_per_s, gflops=engine_gflops,
                        flops_per_image=sides.engine_flops, peak_memory_bytes=sides.peak),
@@ -236,6 +246,10 @@ def _report(runner, plan: BenchPlan, sides: Sides, rates: dict, baseline: bool, 
 @click.option("--scheduler/--no-scheduler", default=True, show_default=True,
               help="Engine decoding (greedy or beams) through the continuous-batching scheduler "
                    "(off: one generate per chunk).")
+@click.option("--no-repeat-ngram-size", type=int, default=None, help="Override the model's (as `run`), on both sides.")
+@click.option("--repetition-penalty", type=float, default=None, help="Override the model's (as `run`), on both sides.")
+@click.option("--stream-batches", default=0, show_default=True,
+              help="Restart the engine's stream every N batches (0: one stream), as a --ray actor does per call.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--attention", type=click.Choice(["auto", "sdpa", "eager", "flash_attention_2"]), default="auto",
               show_default=True)
@@ -249,8 +263,9 @@ def _report(runner, plan: BenchPlan, sides: Sides, rates: dict, baseline: bool, 
 @click.option("--no-scores", is_flag=True, help="Time the engine without its confidence-score pass (as `run --no-scores`).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write every figure to this JSON file.")
-def bench(model, tasks_spec, images, batch_size, num_beams, baseline, tokens_spec, lengths, scheduler, dtype, attention, device,
-              kernels, threads, matmul_size, seed, no_scores, json_path) -> None:
+def bench(model, tasks_spec, images, batch_size, num_beams, baseline, tokens_spec, lengths, scheduler,
+          no_repeat_ngram_size, repetition_penalty, stream_batches, dtype, attention, device,
+          kernels, threads, matmul_size, seed, no_scores, json_path) -> None:
     """Images/s of the engine vs the one-image-one-prompt loop, FLOPs, and the matmul ceiling.
 
     Last line: speedup=<engine/reference images/s or n/a> ceiling=<achieved / matmul GFLOP/s>."""
@@ -261,7 +276,9 @@ def bench(model, tasks_spec, images, batch_size, num_beams, baseline, tokens_spe
     try:
         result = run_bench(model, tasks_spec, images, batch_size, num_beams, baseline, tokens_spec, dtype,
                            attention, device, kernels, seed, threads, matmul_size, scores=not no_scores,
-                           lengths=lengths, scheduler=scheduler, echo=click.echo)
+                           lengths=lengths, scheduler=scheduler, echo=click.echo, stream_batches=stream_batches,
+                           overrides={k: v for k, v in (("no_repeat_ngram_size", no_repeat_ngram_size),
+                                                        ("repetition_penalty", repetition_penalty)) if v is not None})
     except (ConfigError, UnknownTask) as exc:
         raise click.UsageError(str(exc)) from None
     except ModelLoadError as exc:

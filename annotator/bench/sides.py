@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass, field
 
 import click
@@ -112,6 +114,17 @@ def engine_batches(lm, tasks, images, batch_size: int, first: int = 0):
             pixels = lm.processor.image_processor(images=im, return_tensors="pt")["pixel_values"][0]
             items.append(ImageItem(f"bench{first + start + k}.png", im.width, im.height, pixels, names))
         yield collate(items)
+
+
+def restarted_stream(engine, batches, every: int):
+    """The engine's stream over `batches`, drained and restarted every `every` batches (0: one
+    stream): what an `annotate run --ray` actor does once per call (run/raydata.py)."""
+    if not every:
+        yield from engine.annotate_stream(batches)
+        return
+    batches = iter(batches)
+    while chunk := list(itertools.islice(batches, every)):
+        yield from engine.annotate_stream(chunk)
 
 
 def count_rows(side: Side, rows) -> None:

@@ -33,6 +33,12 @@ class RunAnnotator:
         self.engine = build_engine(cfg, lm)
         self.tileable = tileable(self.engine.tasks, self.engine.sources) if cfg.tiling.enabled else frozenset()
 
+    @property
+    def runtime(self) -> dict:
+        """What this annotator runs with, as the manifest records it: the model's device, dtype and
+        attention, and the decode path ("scheduler" or "generate: <why>")."""
+        return dict(self.lm.runtime, decoding=self.engine.decoding)
+
     def dataset(self, work: list[WorkItem], open_image: Callable[[WorkItem], Image.Image] | None = None) -> ImageDataset:
         """The images of `work` as the engine takes them: whole images, and their tiles with --tile."""
         processor, cfg = self.lm.processor.image_processor, self.cfg

@@ -10,6 +10,7 @@ Shapes: B images per batch, N image tokens (577 at 768px), D model width, P prom
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Iterable, Iterator
 
 import torch
@@ -21,7 +22,7 @@ from annotator.inputs.images import Batch, describe_error
 from annotator.model.load import LoadedModel, free_cache, is_oom
 from annotator.model.sequence import PromptCache, loc_tokens, pad_right
 from annotator.decode.forced_lengths import ForcedLengths
-from annotator.decode.scheduler import DecodeStats, supports
+from annotator.decode.scheduler import DecodeStats, unsupported_reason
 from annotator.answers.confidence import LocBins, chosen_logprobs
 from annotator.model.cpu_kernels import use_onednn_linear
 from annotator.outdir.table import Annotation
@@ -47,12 +48,23 @@ class Engine:
         self.locs = LocBins.of(lm.processor.tokenizer)  # location tokens score with their neighbourhood (confidence.py)
         self.forced_lengths: ForcedLengths | None = None  # bench only: exact answer lengths (forced_lengths.py)
         self.decode_stats = DecodeStats()  # decoding work, for the bench's slot efficiency
+        # The run's generation overrides (--no-repeat-ngram-size, ...) go into the model's generation
+        # config: both decode paths read their rules from it (see run_generation_config).
+        lm.model.generation_config = run_generation_config(lm.model, generation, assign=True)
         # Greedy and beam search go through the continuous-batching scheduler (scheduler.py) when
-        # it does exactly what generate would.
-        self.use_scheduler = supports(lm.model.generation_config)
+        # it does exactly what generate would; otherwise the reason is kept (see `decoding`).
+        self.generate_reason = unsupported_reason(lm.model.generation_config)
+        self.use_scheduler = self.generate_reason is None
         self.stream = BatchStream(self)  # what runs when: vision, task waves, the decode scheduler
         if lm.device.type == "cpu":
             use_onednn_linear(lm.model)  # fp32 Linear through oneDNN: 2x the GFLOP/s on AMD CPUs (cpu_kernels.py)
+
+    @property
+    def decoding(self) -> str:
+        """The decode path, as the manifest and the run's log say it: "scheduler" or "generate: <why>"."""
+        if self.use_scheduler:
+            return "scheduler"
+        return "generate: " + (self.generate_reason or "the scheduler is turned off")
 
     # ------------------------------------------------------------------ batches -> rows
     def annotate(self, batch: Batch) -> list[Annotation]:
@@ -214,6 +226,29 @@ class Engine:
             logits = model.lm_head(hidden[row, :n]).float()
             out.append(chosen_logprobs(logits, sequences[row, 1:n + 1], self.locs))
         return out
+
+
+_OWN_CONFIGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (its own config, the run's)
+
+
+def run_generation_config(model, generation: GenerationSettings, assign: bool = False):
+    """The model's generation config with the run's overrides, always applied to the model's own config:
+    a model that served a run with --no-repeat-ngram-size 0 does not keep it for the next run
+    in the same process. A config someone set on the model since counts as its own."""
+    own, applied = _OWN_CONFIGS.get(model, (None, None))
+    if model.generation_config is not applied:
+        own = model.generation_config
+    config = generation.apply(own)
+    if assign:
+        _OWN_CONFIGS[model] = (own, config)
+    return config
+
+
+def decoding_path(generation_config) -> str:
+    """What an engine decodes a model with this generation config through: "scheduler", or
+    "generate: <the rule the scheduler lacks>" (Engine.decoding, before any engine exists)."""
+    reason = unsupported_reason(generation_config)
+    return "scheduler" if reason is None else f"generate: {reason}"
 
 
 def _answer_ids(ids: list[int], eos: int, pad: int) -> tuple[list[int], bool]:

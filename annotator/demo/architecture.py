@@ -138,6 +138,16 @@ def half(model):
     return out
 
 
+# What the card says about the generation config build_model gives the demo model (its own, not the published one).
+GENERATION_NOTE = (
+    "Generation settings (`generation_config.json`): its own, not the published checkpoints'. As theirs: "
+    "`num_beams 3` (`annotate run --num-beams` decides anyway), forced `<s>` first and `</s>` last. Its own: "
+    "`no_repeat_ngram_size 0` (the published: 3), `early_stopping` unset, i.e. false (the published: true), "
+    f"`max_new_tokens 1024`, and {IMAGE_SIZE} px images ({GRID}x{GRID} + 1 image tokens; the published: 768 px, 577). "
+    "Its quality figures are measured with these; `annotate run --no-repeat-ngram-size 3` applies the published rule."
+)
+
+
 def model_card(args: dict, log: list[dict]) -> str:
     """The README.md saved next to the weights: what the model is and how it was made (the held-out
     figures are added by `python -m annotator.readback.quality --card`)."""
@@ -151,6 +161,8 @@ def model_card(args: dict, log: list[dict]) -> str:
         "knows that world only: use it to try the tool offline, never for real images.",
         "",
         "Tasks: " + ", ".join(f"`{t}`" for t in DEMO_TASKS) + " (grounding: a `colour shape` phrase).",
+        "",
+        GENERATION_NOTE,
         "",
         "## Training (this stage)",
         "",

@@ -25,7 +25,16 @@ log = logging.getLogger(__name__)
 
 RANDOM_PREFIX = "random:"
 DEMO_NAME = "demo"  # the project's own small model, shipped inside the package (annotator/demo_model)
-RANDOM_FORMAT = 1  # bump when the random tokenizer/processor recipe changes (invalidates the cache)
+RANDOM_FORMAT = 2  # bump when the random tokenizer/processor recipe changes (invalidates the cache)
+
+# The generation config the published checkpoints ship (the native Florence-2-base|large's
+# generation_config.json, which transformers derived from microsoft/Florence-2-*'s text_config). random:*
+# carry it so that tests and `annotate bench` decode as a real checkpoint does (tests/test_published_config.py
+# checks it against the published files). Like the published file it leaves max_length unset: the engine
+# always passes max_new_tokens (1024 by default: 1025 positions with the start token, the ports' max_length).
+PUBLISHED_GENERATION = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, decoder_start_token_id=2,
+                            forced_bos_token_id=0, forced_eos_token_id=2, num_beams=3, no_repeat_ngram_size=3,
+                            early_stopping=True)
 
 
 @dataclass(frozen=True)
@@ -231,9 +240,7 @@ def random_florence2(size: str, vocab_size: int, image_token_id: int, attention:
     config._attn_implementation = attention
     with _seeded(0):
         model = Florence2ForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=0, eos_token_id=2, pad_token_id=1, decoder_start_token_id=2, forced_bos_token_id=0,
-    )
+    model.generation_config = GenerationConfig(**PUBLISHED_GENERATION)
     return model
 
 
@@ -296,9 +303,13 @@ def build_random_processor(image_size: int):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     grid = image_size // 32  # DaViT's four stages stride 4*2*2*2
+    square = {"height": image_size, "width": image_size}
+    # The published preprocessor_config.json's settings (images.py hands the processor RGB already,
+    # so do_convert_rgb stays unset as there); only the size differs for random:tiny.
     image_processor = CLIPImageProcessorPil(
-        size={"height": image_size, "width": image_size}, do_center_crop=False, do_resize=True, resample=3,
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], do_convert_rgb=True,
+        size=square, crop_size=square, do_center_crop=False, do_resize=True, resample=3, do_rescale=True,
+        rescale_factor=1 / 255, do_normalize=True, image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225], do_convert_rgb=None,
         image_seq_length=grid * grid + 1,  # +1: the temporal-mean token the projector appends
     )
     return Florence2Processor(image_processor=image_processor, tokenizer=build_random_tokenizer(),

@@ -47,6 +47,7 @@ class RunInfo:
     finished: str | None = None  # None: the last run was interrupted or is still going
     completeness: Completeness | None = None
     not_checked: str | None = None  # why completeness is unknown
+    decoding: str | None = None  # the last run's decode path: "scheduler" or "generate: <why>"
 
     @property
     def errors(self) -> int:
@@ -64,6 +65,8 @@ class RunInfo:
         if self.model:
             state = f"finished {self.finished}" if self.finished else "did not finish (interrupted, or still running)"
             out.append(f"model: {self.model}  tasks: {', '.join(self.tasks)}  last run: {state}")
+        if self.decoding:
+            out.append(f"decoding: {self.decoding}")
         out.append("rows by task:")
         width = max((len(t) for t in self.by_task), default=0)
         for task, counts in sorted(self.by_task.items()):
@@ -167,6 +170,7 @@ def summarize(folder: Path, top: int = 10, check_complete: bool = True) -> RunIn
         return info
     info.model, info.tasks = manifest.identity.get("model"), manifest.tasks
     info.started, info.finished = manifest.started, manifest.finished
+    info.decoding = manifest.runtime.get("decoding")
     if check_complete:
         try:
             found = discover(manifest.inputs, input_lists=manifest.input_lists, path_column=manifest.path_column)

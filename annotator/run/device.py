@@ -5,6 +5,7 @@ What the folder holds and what may be written to it (lock, manifest, resume, --o
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
@@ -22,6 +23,8 @@ from annotator.outdir.folder import Opened, OutputFolder
 from annotator.outdir.table import ERROR, OK, PartWriter
 
 
+log = logging.getLogger(__name__)
+
 @dataclass
 class Summary:
     images: int = 0  # images seen this run (pending work)
@@ -33,6 +36,7 @@ class Summary:
     per_worker: dict = field(default_factory=dict)  # rank -> images annotated
     quality: dict = field(default_factory=dict)  # parse.refine counters: duplicates removed, ...
     failed_workers: list = field(default_factory=list)  # "rank 1 (cuda:1): why"
+    decoding: str | None = None  # "scheduler" or "generate: <why>" (announce_decoding)
 
     def add(self, rank, done: "BatchDone") -> None:
         self.images += done.images
@@ -65,9 +69,23 @@ class Summary:
             out.append("quality: " + ", ".join(f"{k.replace('_', ' ')}: {n}" for k, n in sorted(self.quality.items()) if n))
         if len(self.per_worker) > 1:
             out.append("images per worker: " + ", ".join(f"{r}: {n}" for r, n in sorted(self.per_worker.items())))
+        if self.decoding:
+            out.append(f"decoding: {self.decoding}")
         for failure in self.failed_workers:
             out.append(f"worker failed: {failure} -- run the same command again to finish its work")
         return out
+
+
+def announce_decoding(annotator: RunAnnotator, log_it: bool = True) -> str:
+    """The run's decode path (the model's generation config with the run's overrides), logged once
+    at start by whoever reports the run: off the scheduler it is a warning that says why."""
+    path = annotator.engine.decoding
+    if log_it:
+        if path == "scheduler":
+            log.info("decoding: scheduler (continuous batching)")
+        else:
+            log.warning("decoding: %s; every wave decodes through generate (slower)", path)
+    return path
 
 
 def make_loader(dataset: ImageDataset, lm: LoadedModel, cfg: RunConfig) -> torch.utils.data.DataLoader:
@@ -194,10 +212,12 @@ def run(cfg: RunConfig, device: str = "cpu", lm: LoadedModel | None = None,
             progress.update(done.images)
 
     writer = plan.folder.writer(cfg, rank)
+    annotator = None
     try:
         if plan.work:
-            lm = lm or load_model(cfg.model, device)
-            annotate_work(cfg, RunAnnotator(cfg, lm), plan.work, writer, on_batch)
+            annotator = RunAnnotator(cfg, lm or load_model(cfg.model, device))
+            summary.decoding = announce_decoding(annotator)
+            annotate_work(cfg, annotator, plan.work, writer, on_batch)
     except BaseException:
         writer.flush()  # first: on Ctrl-C what is finished is kept, and a folder with rows is never removed
         plan.folder.abandon(plan.opened)  # the folder is free again, even for a caller that goes on living
@@ -205,5 +225,5 @@ def run(cfg: RunConfig, device: str = "cpu", lm: LoadedModel | None = None,
     finally:
         writer.flush()  # a no-op after the except branch
         summary.seconds = time.monotonic() - start
-    plan.finish(cfg, lm.runtime if lm is not None else None, device)
+    plan.finish(cfg, annotator.runtime if annotator is not None else None, device)
     return summary

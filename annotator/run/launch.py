@@ -23,7 +23,7 @@ from annotator.decode.builder import RunAnnotator
 from annotator.model import ModelLoadError
 from annotator.model.load import load_model
 from annotator.outdir.folder import OutputFolder
-from annotator.run.device import BatchDone, Plan, Summary, annotate_work, merge_runtimes, plan_run, run
+from annotator.run.device import BatchDone, Plan, Summary, announce_decoding, annotate_work, merge_runtimes, plan_run, run
 from annotator.run.progress import Bar
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ def _supervise(procs, devices, events, summary: Summary, bar: Bar, runtimes: lis
     def handle(event: WorkerEvent) -> None:
         if event.runtime is not None:
             runtimes.append(event.runtime)
+            summary.decoding = summary.decoding or event.runtime.get("decoding")
         if event.done is not None:
             summary.add(event.rank, event.done)
             bar.update(event.done.images)
@@ -198,8 +199,9 @@ def worker_main(rank: int, device: str, cfg: RunConfig, jobs, events, threads: i
     try:
         with stop_on_signals(130):
             lm = load_model(cfg.model, torch_device(device))
-            events.put(WorkerEvent(rank, runtime=lm.runtime))
             annotator = RunAnnotator(cfg, lm)
+            announce_decoding(annotator, log_it=rank == 0)
+            events.put(WorkerEvent(rank, runtime=annotator.runtime))
             on_batch = lambda done: events.put(WorkerEvent(rank, done=done))  # noqa: E731
             while True:
                 chunk = jobs.get()
@@ -253,16 +255,18 @@ def launch_torchrun(cfg: RunConfig, env: DistEnv) -> Summary:
     bar = Bar(cfg.progress and owner)
     bar.start(len(share))
     writer = plan.folder.writer(cfg, env.rank)
-    lm = None
+    annotator = None
     try:
-        lm = load_model(cfg.model, device) if share else None
+        if share:
+            annotator = RunAnnotator(cfg, load_model(cfg.model, device))
+            plan.summary.decoding = announce_decoding(annotator, log_it=owner)
 
         def on_batch(done: BatchDone) -> None:
             plan.summary.add(env.rank, done)
             bar.update(done.images)
 
         if share:
-            annotate_work(cfg, RunAnnotator(cfg, lm), share, writer, on_batch)
+            annotate_work(cfg, annotator, share, writer, on_batch)
     except BaseException:
         if owner:
             plan.folder.abandon(plan.opened)
@@ -272,7 +276,7 @@ def launch_torchrun(cfg: RunConfig, env: DistEnv) -> Summary:
         bar.close()
     plan.summary.seconds = time.monotonic() - start
     reports: list = [None] * env.world
-    dist.all_gather_object(reports, (plan.summary, lm.runtime if lm is not None else None))
+    dist.all_gather_object(reports, (plan.summary, annotator.runtime if annotator is not None else None))
     if owner:
         plan.summary = _merge([summary for summary, _ in reports])
         plan.finish(cfg, merge_runtimes([runtime for _, runtime in reports if runtime]), device)
@@ -281,7 +285,8 @@ def launch_torchrun(cfg: RunConfig, env: DistEnv) -> Summary:
 
 
 def _merge(parts: list[Summary]) -> Summary:
-    total = Summary(skipped=parts[0].skipped, already_done=parts[0].already_done)
+    total = Summary(skipped=parts[0].skipped, already_done=parts[0].already_done,
+                    decoding=next((s.decoding for s in parts if s.decoding), None))
     for s in parts:
         total.images += s.images
         total.rows_ok += s.rows_ok

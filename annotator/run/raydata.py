@@ -116,8 +116,16 @@ def decoded_opener(decoded: list):
     return open_image
 
 
+# Engine batches per actor call. Ray Data hands an actor whole batches and wants each call's output
+# back before the call ends, so the engine's stream (stream.py: the next batches' prompts fill the
+# slots long answers leave) drains at the end of every call; over 8 batches the drain costs little
+# (README, "Ray": slot efficiency by batches per call, measured with `annotate bench --stream-batches`).
+ACTOR_BATCHES = 8
+
+
 class AnnotateActor:
-    """One model (one GPU, or CPU) and the run's annotator; annotates one batch per call."""
+    """One model (one GPU, or CPU) and the run's annotator (decode/builder.py, tiles included); annotates
+    ACTOR_BATCHES engine batches per call through one engine stream."""
 
     def __init__(self, cfg: RunConfig, gpu: bool):
         from annotator.decode.builder import RunAnnotator
@@ -125,17 +133,31 @@ class AnnotateActor:
 
         lm = load_model(cfg.model, "cuda" if gpu else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES
         self.annotator = RunAnnotator(cfg, lm)
-        self.runtime = json.dumps(lm.runtime)
+        self.runtime = json.dumps(self.annotator.runtime)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
-    def __call__(self, row: dict) -> dict:
-        _maybe_die(row["batch"])
-        decoded = pickle.loads(row["decoded"])
-        dataset = self.annotator.dataset([item for item, _ in decoded], decoded_opener(decoded))
-        rows = self.annotator.annotate(dataset)
-        quality = self.annotator.take_stats()
-        return {"batch": row["batch"], "images": len(dataset), "actor": self.name, "runtime": self.runtime,
-                "rows": pickle.dumps(rows), "quality": json.dumps(quality)}
+    def __call__(self, calls: dict) -> dict:
+        """Columns of engine batches in, columns of their rows out (one row per engine batch): the
+        batches go through one engine stream, and come out as they finish."""
+        ids = [int(b) for b in calls["batch"]]
+        for b in ids:
+            _maybe_die(b)
+        decoded = [pickle.loads(d) for d in calls["decoded"]]
+        pairs = [pair for batch in decoded for pair in batch]  # (work item, image or its error), call order
+        dataset = self.annotator.dataset([item for item, _ in pairs], decoded_opener(pairs))
+        owner, size, batches, start = {}, {}, [], 0
+        for b, batch in zip(ids, decoded):
+            owner.update((item.ref.key, b) for item, _ in batch)
+            size[b] = len(batch)
+            batches.append(dataset.collate([dataset[i] for i in range(start, start + len(batch))]))
+            start += len(batch)
+        out: dict[str, list] = {k: [] for k in ("batch", "images", "actor", "runtime", "rows", "quality")}
+        for rows in self.annotator.annotate_stream(dataset, batches):
+            b = owner[rows[0].image]
+            for key, value in (("batch", b), ("images", size[b]), ("actor", self.name), ("runtime", self.runtime),
+                               ("rows", pickle.dumps(rows)), ("quality", json.dumps(self.annotator.take_stats()))):
+                out[key].append(value)
+        return out
 
 
 def _maybe_die(batch: int) -> None:
@@ -168,7 +190,11 @@ def launch_ray(cfg: RunConfig) -> Summary:
                 seen.add(row["batch"])
                 done = sink.add(pickle.loads(row["rows"]), json.loads(row["quality"]), row["images"])
                 summary.add(row["actor"], done)
-                runtimes[row["actor"]] = json.loads(row["runtime"])
+                runtimes[row["actor"]] = runtime = json.loads(row["runtime"])
+                if summary.decoding is None:  # the actors' decode path, said once (as `annotate run` does)
+                    summary.decoding = runtime.get("decoding")
+                    log.log(logging.INFO if summary.decoding == "scheduler" else logging.WARNING,
+                            "decoding: %s", summary.decoding)
                 bar.update(row["images"])
     except BaseException:
         writer.flush()
@@ -195,6 +221,6 @@ def _dataset(ray, cfg: RunConfig, work: list[WorkItem]):
     actor_cpus = 0 if plan.gpu else max(0.25, min(1.0, (resources.get("CPU", 1) - 1) / plan.actors))
     ds = ray.data.from_items(batches, override_num_blocks=len(batches))
     ds = ds.map(decode_batch, fn_kwargs={"max_pixels": cfg.max_image_pixels}, num_cpus=1)
-    return ds.map(AnnotateActor, fn_constructor_args=(cfg, plan.gpu),
-                  compute=ray.data.ActorPoolStrategy(size=plan.actors),
-                  num_gpus=1 if plan.gpu else 0, num_cpus=actor_cpus)
+    return ds.map_batches(AnnotateActor, batch_size=ACTOR_BATCHES, batch_format="numpy",
+                          fn_constructor_args=(cfg, plan.gpu), compute=ray.data.ActorPoolStrategy(size=plan.actors),
+                          num_gpus=1 if plan.gpu else 0, num_cpus=actor_cpus)
