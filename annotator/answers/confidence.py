@@ -81,19 +81,23 @@ def logprobs_of(logp: torch.Tensor, chosen: torch.Tensor, locs: LocBins | None, 
 
 
 def logprobs_tensor(logp: torch.Tensor, chosen: torch.Tensor, locs: LocBins | None, tolerance: int = LOC_TOLERANCE,
-                    rows: torch.Tensor | None = None) -> torch.Tensor:
-    """`logprobs_of` as a float32 tensor [n] on logp's device (the decode scheduler keeps it there)."""
-    if rows is not None:
-        out = logp[rows, chosen]
-    else:
-        out = logp.gather(-1, chosen[:, None])[:, 0]
+                    rows: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """`logprobs_of` as a float32 tensor [n] on logp's device (the decode scheduler keeps it there).
+    `shift` [m]: `logp` holds float32 logits, and log p = logits - shift[row] (each row's log
+    normalizer): beam search reads the raw log p this way after its rules bent the log_softmax in place."""
+    if rows is None:
+        rows = torch.arange(len(chosen), device=chosen.device)
+    out = logp[rows, chosen]
+    if shift is not None:
+        out = out - shift[rows]
     if locs is None:
         return out
     rel = chosen - locs.first
     is_loc = (rel >= 0) & (rel < locs.count)
     if is_loc.any():
-        src = is_loc if rows is None else rows[is_loc]
-        mass = logp[src, locs.first:locs.first + locs.count].exp().cumsum(-1)
+        src = rows[is_loc]
+        window = logp[src, locs.first:locs.first + locs.count]
+        mass = (window if shift is None else window - shift[src, None]).exp().cumsum(-1)
         mass = torch.cat([mass.new_zeros(len(mass), 1), mass], -1)  # mass[:, b] = p(bins < b)
         lo = (rel[is_loc] - tolerance).clamp(min=0)
         hi = (rel[is_loc] + tolerance + 1).clamp(max=locs.count)

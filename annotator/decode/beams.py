@@ -46,20 +46,20 @@ class BeamSettings:
         return cls(num_beams, 1.0 if lp is None else float(lp), False if es is None else es)
 
 
-def candidates(logits: torch.Tensor, running: torch.Tensor, rules: LogitsRules, cache: SlotCache, n: int,
+def candidates(logits: torch.Tensor, running: torch.Tensor, rules: LogitsRules, cache: SlotCache, a: int, b: int,
                scores: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [J*k, V] of J jobs' beams (the rows [0, n) of `cache`), running scores [J, k] (float32)
-    -> top 2k accumulated log p [J, 2k], their indices into k*V, and the raw log_softmax [J*k, V]
-    (for scores)."""
-    raw = torch.log_softmax(logits.float(), -1)
-    length = cache.pos[:n]  # tokens in each row's sequence, the decoder start included
-    min_new, max_new = cache.min_new[:n], cache.max_new[:n]
-    logp = raw.clone() if scores else raw  # the rules and running scores go into logp in place; scores read the raw
-    rules.apply(logp, cache.ids[:n], length, min_new, max_new)
+    """logits [J*k, V] of J jobs' beams (the rows [a, b) of `cache`), running scores [J, k] (float32)
+    -> top 2k accumulated log p [J, 2k], their indices into k*V, and (scores) each row's log softmax
+    normalizer [J*k]: raw log p = logits - it (scores.logprobs_tensor's shift)."""
+    logits = logits.float()
+    logp = torch.log_softmax(logits, -1)
+    # read before the rules and running scores go into logp in place (no copy of [rows, V] per step)
+    shift = logits[:, 0] - logp[:, 0] if scores else None
+    rules.apply(logp, cache.ids[a:b], cache.pos[a:b], cache.min_new[a:b], cache.max_new[a:b])
     jobs, k, vocab = running.shape[0], running.shape[1], logp.shape[-1]
     acc = logp.view(jobs, k, vocab).add_(running[:, :, None])
     vals, index = torch.topk(acc.view(jobs, k * vocab), k=2 * k)
-    return vals, index, raw
+    return vals, index, shift
 
 
 class BeamSearch:

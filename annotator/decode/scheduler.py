@@ -123,6 +123,7 @@ class DecodeScheduler:
     admission, so memory holds at most `max_rows` encoder outputs."""
 
     RAGGED_WASTE = 2.0  # self-attention per row once the padded reads exceed this x the real ones
+    CHUNK_BYTES = 16 << 20  # CPU: vocabulary-sized work in row chunks of at most this many bytes (_chunks)
 
     def __init__(self, model, max_rows: int, encode: Encode, scores: bool = True, stats: DecodeStats | None = None,
                  locs: LocBins | None = None, num_beams: int = 1):
@@ -185,13 +186,13 @@ class DecodeScheduler:
             return []
         cache, n = self.cache, len(self.rows) * self.width
         tokens = cache.ids[:n].gather(1, cache.pos[:n, None])[:, 0]  # each row's last token
-        logits = self._step(cache, tokens, n)  # [n, V]
+        hidden = self._step(cache, tokens, n)  # [n, D]
         if self.stats is not None:  # in prompts (jobs): a beam job's k rows scale both terms of efficiency alike
             self.stats.steps += 1
             self.stats.row_steps += len(self.rows)
             self.stats.slot_steps += self.capacity
         cache.advance(n)
-        ended = self._greedy(logits, n) if self.beams is None else self._beam(logits, n)
+        ended = self._greedy(hidden, n) if self.beams is None else self._beam(hidden, n)
         finished = [(self.rows[j], self._answer(j)) for j in ended]
         for j in reversed(ended):  # highest first: moving the last job down never moves a finished one
             self._retire(j)
@@ -205,29 +206,50 @@ class DecodeScheduler:
             ids, lps = self.cache.ids[j, 1:end].tolist(), self.cache.lps[j, 1:end].tolist()
         return Answer(ids, bool(ids) and ids[-1] == self.eos, lps if self.scores else None)
 
-    def _greedy(self, logits: torch.Tensor, n: int) -> list[int]:
+    def _chunks(self, n: int, vocab: int) -> list[tuple[int, int]]:
+        """Row ranges (whole jobs) for the vocabulary-sized work of a step. On CPU a [rows, V] float
+        tensor over a few MB is mmap'ed fresh by malloc and page-faulted in on every step (at 768
+        rows the process spent most of its time in the kernel); chunks under that size reuse the
+        heap. A GPU's caching allocator reuses memory: one chunk."""
+        if self.decoder.embed_tokens.weight.device.type != "cpu":
+            return [(0, n)]
+        w = self.width
+        rows = max(w, self.CHUNK_BYTES // (4 * vocab) // w * w)
+        return [(a, min(a + rows, n)) for a in range(0, n, rows)]
+
+    def _greedy(self, hidden: torch.Tensor, n: int) -> list[int]:
         """Each row's next token (generate's rules on the float32 logits, then argmax), written into
         its sequence; the rows that ended (</s> or their length limit), in order."""
-        cache = self.cache
-        raw = torch.log_softmax(logits.float(), -1) if self.scores else None  # before the rules bend the logits
-        x = logits.float()
-        self.rules.apply(x, cache.ids[:n], cache.pos[:n], cache.min_new[:n], cache.max_new[:n])
-        chosen = x.argmax(-1)
-        rows, at = torch.arange(n, device=chosen.device), cache.pos[:n]
+        cache, head = self.cache, self.model.lm_head
+        rows, at = torch.arange(n, device=hidden.device), cache.pos[:n]
+        chosen = torch.empty(n, dtype=torch.long, device=hidden.device)
+        for a, b in self._chunks(n, head.out_features):
+            logits = head(hidden[a:b]).float()
+            raw = torch.log_softmax(logits, -1) if self.scores else None  # before the rules bend the logits
+            self.rules.apply(logits, cache.ids[a:b], at[a:b], cache.min_new[a:b], cache.max_new[a:b])
+            chosen[a:b] = logits.argmax(-1)
+            if raw is not None:
+                cache.lps[rows[a:b], at[a:b]] = logprobs_tensor(raw, chosen[a:b], self.locs)
         cache.ids[rows, at] = chosen
-        if raw is not None:
-            cache.lps[rows, at] = logprobs_tensor(raw, chosen, self.locs)
         return ((chosen == self.eos) | (at >= cache.max_new[:n])).nonzero()[:, 0].tolist()
 
-    def _beam(self, logits: torch.Tensor, n: int) -> list[int]:
+    def _beam(self, hidden: torch.Tensor, n: int) -> list[int]:
         """Beam search step of every job (beams.py): its k rows reordered to the beams they continue;
         the jobs that ended."""
-        beams, k, vocab = self.beams, self.width, logits.shape[-1]
-        vals, index, raw = candidates(logits, beams.running, self.rules, self.cache, n, self.scores)
-        lps = None
-        if self.scores:  # raw log p of every candidate token, under the logits of the beam it extends
-            rows = (index // vocab + torch.arange(len(self.rows), device=index.device)[:, None] * k).flatten()
-            lps = logprobs_tensor(raw, (index % vocab).flatten(), self.locs, rows=rows).view(index.shape)
+        beams, k, head = self.beams, self.width, self.model.lm_head
+        vocab, jobs = head.out_features, n // k
+        vals = torch.empty((jobs, 2 * k), device=hidden.device)
+        index = torch.empty((jobs, 2 * k), dtype=torch.long, device=hidden.device)
+        lps = torch.empty((jobs, 2 * k), device=hidden.device) if self.scores else None
+        for a, b in self._chunks(n, vocab):
+            ja, jb = a // k, b // k
+            logits = head(hidden[a:b]).float()
+            v, i, shift = candidates(logits, beams.running[ja:jb], self.rules, self.cache, a, b, self.scores)
+            vals[ja:jb], index[ja:jb] = v, i
+            if lps is not None:  # raw log p of every candidate token, under the logits of the beam it extends
+                rows = (i // vocab + torch.arange(jb - ja, device=i.device)[:, None] * k).flatten()
+                lps[ja:jb] = logprobs_tensor(logits, (i % vocab).flatten(), self.locs, rows=rows,
+                                             shift=shift).view(i.shape)
         return beams.advance(vals, index, vocab, lps, self.cache, n)
 
     def _retire(self, j: int) -> None:
@@ -262,7 +284,8 @@ class DecodeScheduler:
             self.stats.calls += 1  # admissions: prompt encodings batched together
 
     def _step(self, cache: SlotCache, tokens: torch.Tensor, n: int) -> torch.Tensor:
-        """One decoder step for the rows in slots [0, n): tokens [n] at positions cache.pos[:n] -> logits [n, V]."""
+        """One decoder step for the rows in slots [0, n): tokens [n] at positions cache.pos[:n] -> the
+        last hidden states [n, D] (lm_head runs in chunks: _greedy, _beam)."""
         dec = self.decoder
         pos = cache.pos[:n]
         h = dec.embed_tokens(tokens[:, None]) + dec.embed_positions.weight[pos + dec.embed_positions.offset][:, None]
@@ -299,7 +322,7 @@ class DecodeScheduler:
             o = o.view(n // w, o.shape[1], w, 1, o.shape[-1]).transpose(1, 2).flatten(0, 1)  # -> [n, H, 1, hd]
             h = layer.encoder_attn_layer_norm(h + xa.out_proj(merge_heads(o)))
             h = layer.final_layer_norm(h + layer.fc2(layer.activation_fn(layer.fc1(h))))
-        return self.model.lm_head(h[:, 0])
+        return h[:, 0]
 
 
 def rows_for_memory(device: torch.device, bytes_per_row: int, cap: int, share: float = 0.5) -> int:
