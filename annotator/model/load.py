@@ -155,7 +155,7 @@ def load_model(spec: ModelSpec, device: torch.device | str = "cpu") -> LoadedMod
 
 def demo_dir() -> Path:
     """The shipped demo checkpoint; trained by examples/train_demo.py (see its model card)."""
-    path = Path(__file__).parent / "demo_model"
+    path = Path(__file__).parents[1] / "demo_model"  # annotator/demo_model: package data
     if not (path / "model.safetensors").is_file():
         raise ModelLoadError(f"the demo model is missing from this installation ({path}); reinstall "
                              f"florence-annotate, or train it with `python examples/train_demo.py --out {path}`")
