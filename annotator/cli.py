@@ -277,15 +277,14 @@ def finetune_cmd(data, model, revision, allow_pickle, out, epochs, lr, batch_siz
 def eval_cmd(prediction: Path, gt: Path, iou: float | None, segm: bool, as_json: bool) -> None:
     """mAP of a COCO export (PREDICTION: its folder or annotations.json) against ground truth."""
     import json
-    from dataclasses import asdict
 
-    from .evaluate import EvalError, evaluate
+    from .evaluate import EvalError, evaluate, json_ready
 
     try:
         report = evaluate(prediction, gt, iou=iou, iou_type="segm" if segm else "bbox")
     except EvalError as exc:
         _fail(str(exc), 2)
-    click.echo(json.dumps(asdict(report), indent=2) if as_json else "\n".join(report.lines()))
+    click.echo(json.dumps(json_ready(report), indent=2) if as_json else "\n".join(report.lines()))
 
 
 @cli.command("samples")

@@ -107,7 +107,7 @@ def _check_out(cfg: RunConfig) -> Manifest:
     manifest = Manifest(identity=cfg.identity(), package_version=__version__,
                         inputs=[input_label(p) for p in cfg.inputs], tasks=[t.name for t in cfg.tasks],
                         started=now(), input_lists=[input_label(p) for p in cfg.input_lists],
-                        path_column=cfg.path_column)
+                        path_column=cfg.path_column, follow_symlinks=cfg.follow_symlinks)
     old = previous_manifest(out)
     if old is not None:
         refusal = settings_refusal(cfg, old)
@@ -117,6 +117,7 @@ def _check_out(cfg: RunConfig) -> Manifest:
         manifest.inputs = old.inputs + [p for p in manifest.inputs if p not in old.inputs]
         manifest.input_lists = old.input_lists + [p for p in manifest.input_lists if p not in old.input_lists]
         manifest.path_column = cfg.path_column or old.path_column
+        manifest.follow_symlinks = cfg.follow_symlinks or old.follow_symlinks
         manifest.started = old.started
         manifest.sources = sources_to_manifest(manifest_sources(old))
     elif part_files(out) and not cfg.force:

@@ -240,6 +240,7 @@ class Manifest:
     runtime: dict = field(default_factory=dict)  # dtype and attention actually used (not "auto")
     input_lists: list[str] = field(default_factory=list)  # --input-list files (sources.read_list)
     path_column: str | None = None
+    follow_symlinks: bool = False  # some run into the folder followed links out of its inputs (exports may too)
 
     def save(self, out_dir: Path) -> None:
         dest = Path(out_dir) / MANIFEST

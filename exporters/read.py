@@ -8,6 +8,7 @@ all in memory at once: counts and labels are summed over the ranges, images come
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,7 @@ class Run:
         # a single-file input's root is its folder (its key is its file name)
         self.roots = [r.parent if r.is_file() else r for r in roots]
         # inputs whose keys carry a prefix in this folder (annotator/keys.py): `b/x.png` is b's x.png
+        self.follow_symlinks = bool(self.manifest.get("follow_symlinks"))  # `annotate run --follow-symlinks`
         self.prefixed = [(s["prefix"], Path(s["root"])) for s in self.manifest.get("sources") or []
                          if s.get("prefix") and not image_roots]
 
@@ -166,17 +168,26 @@ class Run:
 
     # --- image files --------------------------------------------------------------------------
     def find_image(self, key: str, dropped: Counter | None = None) -> Path | None:
-        """The image file of a key: the first input root that holds it. Unsafe keys find nothing.
-        A miss is counted in `dropped` (an export's summary) when one is given."""
+        """The image file of a key: the first input root that holds it. Unsafe keys find nothing, nor
+        do symlinks that leave their root unless the run followed such links (`annotate run` skips
+        them by default: an export must not copy or link what the run refused). A miss is counted
+        in `dropped` (an export's summary) when one is given."""
+        outside = False
         if is_safe_key(key):
             rel = check_key(key)
-            for prefix, root in self.prefixed:
-                if key.startswith(prefix) and (root / key[len(prefix):]).is_file():
-                    return root / key[len(prefix):]
-            for root in self.roots:
-                p = root / rel
+            candidates = [(root, root / key[len(prefix):]) for prefix, root in self.prefixed if key.startswith(prefix)]
+            candidates += [(root, root / rel) for root in self.roots]
+            for root, p in candidates:
                 if p.is_file():
-                    return p
+                    if self.follow_symlinks or _inside(p, root):
+                        return p
+                    outside = True
         if dropped is not None:
-            dropped["image file not found"] += 1
+            dropped["symlink out of its input folder (run with --follow-symlinks)" if outside
+                    else "image file not found"] += 1
         return None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return real.startswith(base.rstrip(os.sep) + os.sep)

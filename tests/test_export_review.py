@@ -240,7 +240,7 @@ def test_cli_export_then_import_florence(tmp_path):
     assert od.count("car<loc_") == 3
     # a second import into the same folder needs --overwrite
     r = CliRunner().invoke(cli, ["import", "labelstudio", str(tmp_path / "e.json"), "--out", str(tmp_path / "fl")])
-    assert r.exit_code == 1 and "--overwrite" in r.output
+    assert r.exit_code == 2 and "--overwrite" in r.output  # README: a refused --out is 2
 
 
 def test_config_out_never_clobbers(tmp_path):
