@@ -58,6 +58,8 @@ def key_ranges(parts: list[Path], rows: int | None = None) -> list[KeyRange]:
     `rows` rows lie before the cut. Parts that overlap a cut are read by both ranges (filtered)."""
     rows = rows or RANGE_ROWS
     spans = sorted((s for s in map(part_span, parts) if s is not None), key=lambda s: s.lo)
+    if not spans:  # only empty parts: one range that reads them (and finds no rows)
+        return [KeyRange(None, None, list(parts))]
     cuts: list[str] = []
     acc = 0
     for span in spans:
