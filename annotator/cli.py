@@ -239,11 +239,13 @@ def preview_cmd(annotations, out, task_spec, limit, sample, seed, image_roots, m
               help="Go on from a checkpoint folder (its newest epoch) or an epoch-<n> folder.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
+@click.option("--max-target-tokens", default=1024, show_default=True,
+              help="Longest target; longer ones lose their last whole instances (counted, never half a box).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier `annotate finetune` checkpoint in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def finetune_cmd(data, model, revision, allow_pickle, out, epochs, lr, batch_size, grad_accum, warmup, weight_decay,
                  max_grad_norm, freeze_vision, val_fraction, devices, gradient_checkpointing, precision, resume, seed,
-                 workers, overwrite, no_progress) -> None:
+                 workers, max_target_tokens, overwrite, no_progress) -> None:
     """Fine-tune Florence-2 on an `annotate export` (florence JSONL or docvqa Parquet) folder."""
     try:
         from .finetune import FinetuneConfig
@@ -253,7 +255,7 @@ def finetune_cmd(data, model, revision, allow_pickle, out, epochs, lr, batch_siz
             batch_size=batch_size, grad_accum=grad_accum, warmup=warmup, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm, freeze_vision=freeze_vision, val_fraction=val_fraction, devices=devices,
             gradient_checkpointing=gradient_checkpointing, precision=precision, resume=resume, seed=seed,
-            workers=workers, overwrite=overwrite, progress=not no_progress,
+            workers=workers, max_target_tokens=max_target_tokens, overwrite=overwrite, progress=not no_progress,
         )
     except ConfigError as exc:
         _fail(str(exc), 2)
@@ -283,15 +285,14 @@ def finetune_cmd(data, model, revision, allow_pickle, out, epochs, lr, batch_siz
 def eval_cmd(prediction: Path, gt: Path, iou: float | None, segm: bool, as_json: bool) -> None:
     """mAP of a COCO export (PREDICTION: its folder or annotations.json) against ground truth."""
     import json
-    from dataclasses import asdict
 
-    from annotator.readback.coco_eval import EvalError, evaluate
+    from annotator.readback.coco_eval import EvalError, evaluate, json_ready
 
     try:
         report = evaluate(prediction, gt, iou=iou, iou_type="segm" if segm else "bbox")
     except EvalError as exc:
         _fail(str(exc), 2)
-    click.echo(json.dumps(asdict(report), indent=2) if as_json else "\n".join(report.lines()))
+    click.echo(json.dumps(json_ready(report), indent=2) if as_json else "\n".join(report.lines()))
 
 
 @cli.command("samples")

@@ -36,6 +36,9 @@ def env_names(group: click.Group, prefix: str = "ANNOTATE") -> None:
         if isinstance(param, click.Option) and param.envvar is None:
             param.envvar = f"{prefix}_{name(param)}".upper().replace("-", "_")
     for cmd_name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):  # `import labelstudio`: ANNOTATE_IMPORT_LABELSTUDIO_<OPTION>
+            env_names(cmd, f"{prefix}_{cmd_name}")
+            continue
         for param in cmd.params:
             if isinstance(param, click.Option) and param.envvar is None and param.opts[0] not in ("--help", "-h"):
                 param.envvar = f"{prefix}_{cmd_name}_{name(param)}".upper().replace("-", "_")

@@ -222,7 +222,7 @@ def main(argv=None) -> None:
     head = CellHead(model.config.vision_config.projection_dim, loc_ids,
                     lambda text: processor.tokenizer(text, add_special_tokens=False)["input_ids"])
     if args.head and args.head.exists():
-        head.load_state_dict(torch.load(args.head))
+        head.load_state_dict(torch.load(args.head, weights_only=True))  # tensors only, never code
     captured = {}
     model.model.multi_modal_projector.register_forward_hook(lambda mod, inp, out: captured.__setitem__("f", out))
     # The image path (pre-norm DaViT, projector, the dense head) trains stably at a higher rate than

@@ -5,6 +5,7 @@ the same in every export of the same run whatever --task or --classes say."""
 from __future__ import annotations
 
 import json
+import shutil
 
 from exporters.base import Export
 from exporters.boxes import DETECTION_DEFAULTS, build_vocab, labelled
@@ -39,29 +40,60 @@ def coco_annotation(ann_id: int, image_id: int, category_id: int, inst) -> dict:
 
 @register("coco")
 def export_coco(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
+    """annotations.json written as it is read: info and categories, then each image as its rows come
+    (its id counted on the way), its annotations going to a side file that is appended at the end.
+    Memory does not grow with the dataset (README, "Export memory")."""
     ex = Export.start("coco", run, out, opts, DETECTION_DEFAULTS)
     summary, tasks = ex.summary, ex.tasks
     vocab = build_vocab(run, tasks, opts, summary)
-    image_id = {k: i for i, k in enumerate(run.image_keys(), 1)}  # all tasks: stable across exports
-    images, annotations = [], []
-    for img, kept in labelled(run, tasks, vocab, opts, summary):
-        if not is_safe_key(img.key):
-            summary.dropped["unsafe image key"] += 1
-            continue
-        if not kept and opts.skip_empty:
-            summary.dropped["empty images skipped"] += 1
-            continue
-        iid = image_id[img.key]
-        images.append({"id": iid, "file_name": img.key, "width": img.width, "height": img.height})
-        for cls, inst in kept:
-            annotations.append(coco_annotation(len(annotations) + 1, iid, cls + 1, inst))
-    data = {
-        "info": {"description": f"florence-annotate export of {run.folder}", "tasks": tasks},
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": i + 1, "name": n, "supercategory": ""} for i, n in enumerate(vocab.names)],
-    }
-    with open(out.path("annotations.json"), "w", encoding="utf-8") as fh:
-        json.dump(data, fh, ensure_ascii=False)
-    summary.images, summary.instances = len(images), len(annotations)
+    ids = KeyRanks(run.iter_image_keys())  # all tasks: ids are stable across exports
+    dest, side = out.path("annotations.json"), out.path(".annotations.part")
+    n_images = n_anns = 0
+    try:
+        with open(dest, "w", encoding="utf-8") as fh, open(side, "w+", encoding="utf-8") as anns:
+            head = {"info": {"description": f"florence-annotate export of {run.folder}", "tasks": tasks},
+                    "categories": [{"id": i + 1, "name": n, "supercategory": ""} for i, n in enumerate(vocab.names)]}
+            fh.write(json.dumps(head, ensure_ascii=False)[:-1] + ', "images": [')
+            for img, kept in labelled(run, tasks, vocab, opts, summary):
+                if not is_safe_key(img.key):
+                    summary.dropped["unsafe image key"] += 1
+                    continue
+                if not kept and opts.skip_empty:
+                    summary.dropped["empty images skipped"] += 1
+                    continue
+                iid = ids.rank(img.key)
+                record = {"id": iid, "file_name": img.key, "width": img.width, "height": img.height}
+                fh.write((", " if n_images else "") + json.dumps(record, ensure_ascii=False))
+                n_images += 1
+                for cls, inst in kept:
+                    n_anns += 1
+                    anns.write((", " if n_anns > 1 else "") + json.dumps(coco_annotation(n_anns, iid, cls + 1, inst),
+                                                                        ensure_ascii=False))
+            fh.write('], "annotations": [')
+            anns.seek(0)
+            shutil.copyfileobj(anns, fh, 1 << 20)
+            fh.write("]}")
+    finally:
+        side.unlink(missing_ok=True)
+    summary.images, summary.instances = n_images, n_anns
     return summary
+
+
+class KeyRanks:
+    """1-based rank of a key in a sorted stream of keys, for keys asked in increasing order: the
+    stream is read once, alongside the export, instead of held as a dict of every key."""
+
+    def __init__(self, keys):
+        self._keys = iter(keys)
+        self._rank = 0
+        self._key: str | None = None
+
+    def rank(self, key: str) -> int:
+        while self._key is None or self._key < key:
+            nxt = next(self._keys, None)
+            if nxt is None:
+                raise ValueError(f"image {key!r} is not among the run's keys")
+            self._key, self._rank = nxt, self._rank + 1
+        if self._key != key:
+            raise ValueError(f"image {key!r} is not among the run's keys")
+        return self._rank

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from annotator.clikit import EXIT_USAGE
 from exporters.errors import ExportError
 from exporters.importers import TARGETS, run_import
 
@@ -31,8 +32,9 @@ def _run(source, path, out, target, images, val_fraction, copy_images, overwrite
     try:
         summary = run_import(source, path, out or Path("reviewed") / target, target, image_root, tuple(images),
                              val_fraction, copy_images, overwrite)
-    except ExportError as e:
-        raise click.ClickException(str(e)) from None
+    except ExportError as e:  # a refused --out, an unreadable file: nothing done (README: exit 2)
+        click.echo(f"Error: {e}", err=True)
+        raise SystemExit(EXIT_USAGE) from None
     for line in summary.lines():
         click.echo(line)
 

@@ -93,10 +93,14 @@ def ls_image(task: dict, image_root: str | None, drops: Counter) -> ReviewedImag
     results = [r for r in ann.get("result") or [] if isinstance(r, dict)]
     w = data.get("width") or next((r.get("original_width") for r in results if r.get("original_width")), None)
     h = data.get("height") or next((r.get("original_height") for r in results if r.get("original_height")), None)
-    if not w or not h:
+    try:
+        w, h = int(float(w)), int(float(h))  # "640", 640.0; "wide" or a list is no size
+    except (TypeError, ValueError, OverflowError):
+        w = h = 0
+    if w <= 0 or h <= 0:
         drops["no image size"] += 1
         return None
-    img = ReviewedImage(key, int(w), int(h))
+    img = ReviewedImage(key, w, h)
     regions: dict[str, Region] = {}  # result id (stem) -> region, to join parts and transcriptions
     region_texts: dict[str, str] = {}  # result id -> per-region transcription
     for r in results:

@@ -31,11 +31,12 @@ def test_demo_ships_with_the_package_and_is_small():
 
 
 def test_demo_meets_the_floor_on_held_out_scenes_and_its_scores_rank(scenes, tmp_path):
-    """Issue 12's floor: COCO AP50 >= 0.5 with labels on scenes it never saw (README: "The demo
-    model" has the figures on 100 scenes). Ranking by its scores beats ignoring them, and a higher
-    --min-score keeps more precise boxes."""
+    """COCO AP50 with labels on 24 scenes it never saw: 0.896 measured for the shipped model (README:
+    "The demo model" has the figures on 100 scenes); the floor sits close enough to catch a real
+    regression. Ranking by its scores beats ignoring them (0.879), and a higher --min-score keeps
+    more precise boxes (0.971 at 0.7 against 0.946 at 0.3)."""
     q = measure(DEMO_NAME, scenes, tmp_path, tasks="od")
-    assert q.od["AP50"] >= 0.5, q.lines()
+    assert q.od["AP50"] >= 0.85, q.lines()
     assert q.od["AP50"] > q.od_scores_one["AP50"], q.lines()
     assert q.precision[0.7]["precision"] > q.precision[0.3]["precision"], q.lines()
 
@@ -60,7 +61,7 @@ def test_demo_golden_boxes_and_labels_through_the_cli(scenes, tmp_path):
             total += 1
             hits += any(label == names[a["category_id"]] and iou(xyxy(a["bbox"]), b) >= 0.5
                         for label, b in found)
-    assert hits / total >= 0.6, (hits, total)
+    assert hits / total >= 0.8, (hits, total)  # measured: 26 of 29
 
 
 def test_training_script_trains_and_saves_a_loadable_model(tmp_path):
@@ -90,7 +91,7 @@ def test_training_script_trains_and_saves_a_loadable_model(tmp_path):
     assert all(d.kind == "document" for d in drawn) and all(x.labels == [0, 2] for x in drawn_samples)  # od on a page: nothing
     train_demo.main(["--out", str(tmp_path / "m"), "--steps", "2", "--batch", "2", "--save-every", "2"])
     log = json.loads((tmp_path / "m" / "training_log.json").read_text())
-    assert isinstance(log, list)
+    assert log == []  # a record every 50 steps: none after 2 (the shipped log has one per 50)
     lm = load_model(ModelSpec(str(tmp_path / "m")))
     assert lm.processor.tokenizer.convert_tokens_to_ids("<loc_0>") != lm.processor.tokenizer.unk_token_id
     (tmp_path / "ship").mkdir()
@@ -116,9 +117,9 @@ def test_demo_golden_text_and_line_boxes_through_the_cli(tmp_path):
     rows = by_key(tmp_path / "a")
     truth = [json.loads(line) for line in (pages / "texts.jsonl").read_text().splitlines()]
     errors, chars = map(sum, zip(*(text_errors(rows[(t["image"], "ocr")]["text"], t["ocr"]) for t in truth)))
-    assert errors / chars <= 0.15, [rows[(t["image"], "ocr")]["text"] for t in truth]
+    assert errors / chars <= 0.06, [rows[(t["image"], "ocr")]["text"] for t in truth]  # measured: 0.021
     lines = sum((score_lines(rows[(t["image"], "ocr_with_region")], t["ocr_regions"]) for t in truth), LineScore())
-    assert lines.boxed / lines.lines >= 0.8 and lines.exact / lines.lines >= 0.5, lines
+    assert lines.boxed / lines.lines >= 0.95 and lines.exact / lines.lines >= 0.85, lines  # measured: 1.0, 0.923
 
 
 def test_the_cli_says_which_tasks_the_demo_model_knows(tmp_path):

@@ -313,3 +313,30 @@ def test_two_processes_ddp_on_cpu(tmp_path):
     # both ranks ended the epoch with the same weights (checked by the ranks, recorded by rank 0)
     assert info["history"][0]["ranks_in_sync"] is True
     assert load_model(ModelSpec(str(tmp_path / "ckpt")), "cpu").model is not None
+
+
+def test_targets_over_the_limit_lose_whole_instances_and_are_counted(tiny_lm, tmp_path, caplog):
+    from annotator.finetune.data import Example, PairDataset
+    from annotator.model.sequence import loc_tokens
+
+    tok = tiny_lm.processor.tokenizer
+    boxes = "".join(f"car{loc_tokens([10 + i, 20, 30 + i, 40], 100, 100)}" for i in range(12))
+    text = "word " * 300
+    examples = [Example("a", "<OD>", boxes), Example("b", "<OD>", "dog" + loc_tokens([1, 2, 3, 4], 10, 10)),
+                Example("c", "<CAPTION>", text)]
+    full = tok(boxes)["input_ids"]
+    limit = len(full) - 3  # the last box does not fit whole
+    with caplog.at_level("WARNING", logger="annotator.finetune.data"):
+        ds = PairDataset(examples, tiny_lm.processor, max_target_tokens=limit)
+    cut = ds.targets[0]
+    assert len(cut) <= limit and cut[-1] == tok.eos_token_id  # still ends in </s>
+    assert tok.decode(cut[1:-1]) == "".join(f"car{loc_tokens([10 + i, 20, 30 + i, 40], 100, 100)}" for i in range(11))
+    assert ds.targets[1] == tok("dog" + loc_tokens([1, 2, 3, 4], 10, 10))["input_ids"]  # short: unchanged
+    assert ds.targets[2] == [] and ds[2] is None  # plain text over the limit: dropped, not cut mid-sentence
+    assert (ds.fit.pairs_cut, ds.fit.instances_dropped, ds.fit.pairs_dropped) == (1, 1, 1)
+    assert any("1 whole instances left out of 1 pairs, 1 pairs dropped" in r.message for r in caplog.records)
+
+
+def test_max_target_tokens_is_a_finetune_option():
+    res = CliRunner().invoke(cli, ["finetune", "--help"])
+    assert "--max-target-tokens" in res.output

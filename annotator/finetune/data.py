@@ -158,9 +158,54 @@ encode_prompt = prompt_ids  # `<image>`*N `<s>` words `</s>`: token for token wh
 
 
 def encode_target(processor, target: str, max_tokens: int = 1024) -> list[int]:
-    """`<s>` target `</s>`: what generate produces after the decoder start token."""
-    ids = processor.tokenizer(target)["input_ids"]
-    return ids[:max_tokens]
+    """`<s>` target `</s>`: what generate produces after the decoder start token (cut to whole
+    instances when over `max_tokens`, see fit_target; a target with none that fits gives [])."""
+    return fit_target(processor.tokenizer, processor.tokenizer(target)["input_ids"], max_tokens)[0]
+
+
+@dataclass
+class TargetFit:
+    """Targets over --max-target-tokens, counted for the log and the model card."""
+
+    pairs_cut: int = 0  # kept with their trailing instances left out
+    instances_dropped: int = 0
+    pairs_dropped: int = 0  # not even one whole instance fits (or plain text over the limit)
+
+    def describe(self, limit: int) -> str:
+        return (f"{self.pairs_cut + self.pairs_dropped} targets over --max-target-tokens {limit}: "
+                f"{self.instances_dropped} whole instances left out of {self.pairs_cut} pairs, "
+                f"{self.pairs_dropped} pairs dropped (no whole instance fits)")
+
+
+def _instance_ends(tokenizer, ids: list[int]) -> list[int]:
+    """Positions just after each instance: a `<loc_*>` token not followed by another or by `<sep>`
+    (the polygons of one instance are joined by `<sep>`)."""
+    locs = _loc_ids(tokenizer)
+    sep = tokenizer.convert_tokens_to_ids("<sep>")
+    return [i for i in range(1, len(ids)) if ids[i - 1] in locs and ids[i] not in locs and ids[i] != sep]
+
+
+def _loc_ids(tokenizer) -> frozenset[int]:
+    cached = getattr(tokenizer, "_annotate_loc_ids", None)
+    if cached is None:
+        cached = frozenset(tokenizer.convert_tokens_to_ids([f"<loc_{i}>" for i in range(1000)]))
+        tokenizer._annotate_loc_ids = cached
+    return cached
+
+
+def fit_target(tokenizer, ids: list[int], max_tokens: int) -> tuple[list[int], int]:
+    """`ids` (`<s>` ... `</s>`) within `max_tokens`, still ending in `</s>`: the trailing instances
+    that do not fit are left out whole, never half a box. Returns (ids, instances left out); ([], n)
+    when no whole instance fits. Plain text over the limit is dropped too: a cut answer would teach
+    the model to stop mid-sentence."""
+    if len(ids) <= max_tokens:
+        return ids, 0
+    ends = _instance_ends(tokenizer, ids)
+    fitting = [e for e in ends if e + 1 <= max_tokens]
+    if not fitting:
+        return [], len(ends)
+    cut = fitting[-1]
+    return ids[:cut] + [tokenizer.eos_token_id], len(ends) - len(fitting)
 
 
 def open_image(ex: Example) -> Image.Image:
@@ -185,12 +230,27 @@ class PairDataset(torch.utils.data.Dataset):
         self.processor = processor
         self.max_target_tokens = max_target_tokens
         self.prompt_ids = PromptCache(processor)
+        self.fit = TargetFit()
+        self.targets = [self._target(ex.target) for ex in examples]  # once, so that the counts are whole
+        if self.fit.pairs_cut or self.fit.pairs_dropped:
+            log.warning("%s", self.fit.describe(max_target_tokens))
+
+    def _target(self, text: str) -> list[int]:
+        tokenizer = self.processor.tokenizer
+        ids, dropped = fit_target(tokenizer, tokenizer(text)["input_ids"], self.max_target_tokens)
+        if dropped or not ids:
+            self.fit.instances_dropped += dropped if ids else 0
+            self.fit.pairs_cut += bool(ids)
+            self.fit.pairs_dropped += not ids
+        return ids
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, i: int) -> Sample | None:
         ex = self.examples[i]
+        if not self.targets[i]:  # over the limit with no whole instance: counted in self.fit
+            return None
         try:
             image = open_image(ex)
         except Exception as exc:  # noqa: BLE001 - one unreadable image must not stop training
@@ -198,7 +258,7 @@ class PairDataset(torch.utils.data.Dataset):
             return None
         pixels = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         ids = self.prompt_ids(ex.prompt)
-        return Sample(i, pixels, ids, encode_target(self.processor, ex.target, self.max_target_tokens))
+        return Sample(i, pixels, ids, self.targets[i])
 
 
 @dataclass

@@ -5,6 +5,8 @@ so that one bad file becomes error rows instead of stopping the run."""
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -47,9 +49,22 @@ class Batch:
         return self
 
 
+@contextlib.contextmanager
+def own_pixel_limit():
+    """PIL's fixed global bomb limit off while load_rgb applies --max-image-pixels itself (PIL's would
+    override a limit the user raised on purpose); restored after, so nothing else in the process
+    (exports, previews, a library user's own code) loses PIL's protection."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
 def load_rgb(source: Path | BinaryIO, max_pixels: int) -> Image.Image:
     """Open, refuse decompression bombs before decoding, apply EXIF orientation, convert to RGB."""
-    with Image.open(source) as im:
+    with own_pixel_limit(), Image.open(source) as im:
         w, h = im.size  # read from the header: nothing decoded yet
         if w * h > max_pixels:
             raise ValueError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
@@ -123,10 +138,6 @@ class ImageDataset(torch.utils.data.Dataset):
     def load(self, i: int) -> tuple[Image.Image | None, ImageItem | DecodeFailure]:
         """The decoded image too (None on failure): tiling crops it."""
         item = self.work[i]
-        # load_rgb enforces max_pixels from the header itself; PIL's fixed global limit would
-        # otherwise override a limit the user raised on purpose. Set here, in the process that
-        # decodes: spawned DataLoader workers do not inherit a value set in the parent.
-        Image.MAX_IMAGE_PIXELS = None
         try:
             image = self.open_image(item)
             pixels = self.pixels(image)

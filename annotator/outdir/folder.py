@@ -161,7 +161,7 @@ class OutputFolder:
         return Manifest(identity=cfg.identity(), package_version=__version__,
                         inputs=[input_label(p) for p in cfg.inputs], tasks=[t.name for t in cfg.tasks],
                         started=now(), input_lists=[input_label(p) for p in cfg.input_lists],
-                        path_column=cfg.path_column)
+                        path_column=cfg.path_column, follow_symlinks=cfg.follow_symlinks)
 
     def _check(self, cfg: RunConfig) -> Manifest:
         """The manifest this run will write: a fresh one, or the previous one grown by this run's
@@ -182,6 +182,7 @@ class OutputFolder:
         manifest.inputs = old.inputs + [p for p in manifest.inputs if p not in old.inputs]
         manifest.input_lists = old.input_lists + [p for p in manifest.input_lists if p not in old.input_lists]
         manifest.path_column = cfg.path_column or old.path_column
+        manifest.follow_symlinks = cfg.follow_symlinks or old.follow_symlinks
         manifest.started = old.started
         manifest.sources = sources_to_manifest(manifest_sources(old))
         return manifest

@@ -170,13 +170,13 @@ def _recorded_sizes(out: Path, src: Source, keys: set[str]) -> dict[str, tuple[i
 
 def _header_size(ref: ImageRef) -> tuple[int, int] | None:
     """The size `annotate run` records for the file (EXIF-rotated), read from its header only."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(image_source(ref)) as im:
             w, h = im.size
             return (h, w) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
-    except (OSError, UnidentifiedImageError, ValueError):
+    except Exception:  # unreadable, not an image, a decompression bomb: not the same image
         return None
 
 

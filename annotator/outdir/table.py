@@ -172,13 +172,16 @@ def conform(table: pa.Table) -> pa.Table:
     return table.select(SCHEMA.names).cast(SCHEMA)
 
 
-def read_rows(parts: list[Path]):
+def read_rows(parts: list[Path], where=None):
     """The table as readers see it: one row per (image, task), sorted by key; an ok row wins
-    over error rows for the same key (a retried error can leave both). A polars LazyFrame."""
+    over error rows for the same key (a retried error can leave both). A polars LazyFrame.
+    `where` (a polars expression on `image`) narrows the rows before the sort: exporters read a
+    large folder one key range at a time, so the sort never holds the whole table."""
     import polars as pl
 
+    scan = scan_parts(parts)  # old parts without later columns read them as null
     return (
-        scan_parts(parts)  # old parts without later columns read them as null
+        (scan if where is None else scan.filter(where))
         .with_columns((pl.col("status") != OK).alias("_not_ok"))
         .sort(["image", "task", "_not_ok"])
         .unique(subset=["image", "task"], keep="first", maintain_order=True)
@@ -237,6 +240,7 @@ class Manifest:
     runtime: dict = field(default_factory=dict)  # dtype and attention actually used (not "auto")
     input_lists: list[str] = field(default_factory=list)  # --input-list files (sources.read_list)
     path_column: str | None = None
+    follow_symlinks: bool = False  # some run into the folder followed links out of its inputs (exports may too)
 
     def save(self, out_dir: Path) -> None:
         dest = Path(out_dir) / MANIFEST

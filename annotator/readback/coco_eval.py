@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,13 +36,36 @@ class EvalReport:
 
     def lines(self) -> list[str]:
         out = [f"images matched: {self.matched_images}"]
-        out += [f"{name:<10} {value:.3f}" for name, value in self.stats.items()]
-        out += ["", "AP by class:"] + [f"  {name:<24} {ap:.3f}" for name, ap in self.per_class.items()]
+        out += [f"{name:<10} {shown(value, 'not computed (no such objects, or another --iou)')}"
+                for name, value in self.stats.items()]
+        out += ["", "AP by class:"] + [f"  {name:<24} {shown(ap, 'absent from the ground truth')}"
+                                       for name, ap in self.per_class.items()]
         out += ["", "AP with --min-score:"] + [f"  >= {t:.2f}   {ap:.3f}" for t, ap in self.by_threshold.items()]
         if self.unmatched_labels:
             out += ["", "predicted labels not in the ground truth (ignored): "
                     + ", ".join(f"{k} ({n})" for k, n in sorted(self.unmatched_labels.items()))]
         return out
+
+
+def absent(value: float) -> bool:
+    """COCOeval's marks for what it did not measure: -1 (no ground truth in that area range, an IoU
+    level not evaluated) and our nan (a class with no ground-truth object)."""
+    return math.isnan(value) or value < 0
+
+
+def shown(value: float, why: str) -> str:
+    """A figure for people: an unmeasured one says so instead of reading like a failure (nan, -1.000)."""
+    return f"  -    ({why})" if absent(value) else f"{value:.3f}"
+
+
+def json_ready(report: EvalReport) -> dict:
+    """The report as JSON: unmeasured figures are null (NaN is not JSON, -1 reads as a score)."""
+    from dataclasses import asdict
+
+    data = asdict(report)
+    for part in ("stats", "per_class"):
+        data[part] = {k: None if absent(v) else v for k, v in data[part].items()}
+    return data
 
 
 def _load(path: Path) -> dict:

@@ -89,10 +89,7 @@ def connect(ray, address: str) -> bool:
 
 def decode_batch(row: dict, max_pixels: int) -> dict:
     """A Ray task: read and decode one batch's images; failures travel as their message."""
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = None  # load_rgb applies max_pixels itself (see images.ImageDataset)
-    out = []
+    out = []  # load_rgb applies max_pixels itself, with PIL's own limit off only while it decodes
     for item in pickle.loads(row["work"]):
         try:
             out.append((item, np.asarray(load_rgb(image_source(item.ref), max_pixels))))
