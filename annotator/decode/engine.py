@@ -185,7 +185,10 @@ class Engine:
             num_beams=gen.num_beams, do_sample=False, **lengths,
         )  # [P, 1 + T]: decoder start token, then the generated tokens
         texts = tok.batch_decode(sequences, skip_special_tokens=False)
-        rows = [_answer_ids(seq[1:].tolist(), tok.eos_token_id, tok.pad_token_id) for seq in sequences]
+        # With forced_eos_token_id (the published checkpoints'), generate writes </s> as the last allowed
+        # token: a row that ran to the limit was cut there, not finished.
+        cut_at = None if forced or lm.model.generation_config.forced_eos_token_id is None else gen.max_new_tokens
+        rows = [_answer_ids(seq[1:].tolist(), tok.eos_token_id, tok.pad_token_id, cut_at) for seq in sequences]
         if forced and gen.num_beams > 1:  # bench: beams ran to the chunk's longest; cut each row to its length
             rows, texts = forced.cut(chunk, rows, sequences, tok)
         self._count(chunk, [ids for ids, _ in rows], sequences.shape[1] - 1)
@@ -251,11 +254,13 @@ def decoding_path(generation_config) -> str:
     return "scheduler" if reason is None else f"generate: {reason}"
 
 
-def _answer_ids(ids: list[int], eos: int, pad: int) -> tuple[list[int], bool]:
+def _answer_ids(ids: list[int], eos: int, pad: int, cut_at: int | None = None) -> tuple[list[int], bool]:
     """A row's generated ids up to and including </s> (True), or, for a row stopped by its
-    length limit, without the padding generate appends once it is done (False)."""
+    length limit, without the padding generate appends once it is done (False). `cut_at`: the
+    limit at which generate forces </s> (that </s> marks a cut, not an end)."""
     if eos in ids:
-        return ids[:ids.index(eos) + 1], True
+        end = ids.index(eos) + 1
+        return ids[:end], end != cut_at
     while ids and ids[-1] == pad:
         ids = ids[:-1]
     return ids, False
