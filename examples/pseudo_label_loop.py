@@ -80,17 +80,17 @@ def loop(work: Path, n: int = 96, n_test: int = 60, seed: int = 2000, policies=(
     opts = dict(min_score=min_score, low_score=low_score, epochs=epochs, num_beams=num_beams, last={})
     first = pseudo_label(model, work / "unlabelled", work / "labels-r1", num_beams)  # shared by every policy
     out = {"seed": seed, "n": n, "n_test": n_test, "min_score": min_score, "low_score": low_score,
-           "num_beams": num_beams, "before": before, "policies": {}}
-    for policy in policies:
-        current, records = model, []
-        opts["last"][policy] = before
-        for k in range(1, rounds + 1):
-            labels = first if k == 1 else pseudo_label(current, work / "unlabelled", work / f"labels-{policy}-r{k}",
-                                                      num_beams)
-            current, record = one_round(work, labels, current, policy, k, opts)
-            records.append(record)
-            print(json.dumps({"seed": seed, "policy": policy, **record}), file=sys.stderr, flush=True)
-        out["policies"][policy] = records
+           "num_beams": num_beams, "before": before, "policies": {p: [] for p in policies}}
+    current = dict.fromkeys(policies, model)
+    opts["last"] = dict.fromkeys(policies, before)
+    for k in range(1, rounds + 1):  # rounds outside: every policy's round 1 before any round 2
+        for policy in policies:
+            labels = first if k == 1 else pseudo_label(current[policy], work / "unlabelled",
+                                                      work / f"labels-{policy}-r{k}", num_beams)
+            current[policy], record = one_round(work, labels, current[policy], policy, k, opts)
+            out["policies"][policy].append(record)
+            print(json.dumps({"seed": seed, "policy": policy, "before": before, **record}), file=sys.stderr,
+                  flush=True)
     return out
 
 
