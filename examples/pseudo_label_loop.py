@@ -40,9 +40,9 @@ def ap(q) -> dict:
 
 
 def pseudo_label(model: str, unlabelled: Path, out: Path, num_beams: int) -> Path:
-    if not (out / "manifest.json").exists():
-        annotate("run", str(unlabelled), "--model", model, "--tasks", "od", "--out", str(out), "--workers", "0",
-                 "--num-beams", str(num_beams), "--no-progress")
+    """`annotate run` over the unlabelled images (it resumes: a rerun of the loop skips what is done)."""
+    annotate("run", str(unlabelled), "--model", model, "--tasks", "od", "--out", str(out), "--workers", "0",
+             "--num-beams", str(num_beams), "--no-progress")
     return out
 
 
