@@ -61,8 +61,9 @@ def one_round(work: Path, labels: Path, model: str, policy: str, k: int, opts: d
         return model, record
     adapted = work / f"model-{tag}"
     extra = ["--epochs", str(opts["epochs"])] if opts.get("epochs") else []
-    annotate("finetune", str(work / f"pairs-{tag}"), "--model", model, "--out", str(adapted), *extra,
-             "--workers", "0", "--overwrite", "--no-progress")
+    if not (adapted / "finetune.json").exists():  # a rerun of the loop keeps a finished round's model
+        annotate("finetune", str(work / f"pairs-{tag}"), "--model", model, "--out", str(adapted), *extra,
+                 "--workers", "0", "--overwrite", "--no-progress")
     record["after"] = ap(measure(str(adapted), work / "test", work / f"test-{tag}", tasks="od",
                                  num_beams=opts["num_beams"]))
     opts["last"][policy] = record["after"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from click.testing import CliRunner
 
 from annotator.cli import cli
@@ -31,11 +33,15 @@ def test_flags_given_win_over_the_recipe(tmp_path):
     assert (got.lr, got.freeze_vision, got.epochs, got.batch_size, got.warmup) == (3e-5, True, 2, 8, 10)
 
 
-def test_too_short_warns_at_the_docvqa_rate_on_a_few_batches(tmp_path):
-    cfg = FinetuneConfig(tmp_path, tmp_path / "o", lr=1e-6)
-    assert "barely move" in recipes.too_short(cfg, 10)
-    assert recipes.too_short(FinetuneConfig(tmp_path, tmp_path / "o", lr=1e-4), 8) is None
-    assert recipes.too_short(cfg, 200_000) is None  # the published recipe on all of DocVQA
+def test_too_short_warns_when_the_schedule_sums_to_too_little(tmp_path):
+    cfg = FinetuneConfig(tmp_path, tmp_path / "o", lr=1e-6, warmup=0)
+    assert "barely move" in recipes.too_short(cfg, 10)  # the DocVQA rate on a few batches
+    assert recipes.too_short(cfg, 400_000) is None  # the published recipe on all of DocVQA
+    loc = FinetuneConfig(tmp_path, tmp_path / "o", lr=1e-4, warmup=10)
+    assert "barely move" in recipes.too_short(loc, 2)  # 2 steps inside the warmup: 0 + 1e-5
+    assert recipes.too_short(loc, 8) is None  # 8 steps: 2.8e-4, what adapted the demo model
+    assert recipes.lr_sum(1e-4, 10, 2) == pytest.approx(1e-5)
+    assert recipes.lr_sum(1.0, 0, 4) == pytest.approx(1 + 0.75 + 0.5 + 0.25)
 
 
 def test_cli_picks_localisation_for_box_pairs_and_warns_when_too_short(tmp_path):
