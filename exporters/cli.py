@@ -10,12 +10,12 @@ import click
 from annotator.clikit import EXIT_USAGE, Aliased
 from exporters import EXPORTERS, ExportError, run_export
 from exporters.classes import parse_classes_arg, parse_classes_file
-from exporters.filtering import FORMAT_DEFAULTS, OTHER_DEFAULT, POLICIES, ScoreFilter
+from exporters.filtering import FORMAT_DEFAULTS, OTHER_DEFAULT, POLICIES, TRAINING_DEFAULT, ScoreFilter
 from exporters.options import ExportOptions
 
 FILTER_HELP = ("How --min-score filters pseudo-labels: " + "; ".join(f"{n}: {p.help}" for n, p in POLICIES.items())
-               + f" [default: {', '.join(f'{p} for {f}' for f, p in sorted(FORMAT_DEFAULTS.items()))}, "
-               f"{OTHER_DEFAULT} for the others].")
+               + f" [default: {TRAINING_DEFAULT} for {' and '.join(sorted(FORMAT_DEFAULTS))} (the measured best, "
+               f"README), {OTHER_DEFAULT} for the others].")
 
 
 @click.command("export")

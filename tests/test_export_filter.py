@@ -106,13 +106,17 @@ def test_policies_in_florence_pairs(tmp_path, case):
     assert boxes == sorted(n for n in per_image.values() if n)  # images left with no box give no pair
 
 
-def test_defaults_band_for_training_formats_instance_for_coco(tmp_path):
+def test_defaults_the_measured_best_for_training_formats_instance_for_coco(tmp_path):
+    from exporters.filtering import FORMAT_DEFAULTS, TRAINING_DEFAULT
+
+    assert FORMAT_DEFAULTS == {"florence": TRAINING_DEFAULT, "yolo": TRAINING_DEFAULT}
     ann, _ = make_run(tmp_path, [ROWS])
-    for fmt, policy in (("florence", "band"), ("yolo", "band"), ("coco", "instance")):
+    for fmt, policy in (("florence", TRAINING_DEFAULT), ("yolo", TRAINING_DEFAULT), ("coco", "instance")):
         s = run_export(ann, fmt, tmp_path / fmt, ExportOptions(tasks=("od",), min_score=0.7))
         assert s.filter.policy == policy, fmt
-    band = run_export(ann, "yolo", tmp_path / "y2", ExportOptions(tasks=("od",), min_score=0.7))
-    assert band.filter.low_score == 0.3 and band.filter.images_dropped == 1
+    band = run_export(ann, "yolo", tmp_path / "y2", ExportOptions(tasks=("od",), min_score=0.7,
+                                                                   score_filter=ScoreFilter("band", 0.7)))
+    assert band.filter.low_score == 0.3 and band.filter.images_dropped == 1  # band's default --low-score
 
 
 def test_coco_without_min_score_keeps_every_box_with_its_score(tmp_path):
