@@ -9,7 +9,7 @@ the CLI a user would type, for one or more rounds and one or more filtering poli
 Round 1 starts from --model (its pseudo-labels are shared by every policy); round k labels the
 unlabelled images with the model of round k-1 and fine-tunes that model further.
 
-    python examples/pseudo_label_loop.py --work /tmp/loop --rounds 2 --filter band,instance [--seed 2000]
+    python examples/pseudo_label_loop.py --work /tmp/loop --rounds 2 --filter instance,band [--seed 2000]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def one_round(work: Path, labels: Path, model: str, policy: str, k: int, opts: d
     return str(adapted), record
 
 
-def loop(work: Path, n: int = 96, n_test: int = 60, seed: int = 2000, policies=("band",), rounds: int = 1,
+def loop(work: Path, n: int = 96, n_test: int = 60, seed: int = 2000, policies=("instance",), rounds: int = 1,
          min_score: float = 0.7, low_score: float | None = None, epochs: int | None = None, model: str = "demo",
          num_beams: int = 3) -> dict:
     """-> {"before": AP, "policies": {policy: [one record per round]}} on seed's unlabelled/test sets."""
@@ -102,7 +102,7 @@ def main() -> None:
     ap_.add_argument("--n-test", type=int, default=60, help="held-out shifted scenes")
     ap_.add_argument("--seed", type=int, default=2000, help="unlabelled set; the test set is seed + 1000")
     ap_.add_argument("--rounds", type=int, default=2)
-    ap_.add_argument("--filter", default="band", help="policy or comma-separated policies (annotate export --filter)")
+    ap_.add_argument("--filter", default="instance", help="policy or comma-separated policies (annotate export --filter)")
     ap_.add_argument("--min-score", type=float, default=0.7)
     ap_.add_argument("--low-score", type=float, default=None)
     ap_.add_argument("--epochs", type=int, default=None, help="[default: the finetune recipe's]")
