@@ -219,15 +219,20 @@ def preview_cmd(annotations, out, task_spec, limit, sample, seed, image_roots, m
 @click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) weights. Only for checkpoints you trust.")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Checkpoint folder: the best epoch at the top (annotate run --model OUT), epoch-<n>/ inside.")
-@click.option("--epochs", default=7, show_default=True)
-@click.option("--lr", default=1e-6, show_default=True, help="AdamW learning rate (linear decay to 0).")
-@click.option("--batch-size", default=6, show_default=True, help="Pairs per batch and process.")
+@click.option("--recipe", type=click.Choice(["auto", "localisation", "text"]), default="auto", show_default=True,
+              help="Schedule defaults: localisation (pseudo-labelled boxes, masks, OCR regions: --epochs 2 --lr 1e-4 "
+                   "--batch-size 8 --warmup 10 --no-freeze-vision), text (DocVQA-style answers: --epochs 7 "
+                   "--lr 1e-6 --batch-size 6 --warmup 0 --freeze-vision); auto: the one most targets fit. "
+                   "A flag given below wins over the recipe.")
+@click.option("--epochs", type=int, default=None, help="[default: the recipe's]")
+@click.option("--lr", type=float, default=None, help="AdamW learning rate (linear decay to 0) [default: the recipe's].")
+@click.option("--batch-size", type=int, default=None, help="Pairs per batch and process [default: the recipe's].")
 @click.option("--grad-accum", default=1, show_default=True, help="Batches per optimizer step.")
-@click.option("--warmup", default=0, show_default=True, help="Optimizer steps of linear warmup.")
+@click.option("--warmup", type=int, default=None, help="Optimizer steps of linear warmup [default: the recipe's].")
 @click.option("--weight-decay", default=0.0, show_default=True)
 @click.option("--max-grad-norm", default=1.0, show_default=True, help="Gradient clipping (0: off).")
-@click.option("--freeze-vision/--no-freeze-vision", default=True, show_default=True,
-              help="Freeze the DaViT vision tower (the projector and language model train).")
+@click.option("--freeze-vision/--no-freeze-vision", default=None,
+              help="Freeze the DaViT vision tower (the projector and language model train) [default: the recipe's].")
 @click.option("--val-fraction", default=0.1, show_default=True,
               help="Images held out for validation when DATA has no validation split.")
 @click.option("--devices", default="auto", show_default=True,
@@ -243,7 +248,7 @@ def preview_cmd(annotations, out, task_spec, limit, sample, seed, image_roots, m
               help="Longest target; longer ones lose their last whole instances (counted, never half a box).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier `annotate finetune` checkpoint in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def finetune_cmd(data, model, revision, allow_pickle, out, epochs, lr, batch_size, grad_accum, warmup, weight_decay,
+def finetune_cmd(data, model, revision, allow_pickle, out, recipe, epochs, lr, batch_size, grad_accum, warmup, weight_decay,
                  max_grad_norm, freeze_vision, val_fraction, devices, gradient_checkpointing, precision, resume, seed,
                  workers, max_target_tokens, overwrite, no_progress) -> None:
     """Fine-tune Florence-2 on an `annotate export` (florence JSONL or docvqa Parquet) folder."""
@@ -251,7 +256,8 @@ def finetune_cmd(data, model, revision, allow_pickle, out, epochs, lr, batch_siz
         from .finetune import FinetuneConfig
 
         cfg = FinetuneConfig(
-            data=data, out=out, model=model, revision=revision, allow_pickle=allow_pickle, epochs=epochs, lr=lr,
+            data=data, out=out, model=model, revision=revision, allow_pickle=allow_pickle, recipe=recipe,
+            epochs=epochs, lr=lr,
             batch_size=batch_size, grad_accum=grad_accum, warmup=warmup, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm, freeze_vision=freeze_vision, val_fraction=val_fraction, devices=devices,
             gradient_checkpointing=gradient_checkpointing, precision=precision, resume=resume, seed=seed,

@@ -211,14 +211,16 @@ class FinetuneConfig:
     model: str = "florence-community/Florence-2-large"
     revision: str | None = None
     allow_pickle: bool = False
-    epochs: int = 7
-    lr: float = 1e-6  # the recipe's; larger rates overfit a real checkpoint quickly
-    batch_size: int = 6  # per process; the recipe's A100 setting
+    # None: from the recipe that fits the data (finetune/recipes.py): localisation or text (DocVQA)
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None  # per process
     grad_accum: int = 1
-    warmup: int = 0  # optimizer steps of linear warmup
+    warmup: int | None = None  # optimizer steps of linear warmup
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
-    freeze_vision: bool = True
+    freeze_vision: bool | None = None
+    recipe: str = "auto"  # auto | localisation | text
     val_fraction: float = 0.1  # only when DATA has no validation split of its own
     devices: str = "auto"
     gradient_checkpointing: bool = False
@@ -233,11 +235,12 @@ class FinetuneConfig:
 
     def __post_init__(self):
         checks = [
-            (self.epochs >= 1, "--epochs must be >= 1"),
-            (self.lr > 0, "--lr must be > 0"),
-            (self.batch_size >= 1, "--batch-size must be >= 1"),
+            (self.epochs is None or self.epochs >= 1, "--epochs must be >= 1"),
+            (self.lr is None or self.lr > 0, "--lr must be > 0"),
+            (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1"),
             (self.grad_accum >= 1, "--grad-accum must be >= 1"),
-            (self.warmup >= 0, "--warmup must be >= 0"),
+            (self.warmup is None or self.warmup >= 0, "--warmup must be >= 0"),
+            (self.recipe in ("auto", "localisation", "text"), "--recipe must be auto, localisation or text"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
             (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),

@@ -9,6 +9,7 @@ from typing import Iterator
 from annotator.tasks import BOX_EXPORT_DEFAULTS
 from exporters.base import OCR_TASK
 from exporters.classes import ClassSpec, ClassVocab, normalize_label
+from exporters.filtering import ImageFilter, image_filter, resolve
 from exporters.geometry import Instance, row_instances
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import ImageRows, Run
@@ -29,9 +30,11 @@ def build_vocab(run: Run, tasks: list[str], opts: ExportOptions, summary: Export
     else:
         counts: Counter = Counter()
         scratch: Counter = Counter()
+        flt = ImageFilter(resolve(opts.score_filter, summary.format, opts.min_score))  # counts thrown away
         for img in run.images(tasks):
-            for row in img.rows.values():
-                for inst in row_instances(row, scratch, opts.min_score):
+            img = flt.apply(img, tasks)
+            for row in (img.rows.values() if img is not None else ()):
+                for inst in row_instances(row, scratch):
                     counts[inst.label] += 1
         vocab, _ = ClassVocab.from_counts(counts, opts.min_count)
     summary.classes = list(vocab.names)
@@ -40,14 +43,19 @@ def build_vocab(run: Run, tasks: list[str], opts: ExportOptions, summary: Export
 
 def labelled(run: Run, tasks: list[str], vocab: ClassVocab, opts: ExportOptions,
              summary: ExportSummary) -> Iterator[tuple[ImageRows, list[tuple[int, Instance]]]]:
-    """Each image with its kept instances and their class ids; drops counted in `summary`."""
+    """Each image with its kept instances and their class ids; drops counted in `summary`. An image
+    the --filter policy drops is not yielded at all: it is neither trained on nor a negative."""
+    flt = image_filter(opts, summary)
     for img in run.images(tasks):
+        img = flt.apply(img, tasks)
+        if img is None:
+            continue
         kept: list[tuple[int, Instance]] = []
         for task in tasks:
             row = img.rows.get(task)
             if row is None:
                 continue
-            for inst in row_instances(row, summary.dropped, opts.min_score):
+            for inst in row_instances(row, summary.dropped):
                 idx = vocab.index(inst.label)
                 if idx is None:
                     reason = "label below --min-count" if normalize_label(inst.label) in vocab.rare else "label not in classes"

@@ -10,7 +10,12 @@ import click
 from annotator.clikit import EXIT_USAGE, Aliased
 from exporters import EXPORTERS, ExportError, run_export
 from exporters.classes import parse_classes_arg, parse_classes_file
+from exporters.filtering import FORMAT_DEFAULTS, OTHER_DEFAULT, POLICIES, TRAINING_DEFAULT, ScoreFilter
 from exporters.options import ExportOptions
+
+FILTER_HELP = ("How --min-score filters pseudo-labels: " + "; ".join(f"{n}: {p.help}" for n, p in POLICIES.items())
+               + f" [default: {TRAINING_DEFAULT} for {' and '.join(sorted(FORMAT_DEFAULTS))} (the measured best, "
+               f"README), {OTHER_DEFAULT} for the others].")
 
 
 @click.command("export")
@@ -25,7 +30,13 @@ from exporters.options import ExportOptions
               help="One class per line, optional synonyms: `person: man, woman, child`.")
 @click.option("--min-count", type=click.IntRange(min=1), default=1, show_default=True,
               help="Without --classes: keep labels seen at least this often.")
-@click.option("--min-score", type=click.FloatRange(0.0, 1.0), default=None, help="Drop instances scored below this.")
+@click.option("--min-score", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Confidence threshold: instances scored below it are uncertain (see --filter).")
+@click.option("--filter", "policy", type=click.Choice(sorted(POLICIES)), default=None, help=FILTER_HELP)
+@click.option("--low-score", type=click.FloatRange(0.0, 1.0), default=None,
+              help="--filter band: below this an instance is noise and dropped alone [default: 0.3, or --min-score if lower].")
+@click.option("--max-uncertain", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="--filter image: share of an image's instances that may be uncertain before it is dropped.")
 @click.option("--val-fraction", type=click.FloatRange(0.0, 1.0), default=0.1, show_default=True,
               help="Share of images in the validation split (by key hash: deterministic).")
 @click.option("--copy-images", is_flag=True, help="Copy images instead of symlinking them.")
@@ -42,8 +53,8 @@ from exporters.options import ExportOptions
               help="labelstudio: task order; score puts the images with the least confident instance first.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def export(annotations, fmt, out, tasks, classes, classes_file, min_count, min_score, val_fraction, copy_images,
-           segments, skip_empty, include_ocr, image_roots, image_root, config_out, order, overwrite, as_json):
+def export(annotations, fmt, out, tasks, classes, classes_file, min_count, min_score, policy, low_score, max_uncertain,
+           val_fraction, copy_images, segments, skip_empty, include_ocr, image_roots, image_root, config_out, order, overwrite, as_json):
     """Turn the annotation table in ANNOTATIONS [default: ./annotations] into a training set."""
     try:
         if classes and classes_file:
@@ -56,6 +67,7 @@ def export(annotations, fmt, out, tasks, classes, classes_file, min_count, min_s
         opts = ExportOptions(
             tasks=tuple(t.strip() for spec_ in tasks for t in spec_.split(",") if t.strip()),
             classes=spec, min_count=min_count, min_score=min_score, val_fraction=val_fraction,
+            score_filter=score_filter(policy, min_score, low_score, max_uncertain),
             copy_images=copy_images, segments=segments, skip_empty=skip_empty, include_ocr=include_ocr,
             image_roots=tuple(image_roots), image_root=image_root, config_out=config_out, order=order,
         )
@@ -68,6 +80,19 @@ def export(annotations, fmt, out, tasks, classes, classes_file, min_count, min_s
         return
     for line in summary.lines():
         click.echo(line)
+
+
+def score_filter(policy, min_score, low_score, max_uncertain) -> ScoreFilter | None:
+    """The CLI's filter flags -> a ScoreFilter (None: the format's default policy)."""
+    if policy is None:
+        if low_score is not None or max_uncertain:
+            raise ExportError("--low-score and --max-uncertain need --filter (band, image)")
+        return None
+    if low_score is not None and policy != "band":
+        raise ExportError("--low-score is for --filter band")
+    if max_uncertain and policy != "image":
+        raise ExportError("--max-uncertain is for --filter image")
+    return ScoreFilter(policy, min_score, low_score, max_uncertain)
 
 
 def summary_dict(summary) -> dict:

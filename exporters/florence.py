@@ -15,7 +15,8 @@ from annotator.tasks import TASKS, Input, Labels, Output
 from exporters.base import Export
 from exporters.classes import ClassVocab
 from exporters.files import place_image
-from exporters.geometry import clip_box, clip_polygon, prompt_input
+from exporters.filtering import image_filter
+from exporters.geometry import clip_box, clip_polygon, prompt_input, span_label
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import Row, Run
 from exporters.registry import register
@@ -60,7 +61,10 @@ def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
         return True
 
     def label_of(i: int) -> str | None:
-        label = clean_text(_at(row.labels, i))
+        label = span_label(_at(row.labels, i) or "", drops)
+        if label is None:
+            return None
+        label = clean_text(label)
         if vocab is not None and task.labels is Labels.CATEGORY:  # --classes applies to category names
             idx = vocab.index(label)
             if idx is None:
@@ -85,7 +89,10 @@ def _quad_pairs(row: Row, token: str, w: float, h: float, keep, drops: Counter) 
     parts = []
     for i, quad in enumerate(row.quad_boxes or []):
         q = clip_polygon(quad, w, h) if quad is not None and len(quad) == 8 else None
-        text = clean_text(_at(row.labels, i))
+        text = span_label(_at(row.labels, i) or "", drops)
+        if text is None:
+            continue
+        text = clean_text(text)
         if q is None or len(q) != 8 or not text:
             drops["degenerate box" if text else "empty label"] += 1
             continue
@@ -189,14 +196,18 @@ def export_florence(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary
         return open(out.path(SPLIT_DIRS[split], "annotations.jsonl"), "w", encoding="utf-8")
 
     per_split: Counter = Counter()
+    flt = image_filter(opts, summary)
     with ex:
         files = ex.open_splits(SPLIT_DIRS, open_split)
         for img in run.images(tasks):
             if img.key not in names:
                 summary.dropped["unsafe image key"] += 1
                 continue
+            img = flt.apply(img, tasks)
+            if img is None:  # the --filter policy left the image out
+                continue
             pairs = [p for t in tasks if t in img.rows
-                     for p in florence_pairs(img.rows[t], summary.dropped, opts.min_score, vocab)]
+                     for p in florence_pairs(img.rows[t], summary.dropped, None, vocab)]
             if not pairs:
                 continue
             src = run.find_image(img.key, summary.dropped)

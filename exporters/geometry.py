@@ -8,6 +8,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+from annotator.answers.parse import repair_label
 from annotator.tasks import TASKS, Input, Labels, Output
 
 
@@ -91,6 +92,18 @@ def _at(seq, i):
     return seq[i] if seq is not None and i < len(seq) else None
 
 
+def span_label(label: str, drops: Counter) -> str | None:
+    """A stored label without location tokens (runs parsed before parse.repair_label may hold
+    them): cut to the text after the last one, counted; None (counted dropped) if nothing is left."""
+    label, repaired = repair_label(label)
+    if repaired and not label:
+        drops["label of location tokens"] += 1
+        return None
+    if repaired:
+        drops["labels cut at location tokens (kept)"] += 1
+    return label
+
+
 def row_instances(row, drops: Counter, min_score: float | None = None) -> list[Instance]:
     """One row's instances, clipped to its image. Drops (degenerate geometry, low score) are
     counted in `drops` by reason. OCR quads become polygons of category 'text'."""
@@ -115,7 +128,9 @@ def row_instances(row, drops: Counter, min_score: float | None = None) -> list[I
         if min_score is not None and score is not None and score < min_score:
             drops["score below --min-score"] += 1
             continue
-        label = _at(row.labels, i) or ""
+        label = span_label(_at(row.labels, i) or "", drops)
+        if label is None:
+            continue
         if kind == "quad":
             poly = clip_polygon(row.quad_boxes[i], w, h)
             if poly is None:

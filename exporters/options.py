@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exporters.classes import ClassSpec
+from exporters.filtering import FilterCounts, ScoreFilter
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,7 @@ class ExportOptions:
     classes: ClassSpec | None = None  # None: all labels seen, by frequency
     min_count: int = 1
     min_score: float | None = None
+    score_filter: ScoreFilter | None = None  # None: the format's default policy over min_score (filtering.py)
     val_fraction: float = 0.1
     copy_images: bool = False
     segments: bool = False
@@ -39,6 +41,7 @@ class ExportSummary:
     classes: list[str] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)  # reason -> instances or rows dropped
     dropped_labels: Counter = field(default_factory=Counter)  # label -> instances dropped for it
+    filter: FilterCounts | None = None  # what the --filter policy kept and dropped (training formats)
 
     def lines(self) -> list[str]:
         out = [f"{self.format}: wrote {self.out}"]
@@ -53,6 +56,8 @@ class ExportSummary:
         if self.classes:
             shown = ", ".join(self.classes[:20]) + (f", ... ({len(self.classes)} in all)" if len(self.classes) > 20 else "")
             out.append(f"  classes: {shown}")
+        if self.filter is not None and self.filter.min_score is not None:
+            out.append(self.filter.line())
         if self.dropped:
             out.append("  dropped: " + ", ".join(f"{reason} {n}" for reason, n in sorted(self.dropped.items())))
         if self.dropped_labels:

@@ -44,7 +44,7 @@ def trained(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("ft-loop")
     targets = write_florence(root / "data", repeat=30)
     res = invoke("finetune", root / "data", "--out", root / "ckpt", "--epochs", 10, "--lr", 3e-3,
-                 "--batch-size", 4, "--warmup", 10, *FAST)
+                 "--batch-size", 4, "--warmup", 10, "--freeze-vision", *FAST)
     assert res.exit_code == 0, res.output
     info = json.loads((root / "ckpt" / "finetune.json").read_text())
     print("\nloss curve (epoch, train loss, val loss):")

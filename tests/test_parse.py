@@ -106,3 +106,59 @@ def test_malformed_instances_are_dropped_and_counted():
     out = refine(p, False, 100, 100, stats)
     assert out.bboxes == [[5, 5, 50, 50]] and out.labels == ["car"] and out.scores == [0.9]
     assert stats["malformed_labels_dropped"] == 1 and stats["empty_boxes_dropped"] == 2
+
+
+# --------------------------------------------------------------------------- malformed spans (issue 31)
+from annotator.answers.parse import repair_label  # noqa: E402
+from annotator.tasks import Output  # noqa: E402
+
+# A quad with one coordinate too many (its 9th token glued to the next line's text), a box with one too
+# few, a stray pair at the start, and a piece the phrase regex cut ("loc_3>"): what a small model writes.
+MALFORMED = ("</s><s>" + loc(975, 976) + "one one" + loc(10, 20, 30, 20, 30, 40, 10, 40) + "garden" + loc(197)
+             + "gate" + loc(1, 2, 3, 2, 3, 4, 1, 4, 9) + "x" + loc(5, 6, 7, 6, 7, 8, 5, 8) + "car" + loc(1, 2, 3)
+             + "dog" + loc(100, 200, 300, 400) + "</s>")
+
+
+def _all_text(p) -> list[str]:
+    return [s for s in [p.text, *(p.labels or [])] if s is not None]
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_no_location_token_reaches_a_label_or_text(tiny_lm, name):
+    """Every task kind, one malformed answer: what the table gets holds no location token or piece of one."""
+    task, stats = TASKS[name], {}
+    p = parse_generation(tiny_lm.processor, task, MALFORMED, (W, H))
+    if task.output is not Output.TEXT:
+        p = refine(p, False, W, H, stats)
+    for s in _all_text(p):
+        assert "loc_" not in s and "<" not in s and ">" not in s, (name, s)
+
+
+def test_malformed_quads_are_repaired_and_counted(tiny_lm):
+    stats = {}
+    p = parse_generation(tiny_lm.processor, TASKS["ocr_with_region"], MALFORMED, (W, H))
+    assert any("loc_" in s for s in p.labels)  # the processor's own parse carries them (the bug)
+    p = refine(p, False, W, H, stats)
+    assert p.labels == ["one one", "gate", "x"]  # each keeps the text right before its own 8 coordinates
+    assert stats["location_tokens_repaired"] == 3
+
+
+def test_od_labels_cut_at_location_pieces(tiny_lm):
+    stats = {}
+    p = refine(parse_generation(tiny_lm.processor, TASKS["od"], "</s><s>car" + loc(1, 2, 3) + "dog"
+                                + loc(100, 200, 300, 400) + "</s>", (W, H)), False, W, H, stats)
+    assert p.labels == ["dog"] and p.bboxes == [[100.0, 100.0, 300.0, 200.0]]
+    assert stats == {"location_tokens_repaired": 1, "coordinates_clipped": 0}
+
+
+@pytest.mark.parametrize("label,expected", [
+    ("<loc_784>one one", ("one one", True)),
+    ("<loc_975><loc_976>the garden<loc_197>gate", ("gate", True)),
+    ("loc_3>dog", ("dog", True)),
+    ("hello<loc_1>", ("", True)),  # the text has no coordinates of its own left
+    ("loc_150>", ("", True)),
+    ("a <b> tag", ("a <b> tag", False)),  # no location token: left as it is
+    ("", ("", False)),
+])
+def test_repair_label(label, expected):
+    assert repair_label(label) == expected

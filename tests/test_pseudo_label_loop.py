@@ -1,8 +1,9 @@
-"""Issue 12's promise, end to end and small: the demo model pseudo-labels scenes of a shift it never
-saw (striped backgrounds), the confident boxes become Florence-2 training pairs, `annotate finetune`
-adapts the model, and it then finds more of the held-out shifted objects than before. Slow (minutes
-on a CPU): run it with `python -m pytest -m slow`. The README's "The pseudo-label loop" has the
-full-size figures."""
+"""Issue 12's promise, end to end: the demo model pseudo-labels scenes of a shift it never saw
+(striped backgrounds), the default `--filter instance` keeps its confident boxes as Florence-2
+training pairs, `annotate finetune` (the localisation recipe it picks from the pairs) adapts the
+model, and it then finds more of the held-out shifted objects than before: by about the gain
+measured for this seed (README, "The pseudo-label loop, on a shift"), not merely more. Slow (tens of
+minutes on a 2-core CPU): run it with `python -m pytest -m slow`."""
 
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-# The measured run (README, "The pseudo-label loop"): 29 pairs, AP50 0.236 -> 0.439 on 24 shifted scenes.
-LOOP = dict(n=96, n_test=24, min_score=0.7, epochs=2)
+# One row of the README's table: seed 2000 (96 unlabelled, 60 test scenes), greedy decoding, round 1.
+LOOP = dict(n=96, n_test=60, seed=2000, policies=("instance",), rounds=1, min_score=0.7, num_beams=1)
+MEASURED = {"before": 0.182, "after": 0.280}  # AP50 of that row (31 pairs)
+# Thread counts and BLAS change float sums, and a box near a score threshold can flip in or out; the
+# seeds' gains spread by 0.1 (README), so a rerun of one seed is held to within half of that.
+TOLERANCE = 0.05
 
 
 def test_pseudo_labels_adapt_the_demo_model_to_a_shift(tmp_path):
@@ -22,6 +27,9 @@ def test_pseudo_labels_adapt_the_demo_model_to_a_shift(tmp_path):
     spec = importlib.util.spec_from_file_location("pseudo_label_loop", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    res = module.loop(tmp_path, n=LOOP["n"], n_test=LOOP["n_test"], min_score=LOOP["min_score"], epochs=LOOP["epochs"])
-    assert res["pairs"] >= 10, res  # confident pseudo-labels on a fifth of the images or more
-    assert res["after"]["AP50"] > res["before"]["AP50"], res
+    res = module.loop(tmp_path, **LOOP)
+    before, (r1,) = res["before"]["AP50"], res["policies"]["instance"]
+    assert r1["pairs"] >= 20, res  # 31 in the measured run
+    assert before == pytest.approx(MEASURED["before"], abs=TOLERANCE), res
+    gain = r1["after"]["AP50"] - before
+    assert gain >= MEASURED["after"] - MEASURED["before"] - TOLERANCE, res

@@ -74,6 +74,24 @@ def is_location_fragment(label: str) -> bool:
     return bool(label) and _LOC_FRAGMENTS.fullmatch(label) is not None
 
 
+# A location token or the piece of one the processor's phrase regex left behind ("loc_3>", "<loc_9").
+_LOC_PIECE = re.compile(r"<?/?loc_\d*>?")
+_TAGS = re.compile(r"<[^<>]*>")
+
+
+def repair_label(label: str) -> tuple[str, bool]:
+    """A label with location tokens in it -> (the text after the last one, True); else (label, False).
+    Such a label is a malformed span: a box or quad with too few or too many coordinates, so the
+    parser glued its tokens to the next instance's text ('<loc_784>one one', 'garden<loc_197>gate').
+    The text right before an instance's own coordinates is the one that belongs to it; what lies
+    before a stray token has lost its geometry. '' (with True) means nothing is left: drop it."""
+    pieces = list(_LOC_PIECE.finditer(label or ""))
+    if not pieces:
+        return label, False
+    tail = _TAGS.sub("", label[pieces[-1].end():]).replace("<", "").replace(">", "")
+    return " ".join(tail.split()), True
+
+
 def _bump(stats: dict, name: str, n: int = 1) -> None:
     if n:
         stats[name] = stats.get(name, 0) + n
@@ -122,10 +140,13 @@ def refine(p: Parsed, truncated: bool, width: int, height: int, stats: dict) -> 
         boxes = clipped if field_name == "bboxes" else [bounds(q) for q in clipped]
     stats["coordinates_clipped"] = stats.get("coordinates_clipped", 0) + sum(c != i for c, i in zip(clipped, items))
     kept: list[int] = []
+    labels = list(labels)
     for i in keep:
-        if is_location_fragment(labels[i]):
+        labels[i], repaired = repair_label(labels[i])
+        if repaired and not labels[i]:  # nothing but location tokens (or pieces of them)
             _bump(stats, "malformed_labels_dropped")
             continue
+        _bump(stats, "location_tokens_repaired", int(repaired))
         x1, y1, x2, y2 = boxes[i]
         if x2 <= x1 or y2 <= y1:  # inverted or empty: coordinates out of order, or clipped to nothing
             _bump(stats, "empty_boxes_dropped")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from annotator.model.sequence import DOCVQA_TOKEN, PromptCache, pad_right, prompt_ids, prompt_words
+from annotator.model.sequence import DOCVQA_TOKEN, LOC_TOKENS, PromptCache, pad_right, prompt_ids, prompt_words
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def _instance_ends(tokenizer, ids: list[int]) -> list[int]:
 def _loc_ids(tokenizer) -> frozenset[int]:
     cached = getattr(tokenizer, "_annotate_loc_ids", None)
     if cached is None:
-        cached = frozenset(tokenizer.convert_tokens_to_ids([f"<loc_{i}>" for i in range(1000)]))
+        cached = frozenset(tokenizer.convert_tokens_to_ids(LOC_TOKENS))
         tokenizer._annotate_loc_ids = cached
     return cached
 

@@ -6,13 +6,14 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..config import FinetuneConfig, ModelSpec
 from .checkpoint import STATE_FILE, Progress, find_resume, prepare_out, save_epoch
+from . import recipes
 from .data import Collator, FinetuneError, PairDataset, load_data
 from .steps import (autocast_dtype, backward_window, configure_trainable, enable_checkpointing, levenshtein_similarity,
                     loss_sum, train_mode)
@@ -30,10 +31,11 @@ class FinetuneResult:
     best_metric: str
     seconds: float = 0.0
     owner: bool = True  # rank 0: the one that reports
+    notes: list[str] = field(default_factory=list)  # the recipe chosen, a too-short warning
 
     def lines(self) -> list[str]:
         best = f"best epoch {self.best_epoch} by {self.best_metric}" if self.best_epoch else "no epoch trained"
-        return [f"fine-tuned on {self.data['train_pairs']} pairs ({self.kind}) in {self.seconds:.0f}s; {best}",
+        return [*self.notes, f"fine-tuned on {self.data['train_pairs']} pairs ({self.kind}) in {self.seconds:.0f}s; {best}",
                 f"checkpoint: {self.out}  (annotate run IMAGES --model {self.out})"]
 
 
@@ -53,6 +55,8 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
     owner = rank == 0
     try:
         data = load_data(cfg.data, cfg.val_fraction)
+        cfg, recipe = recipes.apply(cfg, [e.target for e in data.train])
+        notes = [recipes.describe(recipe, cfg)]
         resume_dir = find_resume(cfg.resume) if cfg.resume is not None else None
         if owner:
             prepare_out(cfg)
@@ -71,6 +75,12 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
         steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup, steps_per_epoch * cfg.epochs)
+        warning = recipes.too_short(cfg, steps_per_epoch * cfg.epochs)
+        if warning:
+            notes.append(warning)
+        if owner:
+            for note in notes:
+                tqdm.write(note)
         half = autocast_dtype(cfg.precision, device)
         scaler = torch.amp.GradScaler("cuda", enabled=half is torch.float16)
         progress = Progress()
@@ -109,7 +119,7 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
                 save_epoch(cfg, model, processor, data, progress, base_model, better, optimizer, scheduler, scaler)
             _barrier(distributed)
         return FinetuneResult(cfg.out, data.kind, data.describe(), progress.history, progress.best_epoch,
-                              progress.best_metric, time.monotonic() - start, owner)
+                              progress.best_metric, time.monotonic() - start, owner, notes)
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
