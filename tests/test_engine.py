@@ -12,6 +12,7 @@ from annotator.config import GenerationSettings, TaskInputs
 from annotator.engine import Engine, Generation
 from annotator.images import Batch, ImageItem
 from annotator.tasks import parse_task_list
+from conftest import model_inputs
 
 GREEDY = GenerationSettings(num_beams=1, max_new_tokens=10)
 
@@ -99,7 +100,7 @@ def test_equal_to_the_reference_loop(tiny_lm):
     rng = np.random.default_rng(0)
     for i, row in enumerate(rows):
         im = Image.fromarray(rng.integers(0, 255, (40 + 13 * i, 90 - 7 * i, 3), dtype=np.uint8))
-        inputs = tiny_lm.processor(text="<OD>", images=im, return_tensors="pt")
+        inputs = model_inputs(tiny_lm, text="<OD>", images=im)
         ids = tiny_lm.model.generate(**inputs, max_new_tokens=10, num_beams=1, do_sample=False)
         assert row.raw == tiny_lm.processor.batch_decode(ids, skip_special_tokens=False)[0].replace("<pad>", "")
 

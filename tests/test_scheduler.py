@@ -16,6 +16,7 @@ from annotator.lengths import ForcedLengths
 from annotator.scheduler import supports
 from annotator.stream import BatchStream
 from annotator.tasks import parse_task_list
+from conftest import model_inputs
 from test_engine import batches, make_items
 
 SPEC = "caption,od,ocr"
@@ -74,7 +75,7 @@ def test_scheduler_equals_generate_and_the_reference_loop(eos_lm, num_beams):
     for i in range(len(items)):
         im = Image.fromarray(rng.integers(0, 255, (40 + 13 * i, 90 - 7 * i, 3), dtype=np.uint8))
         for row in (r for r in sched if r.image == f"img{i}.png"):
-            inputs = eos_lm.processor(text=tokens[row.task], images=im, return_tensors="pt")
+            inputs = model_inputs(eos_lm, text=tokens[row.task], images=im)
             ids = eos_lm.model.generate(**inputs, max_new_tokens=MAX_NEW, num_beams=num_beams, do_sample=False)
             assert row.raw == eos_lm.processor.batch_decode(ids, skip_special_tokens=False)[0]
 
@@ -109,7 +110,7 @@ def test_forced_lengths_are_exact_per_row(tiny_lm, num_beams, scheduler):
         im = Image.fromarray(rng.integers(0, 255, (40 + 13 * i, 90 - 7 * i, 3), dtype=np.uint8))
         for row in (r for r in rows if r.image == f"img{i}.png"):
             n = lengths[(row.image, row.task)]
-            inputs = tiny_lm.processor(text=tokens[row.task], images=im, return_tensors="pt")
+            inputs = model_inputs(tiny_lm, text=tokens[row.task], images=im)
             ids = tiny_lm.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, num_beams=num_beams,
                                          do_sample=False)
             assert row.raw == tiny_lm.processor.batch_decode(ids, skip_special_tokens=False)[0]
