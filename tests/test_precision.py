@@ -1,0 +1,49 @@
+"""Half precision: what `--dtype auto` picks from the hardware, and bf16 Linear layers on the CPU
+going through oneDNN (speed.py) with the answers of torch's own kernel."""
+
+import pytest
+import torch
+
+from annotator.model import resolve_dtype
+from annotator.precision import auto_dtype, cpu_choice, cpu_flags, cuda_choice
+from annotator.speed import onednn_available, onednn_dtypes, use_onednn_linear
+
+
+def test_auto_follows_the_hardware():
+    amx = cpu_choice(frozenset({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}))
+    assert amx.dtype == torch.bfloat16 and "AMX" in amx.reason
+    # bf16 dot products without AMX: measured not faster end to end here, so float32 and the reason
+    avx = cpu_choice(frozenset({"avx512f", "avx512_bf16"}))
+    assert avx.dtype == torch.float32 and "no AMX" in avx.reason
+    assert cpu_choice(frozenset({"avx2"})).dtype == torch.float32
+    assert cuda_choice((9, 0)).dtype == cuda_choice((8, 0)).dtype == torch.bfloat16
+    assert cuda_choice((7, 5)).dtype == torch.float16
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == auto_dtype(cpu).dtype
+    assert resolve_dtype("float16", cpu) == torch.float32  # no fast fp16 CPU kernels
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\nbugs\t\t: none\n")
+    assert cpu_flags(info) == {"fpu", "sse", "avx512f", "avx512_bf16"}
+    assert isinstance(cpu_flags(tmp_path / "missing"), frozenset)  # not Linux: torch's own checks
+
+
+@pytest.mark.skipif(not onednn_available() or torch.bfloat16 not in onednn_dtypes(),
+                    reason="this CPU has no oneDNN bf16 kernels")
+def test_bf16_linear_goes_through_onednn_with_the_same_answers():
+    """torch's bf16 F.linear is addmm (bias copied into the output, then accumulated); the patched
+    Linear must call the fused oneDNN op, and give what F.linear gives."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(5, 1, 64, dtype=torch.bfloat16)
+    want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert use_onednn_linear(layer) == 1
+    with profile() as prof:
+        got = layer(x)
+    ops = {e.key for e in prof.key_averages()}
+    assert "mkldnn::_linear_pointwise" in ops and "aten::addmm" not in ops, ops
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
