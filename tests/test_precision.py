@@ -47,3 +47,14 @@ def test_bf16_linear_goes_through_onednn_with_the_same_answers():
     ops = {e.key for e in prof.key_averages()}
     assert "mkldnn::_linear_pointwise" in ops and "aten::addmm" not in ops, ops
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_finetune_autocast_on_the_cpu():
+    """Fine-tuning keeps float32 weights; bf16 autocast on the CPU when asked, or with auto where
+    inference runs bf16 too; fp16 never on the CPU."""
+    from annotator.finetune import autocast_dtype
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert autocast_dtype("fp16", cpu) is None and autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("auto", cpu) == (torch.bfloat16 if auto_dtype(cpu).dtype == torch.bfloat16 else None)

@@ -60,7 +60,7 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
             prepare_out(cfg)
         _barrier(distributed)
 
-        # ---- model: float32 master weights; autocast (GPU) does the half-precision math
+        # ---- model: float32 master weights; autocast does the half-precision math (steps.autocast_dtype)
         base_model, state = cfg.model, None
         if resume_dir is not None:
             state = torch.load(resume_dir / STATE_FILE, map_location="cpu", weights_only=True)
@@ -117,7 +117,7 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
             tqdm.write(f"already trained {progress.epoch} epochs (--epochs {cfg.epochs}): nothing to do")
 
         def autocast():
-            return torch.autocast("cuda", dtype=half) if half is not None else contextlib.nullcontext()
+            return torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
 
         # ---- epochs
         for epoch in range(progress.epoch + 1, cfg.epochs + 1):
