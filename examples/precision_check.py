@@ -7,9 +7,12 @@ own path (annotator.quality.measure: run -> Parquet -> COCO export -> pycocotool
 the half dtype: od on scenes, ocr and ocr_with_region on pages, and od once more in the half dtype
 with batch size 1. It prints one table and exits non-zero when the half dtype gives wrong answers:
 
-  - od AP50 more than --max-ap-drop (0.03) below float32, OCR CER more than --max-cer-rise (0.02) above;
-  - fewer than --min-agreement (0.5) of the rows identical to float32 (raw text, token for token);
-  - batched vs batch 1 in the half dtype: fewer than --min-agreement rows identical.
+  - od AP50 more than --max-ap-drop (0.03) below float32, OCR CER more than --max-cer-rise (0.02) above,
+    the share of ocr_with_region lines read exactly more than --max-cer-rise below;
+  - with --min-agreement X: fewer than X of the rows identical to float32 (raw text, token for
+    token), or batched vs batch 1 in the half dtype. Off by default: bf16 legitimately moves a
+    box by a location bin (measured: 1 of 3 rows identical on one scene and one page, the same AP
+    and CER), so identical rows are reported, and the answers are judged by their quality.
 
 float32 is the exact mode (batched == batch 1 to the token, tests/test_engine.py); half precision
 is not, because a row's numbers depend on the kernels' blocking, which depends on the batch. The
@@ -97,6 +100,9 @@ def failures(fig: dict, args) -> list[str]:
         bad.append(f"od AP50 {h_ap:.3f} in {args.half} vs {f_ap:.3f} in float32 (allowed drop {args.max_ap_drop})")
     if f_cer is not None and (h_cer is None or h_cer > f_cer + args.max_cer_rise):
         bad.append(f"OCR CER {h_cer} in {args.half} vs {f_cer:.3f} in float32 (allowed rise {args.max_cer_rise})")
+    f_ex, h_ex = fig["lines_exact"]
+    if f_ex is not None and (h_ex is None or h_ex < f_ex - args.max_cer_rise):
+        bad.append(f"ocr_with_region lines read exactly {h_ex} in {args.half} vs {f_ex:.3f} in float32")
     for key, what in (("rows_identical_to_fp32", "rows identical to float32"),
                       ("batch1_rows_identical", "rows identical batched vs batch 1")):
         if fig[key] < args.min_agreement:
@@ -111,7 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pages", type=int, default=30)
     ap.add_argument("--max-ap-drop", type=float, default=0.03)
     ap.add_argument("--max-cer-rise", type=float, default=0.02)
-    ap.add_argument("--min-agreement", type=float, default=0.5)
+    ap.add_argument("--min-agreement", type=float, default=0.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
