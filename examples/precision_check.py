@@ -8,7 +8,7 @@ the half dtype: od on scenes, ocr and ocr_with_region on pages, and od once more
 with batch size 1. It prints one table and exits non-zero when the half dtype gives wrong answers:
 
   - od AP50 more than --max-ap-drop (0.03) below float32, OCR CER more than --max-cer-rise (0.02) above,
-    the share of ocr_with_region lines read exactly more than --max-cer-rise below;
+    the share of ocr_with_region lines read exactly more than 0.05 below;
   - with --min-agreement X: fewer than X of the rows identical to float32 (raw text, token for
     token), or batched vs batch 1 in the half dtype. Off by default: bf16 legitimately moves a
     box by a location bin (measured: 1 of 3 rows identical on one scene and one page, the same AP
@@ -101,8 +101,8 @@ def failures(fig: dict, args) -> list[str]:
     if f_cer is not None and (h_cer is None or h_cer > f_cer + args.max_cer_rise):
         bad.append(f"OCR CER {h_cer} in {args.half} vs {f_cer:.3f} in float32 (allowed rise {args.max_cer_rise})")
     f_ex, h_ex = fig["lines_exact"]
-    if f_ex is not None and (h_ex is None or h_ex < f_ex - args.max_cer_rise):
-        bad.append(f"ocr_with_region lines read exactly {h_ex} in {args.half} vs {f_ex:.3f} in float32")
+    if f_ex is not None and (h_ex is None or h_ex < f_ex - 0.05):
+        bad.append(f"ocr_with_region lines read exactly {h_ex} in {args.half} vs {f_ex:.3f} in float32 (allowed drop 0.05)")
     for key, what in (("rows_identical_to_fp32", "rows identical to float32"),
                       ("batch1_rows_identical", "rows identical batched vs batch 1")):
         if fig[key] < args.min_agreement:
