@@ -17,7 +17,7 @@ from annotator.scheduler import supports
 from annotator.stream import BatchStream
 from annotator.tasks import parse_task_list
 from conftest import model_inputs
-from test_engine import batches, make_items
+from test_engine import SCORE_REL, batches, make_items
 
 SPEC = "caption,od,ocr"
 MAX_NEW = 30
@@ -68,7 +68,7 @@ def test_scheduler_equals_generate_and_the_reference_loop(eos_lm, num_beams):
     for a, b in zip(sched, plain):  # confidence from in-step log p == the teacher-forced pass, to float noise
         assert (a.text_score is None) == (b.text_score is None)
         if a.text_score is not None:
-            assert a.text_score == pytest.approx(b.text_score, rel=1e-4)
+            assert a.text_score == pytest.approx(b.text_score, rel=SCORE_REL)
 
     rng = np.random.default_rng(0)  # the images of make_items, through processor -> generate, batch 1
     tokens = {t.name: t.token for t in parse_task_list(SPEC)}
