@@ -58,3 +58,25 @@ def test_finetune_autocast_on_the_cpu():
     assert autocast_dtype("bf16", cpu) == torch.bfloat16
     assert autocast_dtype("fp16", cpu) is None and autocast_dtype("fp32", cpu) is None
     assert autocast_dtype("auto", cpu) == (torch.bfloat16 if auto_dtype(cpu).dtype == torch.bfloat16 else None)
+
+
+def test_precision_check_fails_on_a_wrong_answer():
+    """examples/precision_check.py (run by examples/gpu_check.sh) must exit 1 when the half dtype
+    loses boxes or text, and pass when it only moves a box by a bin."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "examples" / "precision_check.py"
+    spec = importlib.util.spec_from_file_location("precision_check", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    args = argparse.Namespace(half="bfloat16", max_ap_drop=0.03, max_cer_rise=0.02, min_agreement=0.0)
+    fine = {"od_ap50": (0.91, 0.90), "ocr_cer": (0.04, 0.045), "lines_exact": (0.83, 0.82),
+            "rows_identical_to_fp32": 0.4, "batch1_rows_identical": 0.9}
+    assert check.failures(fine, args) == []
+    assert len(check.failures(dict(fine, od_ap50=(0.91, 0.5)), args)) == 1
+    assert len(check.failures(dict(fine, ocr_cer=(0.04, 0.9)), args)) == 1
+    assert len(check.failures(dict(fine, ocr_cer=(0.04, None)), args)) == 1  # read nothing
+    assert len(check.failures(dict(fine, lines_exact=(0.83, 0.5)), args)) == 1
+    assert len(check.failures(fine, argparse.Namespace(**dict(vars(args), min_agreement=0.5)))) == 1
