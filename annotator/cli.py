@@ -239,7 +239,7 @@ def preview_cmd(annotations, out, task_spec, limit, sample, seed, image_roots, m
               help="auto, cpu, cuda, cuda:0,1 (one DDP process each), or cpu:0,cpu:1. Under torchrun: its ranks.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward: less memory, slower.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="auto: bf16 autocast on GPUs that have it, else fp16; CPU trains in fp32.")
+              help="auto: bf16 autocast on GPUs that have it, else fp16; on CPU bf16 where --dtype auto picks it (AMX), else fp32.")
 @click.option("--resume", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Go on from a checkpoint folder (its newest epoch) or an epoch-<n> folder.")
 @click.option("--seed", default=0, show_default=True)

@@ -224,7 +224,7 @@ class FinetuneConfig:
     val_fraction: float = 0.1  # only when DATA has no validation split of its own
     devices: str = "auto"
     gradient_checkpointing: bool = False
-    precision: str = "auto"  # auto: bf16 (fp16 on GPUs without bf16) autocast on GPU, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 (fp16 on GPUs without bf16) autocast on GPU; CPU: bf16 with AMX, else fp32
     resume: Path | None = None
     seed: int = 0
     workers: int = 2

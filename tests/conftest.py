@@ -14,6 +14,11 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The dtype the model-running tests load random:tiny in. CI runs the engine, scheduler and scores
+# tests a second time with ANNOTATE_RUN_DTYPE=bfloat16: the half-precision path (KV cache, token
+# scores, beam scores, location parsing) is then exercised end to end.
+RUN_DTYPE = os.environ.get("ANNOTATE_RUN_DTYPE", "float32")
+
 
 def consumer_import(name: str):
     """Import a third-party consumer that checks an export (ultralytics, cv2, datasets): skipped
@@ -37,19 +42,32 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_lm():
-    """random:tiny loaded in memory (float32, CPU)."""
+    """random:tiny loaded in memory (CPU), in ANNOTATE_RUN_DTYPE (float32 unless set)."""
     from annotator.config import ModelSpec
     from annotator.model.load import load_model
 
-    return load_model(ModelSpec("random:tiny"), "cpu")
+    return load_model(ModelSpec("random:tiny", dtype=RUN_DTYPE), "cpu")
+
+
+def model_inputs(lm, **kwargs):
+    """The processor's tensors for a direct model call, pixels in the model's dtype (the processor
+    always returns float32; a bf16 model refuses them)."""
+    inputs = lm.processor(return_tensors="pt", **kwargs)
+    inputs["pixel_values"] = inputs["pixel_values"].to(lm.dtype)
+    return inputs
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tiny_lm, tmp_path_factory) -> Path:
-    """random:tiny written with save_pretrained: a local directory like a downloaded checkpoint."""
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """random:tiny written with save_pretrained (float32, whatever ANNOTATE_RUN_DTYPE says): a local
+    directory like a downloaded checkpoint."""
+    from annotator.config import ModelSpec
+    from annotator.model.load import load_model
+
+    lm = load_model(ModelSpec("random:tiny"), "cpu")
     path = tmp_path_factory.mktemp("tiny-florence2")
-    tiny_lm.model.save_pretrained(path)
-    tiny_lm.processor.save_pretrained(path)
+    lm.model.save_pretrained(path)
+    lm.processor.save_pretrained(path)
     return path
 
 

@@ -16,7 +16,11 @@ LAST_LINE = re.compile(r"^speedup=(\d+\.\d+|n/a) ceiling=\d+\.\d+$")
 def invoke(*args):
     return CliRunner().invoke(cli, ["bench", "--model", "random:tiny", "--images", "2", "--batch-size", "2",
                                     "--matmul-size", "512",
-                                    "--tokens", ",".join(f"{k}={v}" for k, v in TOKENS.items()), *args])
+                                    "--tokens", ",".join(f"{k}={v}" for k, v in TOKENS.items() if k in tasks_of(args).split(",")), *args])
+
+
+def tasks_of(args) -> str:
+    return args[args.index("--tasks") + 1] if "--tasks" in args else ",".join(TOKENS)
 
 
 def test_bench_with_baseline(tmp_path):
@@ -28,7 +32,7 @@ def test_bench_with_baseline(tmp_path):
 
     data = json.loads(out.read_text())
     for key in ("model", "dtype", "device", "threads", "tasks", "num_beams", "images", "batch_size", "forced_tokens",
-                "matmul_gflops", "ceiling_gflops", "engine", "baseline", "tokens_equal", "speedup", "ceiling"):
+                "matmul_gflops", "ceiling_gflops", "fp32_ceiling_gflops", "engine", "baseline", "tokens_equal", "speedup", "ceiling"):
         assert key in data, key
     for side in ("engine", "baseline"):
         for key in ("images", "seconds", "images_per_s", "gflops", "flops_per_image", "tokens"):
@@ -48,6 +52,17 @@ def test_bench_without_baseline_says_na():
     result = invoke("--num-beams", "1")
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1].startswith("speedup=n/a ceiling=")
+    assert "(auto: " in result.output  # --dtype auto says why it picked what it ran
+
+
+def test_bench_in_bf16_prints_the_fp32_ceiling_beside(tmp_path):
+    out = tmp_path / "bench.json"
+    result = invoke("--num-beams", "1", "--dtype", "bfloat16", "--tasks", "caption,od", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    ceiling = next(line for line in result.output.splitlines() if line.startswith("matmul ceiling (best"))
+    assert ceiling.startswith("matmul ceiling (best of start and end): bfloat16 ") and "|  float32 " in ceiling
+    data = json.loads(out.read_text())
+    assert data["dtype"] == "bfloat16" and data["fp32_ceiling_gflops"] > 0 and data["dtype_reason"] is None
 
 
 def test_bench_rejects_bad_tokens_and_input_tasks():

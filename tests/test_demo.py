@@ -70,7 +70,10 @@ def test_training_script_trains_and_saves_a_loadable_model(tmp_path):
     from pathlib import Path
 
     from annotator.config import ModelSpec
+    import torch
+
     from annotator.model.load import load_model
+    from annotator.model.precision import auto_dtype
 
     path = Path(__file__).parents[1] / "examples" / "train_demo.py"
     spec = importlib.util.spec_from_file_location("train_demo", path)
@@ -100,7 +103,8 @@ def test_training_script_trains_and_saves_a_loadable_model(tmp_path):
     shipped = json.loads((tmp_path / "ship" / "config.json").read_text())
     assert shipped["text_config"]["dtype"] == shipped["vision_config"]["dtype"] == "float16"
     assert (tmp_path / "ship" / "README.md").read_text() == "the card"
-    assert str(load_model(ModelSpec(str(tmp_path / "ship"))).model.dtype) == "torch.float32"  # float32 on the CPU
+    # auto on the CPU: float32, or bfloat16 with AMX (precision.py); never the file's float16
+    assert load_model(ModelSpec(str(tmp_path / "ship"))).model.dtype == auto_dtype(torch.device("cpu")).dtype
 
 
 def test_demo_golden_text_and_line_boxes_through_the_cli(tmp_path):

@@ -12,6 +12,7 @@ from annotator.config import GenerationSettings, TaskInputs
 from annotator.decode.engine import Engine, Generation
 from annotator.inputs.images import Batch, ImageItem
 from annotator.tasks import parse_task_list
+from conftest import RUN_DTYPE, model_inputs
 
 GREEDY = GenerationSettings(num_beams=1, max_new_tokens=10)
 
@@ -59,9 +60,14 @@ def answer_tokens(lm, rows) -> list[set[int]]:
     return [set(tok(r.raw, add_special_tokens=False)["input_ids"]) for r in rows]
 
 
+# Score noise between batched and batch-1 runs: float32 rounding, or bf16's (8-bit mantissa logits:
+# the same tokens, scores ~3e-4 apart measured on random:tiny).
+SCORE_REL = 1e-4 if RUN_DTYPE == "float32" else 1e-2
+
+
 def comparable(rows, approx=False):
     """Rows as tuples; scores within float noise on one side (padding changes summation order)."""
-    near = (lambda v: pytest.approx(v, rel=1e-4, abs=1e-6)) if approx else (lambda v: v)
+    near = (lambda v: pytest.approx(v, rel=SCORE_REL, abs=1e-6)) if approx else (lambda v: v)
     return [(r.image, r.task, r.status, r.raw, r.truncated, r.labels, None if r.scores is None else near(r.scores),
              None if r.text_score is None else near(r.text_score)) for r in rows]
 
@@ -79,7 +85,10 @@ def test_batched_equals_one_at_a_time(tiny_lm, num_beams):
     held = answer_tokens(tiny_lm, plain)
     counts = {t: sum(t in h for h in held) for h in held for t in h}
     token = max((t for t, c in counts.items() if c < len(held)), key=lambda t: (counts[t], -t))
-    for factor in (1.05, 1.3, 2.0, 4.0):  # beam search may prefer a longer unfinished beam: push harder
+    # beam search may prefer a longer unfinished beam: push harder; in bf16 (rounded lm_head rows) even
+    # 1.05 ended every row with 3 beams, so there the search starts below 1
+    factors = (1.05, 1.3, 2.0, 4.0) if RUN_DTYPE == "float32" else (0.8, 0.9, 0.95, 1.05, 1.3, 2.0, 4.0)
+    for factor in factors:
         with eos_after(tiny_lm, token, factor):
             batched = run_engine(tiny_lm, spec, items, 5, inputs, gen)
             ended = [r for r in batched if not r.truncated]
@@ -99,7 +108,7 @@ def test_equal_to_the_reference_loop(tiny_lm):
     rng = np.random.default_rng(0)
     for i, row in enumerate(rows):
         im = Image.fromarray(rng.integers(0, 255, (40 + 13 * i, 90 - 7 * i, 3), dtype=np.uint8))
-        inputs = tiny_lm.processor(text="<OD>", images=im, return_tensors="pt")
+        inputs = model_inputs(tiny_lm, text="<OD>", images=im)
         ids = tiny_lm.model.generate(**inputs, max_new_tokens=10, num_beams=1, do_sample=False)
         assert row.raw == tiny_lm.processor.batch_decode(ids, skip_special_tokens=False)[0].replace("<pad>", "")
 

@@ -16,7 +16,8 @@ from annotator.decode.forced_lengths import ForcedLengths
 from annotator.decode.scheduler import supports, unsupported_reason
 from annotator.decode.stream import BatchStream
 from annotator.tasks import parse_task_list
-from test_engine import batches, make_items
+from conftest import model_inputs
+from test_engine import SCORE_REL, batches, make_items
 
 SPEC = "caption,od,ocr"
 MAX_NEW = 30
@@ -67,14 +68,14 @@ def test_scheduler_equals_generate_and_the_reference_loop(eos_lm, num_beams):
     for a, b in zip(sched, plain):  # confidence from in-step log p == the teacher-forced pass, to float noise
         assert (a.text_score is None) == (b.text_score is None)
         if a.text_score is not None:
-            assert a.text_score == pytest.approx(b.text_score, rel=1e-4)
+            assert a.text_score == pytest.approx(b.text_score, rel=SCORE_REL)
 
     rng = np.random.default_rng(0)  # the images of make_items, through processor -> generate, batch 1
     tokens = {t.name: t.token for t in parse_task_list(SPEC)}
     for i in range(len(items)):
         im = Image.fromarray(rng.integers(0, 255, (40 + 13 * i, 90 - 7 * i, 3), dtype=np.uint8))
         for row in (r for r in sched if r.image == f"img{i}.png"):
-            inputs = eos_lm.processor(text=tokens[row.task], images=im, return_tensors="pt")
+            inputs = model_inputs(eos_lm, text=tokens[row.task], images=im)
             ids = eos_lm.model.generate(**inputs, max_new_tokens=MAX_NEW, num_beams=num_beams, do_sample=False)
             assert row.raw == eos_lm.processor.batch_decode(ids, skip_special_tokens=False)[0]
 
@@ -109,7 +110,7 @@ def test_forced_lengths_are_exact_per_row(tiny_lm, num_beams, scheduler):
         im = Image.fromarray(rng.integers(0, 255, (40 + 13 * i, 90 - 7 * i, 3), dtype=np.uint8))
         for row in (r for r in rows if r.image == f"img{i}.png"):
             n = lengths[(row.image, row.task)]
-            inputs = tiny_lm.processor(text=tokens[row.task], images=im, return_tensors="pt")
+            inputs = model_inputs(tiny_lm, text=tokens[row.task], images=im)
             ids = tiny_lm.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, num_beams=num_beams,
                                          do_sample=False)
             assert row.raw == tiny_lm.processor.batch_decode(ids, skip_special_tokens=False)[0]

@@ -7,6 +7,7 @@ import pytest
 from annotator.answers.parse import parse_generation
 from annotator.answers.confidence import instance_scores, text_score, token_text
 from annotator.tasks import TASKS
+from conftest import model_inputs
 
 
 def script(tok, text):
@@ -67,7 +68,7 @@ def test_engine_logprobs_are_the_models_own(tiny_lm):
 
     engine = Engine(tiny_lm, [TASKS["caption"]], TaskInputs(), GenerationSettings(num_beams=1, max_new_tokens=12))
     im = Image.new("RGB", (50, 40), (200, 30, 90))
-    inputs = tiny_lm.processor(text="<CAPTION>", images=im, return_tensors="pt")
+    inputs = model_inputs(tiny_lm, text="<CAPTION>", images=im)
     with torch.inference_mode():
         feats = engine.image_features(inputs["pixel_values"])
         (gen,) = engine._generate_chunk([Request(0, "caption", "<CAPTION>")], feats)
@@ -207,7 +208,7 @@ def test_a_real_run_scores_match_a_teacher_forced_recomputation(tiny_lm):
     skip = {proc.tokenizer.convert_tokens_to_ids(t) for t in ("<s>", "</s>", "<pad>")}
     got = []
     for row, im in zip(rows, images):
-        inputs = proc(text="<CAPTION>", images=im, return_tensors="pt")
+        inputs = model_inputs(tiny_lm, text="<CAPTION>", images=im)
         with torch.inference_mode():
             seq = model.generate(**inputs, max_new_tokens=8, num_beams=1, do_sample=False)
             logits = model(**inputs, decoder_input_ids=seq[:, :-1]).logits[0].float()

@@ -30,6 +30,21 @@ from annotator.bench.sides import (DEFAULT_TOKENS, OTHER_TASK_TOKENS, GenerateRe
 from annotator.clikit import Aliased
 
 
+def best_rates(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Per kernel, the better of two measurements: on a shared machine a busy moment must not lower the ceiling."""
+    return {k: max(v, b.get(k, 0.0)) for k, v in a.items()}
+
+
+def ceiling_text(dtype, rates: dict[str, float], fp32: dict[str, float]) -> str:
+    """The ceiling of the dtype that ran, and float32's beside it (what half precision could gain here)."""
+    name = str(dtype).replace("torch.", "")
+    text = f"{name} " + "  ".join(f"{k} {v:.0f}" for k, v in rates.items()) + " GFLOP/s"
+    if fp32 is not rates:
+        text += ("  |  float32 " + "  ".join(f"{k} {v:.0f}" for k, v in fp32.items())
+                 + f" GFLOP/s  ({max(rates.values()) / max(fp32.values()):.1f}x)")
+    return text
+
+
 def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_region_caption,ocr", images: int = 8,
               batch_size: int = 8, num_beams: int = 3, baseline: bool = False, tokens_spec: str | None = None,
               dtype: str = "auto", attention: str = "auto", device: str = "auto", kernels: str = "onednn",
@@ -43,6 +58,7 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
     from annotator.decode.engine import Engine
     from annotator.decode.forced_lengths import ForcedLengths
     from annotator.model.load import load_model
+    from annotator.model.precision import auto_dtype
 
     if threads:
         torch.set_num_threads(threads)
@@ -51,10 +67,12 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
     lm = load_model(ModelSpec(model, dtype=dtype, attention=attention), plan.dev)
     pictures = synthetic_images(images, seed)
     rates = matmul_rates(lm.dtype, plan.dev, matmul_size)
-    echo(f"model {model}  dtype {str(lm.dtype).replace('torch.', '')}  attention {lm.attention}  device {plan.dev}  "
-         f"threads {torch.get_num_threads()}  kernels {kernels}")
+    fp32 = matmul_rates(torch.float32, plan.dev, matmul_size) if lm.dtype != torch.float32 else rates
+    why = auto_dtype(plan.dev).reason if dtype == "auto" else None
+    echo(f"model {model}  dtype {str(lm.dtype).replace('torch.', '')}{f' (auto: {why})' if why else ''}  "
+         f"attention {lm.attention}  device {plan.dev}  threads {torch.get_num_threads()}  kernels {kernels}")
     echo(plan.describe(num_beams, images, batch_size, scores))
-    echo("matmul ceiling: " + "  ".join(f"{k} {v:.0f}" for k, v in rates.items()) + " GFLOP/s")
+    echo("matmul ceiling: " + ceiling_text(lm.dtype, rates, fp32))
 
     runner = Engine(lm, plan.tasks, TaskInputs(), plan.generation, max_prompts=batch_size * len(plan.tasks))  # patches Linear on CPU
     by_key = {f"bench{i}.png": row for i, row in enumerate(plan.exact)}  # run_engine's image keys
@@ -62,12 +80,12 @@ def run_bench(model: str = "random:base", tasks_spec: str = "caption,od,dense_re
     runner.use_scheduler = runner.use_scheduler and scheduler  # --no-scheduler: the generate path, for A/B
     sides = _measure(runner, plan, pictures, batch_size, num_beams, baseline, kernels, echo)
     # Again at the end, keeping the best: on a shared machine a busy moment must not lower the ceiling.
-    end = matmul_rates(lm.dtype, plan.dev, matmul_size)
-    rates = {k: max(v, end.get(k, 0.0)) for k, v in rates.items()}
-    echo("matmul ceiling (best of start and end): " + "  ".join(f"{k} {v:.0f}" for k, v in rates.items())
-         + " GFLOP/s")
+    rates = best_rates(rates, matmul_rates(lm.dtype, plan.dev, matmul_size))
+    fp32 = rates if lm.dtype == torch.float32 else best_rates(fp32, matmul_rates(torch.float32, plan.dev, matmul_size))
+    echo("matmul ceiling (best of start and end): " + ceiling_text(lm.dtype, rates, fp32))
     result = _report(runner, plan, sides, rates, baseline, echo)
-    result.update(model=model, kernels=kernels, images=images, batch_size=batch_size, seed=seed)
+    result.update(model=model, kernels=kernels, images=images, batch_size=batch_size, seed=seed,
+                  fp32_matmul_gflops=fp32, fp32_ceiling_gflops=max(fp32.values()), dtype_reason=why)
     return {k: result[k] for k in RESULT_ORDER}
 
 
@@ -180,7 +198,8 @@ def _measure(runner, plan: BenchPlan, pictures, batch_size: int, num_beams: int,
 
 
 RESULT_ORDER = ("model", "dtype", "attention", "device", "threads", "kernels", "scores", "tasks", "num_beams", "images",
-                "batch_size", "lengths", "forced_tokens", "seed", "decode", "matmul_gflops", "ceiling_gflops", "engine",
+                "batch_size", "lengths", "forced_tokens", "seed", "decode", "matmul_gflops", "ceiling_gflops",
+                "fp32_matmul_gflops", "fp32_ceiling_gflops", "dtype_reason", "engine",
                 "baseline", "tokens_equal", "speedup", "ceiling", "torch")
 
 

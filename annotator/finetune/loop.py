@@ -39,10 +39,27 @@ class FinetuneResult:
                 f"checkpoint: {self.out}  (annotate run IMAGES --model {self.out})"]
 
 
+def _optimizer(cfg: FinetuneConfig, params, batches: int, notes: list[str], owner: bool):
+    """AdamW and the linear schedule over every optimizer step; the recipe's notes (and a warning when
+    the schedule is too short to move the model) are printed once, by the owner."""
+    from tqdm import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    steps = math.ceil(batches / cfg.grad_accum) * cfg.epochs
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup, steps)
+    warning = recipes.too_short(cfg, steps)
+    if warning:
+        notes.append(warning)  # the result reports it too
+    if owner:
+        for note in notes:
+            tqdm.write(note)
+    return optimizer, scheduler
+
+
 def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu") -> FinetuneResult:
     import torch.distributed as dist
     from tqdm import tqdm
-    from transformers import get_linear_schedule_with_warmup
 
     start = time.monotonic()
     torch.manual_seed(cfg.seed + rank)  # dropout; the data order comes from the sampler's own seed
@@ -71,16 +88,7 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
 
         sampler, train_loader, val_ds, val_loader = _loaders(cfg, data, processor, rank, world, device)
 
-        # ---- optimizer and schedule
-        steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup, steps_per_epoch * cfg.epochs)
-        warning = recipes.too_short(cfg, steps_per_epoch * cfg.epochs)
-        if warning:
-            notes.append(warning)
-        if owner:
-            for note in notes:
-                tqdm.write(note)
+        optimizer, scheduler = _optimizer(cfg, params, len(train_loader), notes, owner)
         half = autocast_dtype(cfg.precision, device)
         scaler = torch.amp.GradScaler("cuda", enabled=half is torch.float16)
         progress = Progress()
@@ -90,7 +98,7 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
             tqdm.write(f"already trained {progress.epoch} epochs (--epochs {cfg.epochs}): nothing to do")
 
         def autocast():
-            return torch.autocast("cuda", dtype=half) if half is not None else contextlib.nullcontext()
+            return torch.autocast(device.type, dtype=half) if half is not None else contextlib.nullcontext()
 
         # ---- epochs
         for epoch in range(progress.epoch + 1, cfg.epochs + 1):

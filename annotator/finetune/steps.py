@@ -11,6 +11,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from annotator.model.precision import auto_dtype
 from .data import IGNORE, TrainBatch
 
 log = logging.getLogger(__name__)
@@ -119,12 +120,21 @@ def train_mode(net, model, freeze_vision: bool) -> None:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
-            log.warning("--precision %s: autocast is used on GPU only; training in float32 on %s", precision, device)
-        return None
+    """The autocast dtype of a training step (None: float32). Weights, optimizer state and the loss
+    stay float32 either way. GPU: bf16 where it has it, else fp16 (with a grad scaler). CPU: bf16
+    when asked, or with auto where inference picks it too (AMX, precision.py); fp16 never."""
     if precision == "fp32":
         return None
+    if device.type == "cpu":
+        if precision == "fp16":
+            log.warning("--precision fp16: CPUs have no fast fp16 kernels; training in float32")
+            return None
+        if precision == "bf16" or auto_dtype(device).dtype == torch.bfloat16:
+            return torch.bfloat16
+        return None
+    if device.type != "cuda":
+        log.warning("--precision %s: autocast runs on CPU and CUDA only; training in float32 on %s", precision, device)
+        return None
     if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     return torch.bfloat16 if precision == "bf16" else torch.float16

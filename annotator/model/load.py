@@ -20,6 +20,7 @@ from annotator.config import ModelSpec
 from annotator.model import ModelLoadError
 from annotator.model.cache import cache_dir, publish, staging_dir
 from annotator.model.sequence import FLORENCE_TOKENS, POST_PROCESSOR_CONFIG
+from annotator.model.precision import auto_dtype
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ def free_cache(device: torch.device) -> None:
 
 
 def resolve_dtype(name: str, device: torch.device, warn: bool = True) -> torch.dtype:
-    """auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU (CPU half matmuls are slow)."""
+    """auto: what the hardware runs well (precision.auto_dtype: bf16 on GPUs that have it and on
+    CPUs with AMX, fp16 on older GPUs, else fp32); float16 on CPU becomes float32."""
     if name == "float16" and device.type == "cpu":
         # CPU half matmuls have no fast kernels (80x slower here); bf16 does, fp16 never pays off.
         if warn:
@@ -106,9 +108,10 @@ def resolve_dtype(name: str, device: torch.device, warn: bool = True) -> torch.d
         return torch.float32
     if name != "auto":
         return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    choice = auto_dtype(device)
+    if warn:
+        log.info("--dtype auto: %s (%s)", str(choice.dtype).removeprefix("torch."), choice.reason)
+    return choice.dtype
 
 
 def resolve_attention(name: str, device: torch.device) -> str:

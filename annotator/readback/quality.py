@@ -154,7 +154,7 @@ def text_quality(annotations: Path, texts_path: Path, q: Quality) -> None:
 
 
 def measure(model: str, folder: Path, work: Path, tasks: str = "od,ocr,caption", batch_size: int = 8,
-            num_beams: int = 3, workers: int = 0) -> Quality:
+            num_beams: int = 3, workers: int = 0, dtype: str = "auto") -> Quality:
     """Annotate `folder` (made by `annotate samples`) with `model`, export, and score against its truth."""
     from exporters.options import ExportOptions
     from exporters.read import Run
@@ -166,7 +166,7 @@ def measure(model: str, folder: Path, work: Path, tasks: str = "od,ocr,caption",
     from annotator.tasks import parse_task_list
 
     out = work / "annotations"
-    cfg = RunConfig(inputs=(folder,), tasks=tuple(parse_task_list(tasks)), out=out, model=ModelSpec(model),
+    cfg = RunConfig(inputs=(folder,), tasks=tuple(parse_task_list(tasks)), out=out, model=ModelSpec(model, dtype=dtype),
                     generation=GenerationSettings(num_beams=num_beams), batch_size=batch_size, workers=workers,
                     progress=False)
     run(cfg)
@@ -189,13 +189,14 @@ def main(argv=None) -> None:
     ap.add_argument("--kind", default="mixed", choices=samples.KINDS)
     ap.add_argument("--tasks", default="od,ocr,caption")
     ap.add_argument("--num-beams", type=int, default=3)
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--card", type=Path, help="also put the figures into this checkpoint folder's README.md (model card)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "samples"
         samples.write(folder, n=args.n, seed=args.seed, kind=args.kind)
-        q = measure(args.model, folder, Path(tmp), tasks=args.tasks, num_beams=args.num_beams)
+        q = measure(args.model, folder, Path(tmp), tasks=args.tasks, num_beams=args.num_beams, dtype=args.dtype)
     print("\n".join(q.lines()))
     if args.json:
         args.json.write_text(json.dumps(q.to_json(), indent=1))
