@@ -7,7 +7,7 @@ image layout (safe keys, train/val split, flat file names) and the per-split out
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from annotator.tasks import TASKS, Output, UnknownTask, get_task
 from exporters.errors import ExportError
@@ -45,6 +45,27 @@ def choose_tasks(run: Run, opts: ExportOptions, defaults: tuple[str, ...], fmt: 
             f"it holds: {held or 'nothing'}; pick with --task"
         )
     return tasks
+
+
+def exportable(items: Iterable, summary: ExportSummary, safe: Callable[[str], bool],
+               empty: Callable | None = None) -> Iterator:
+    """The record preamble of every format, in one place: an image whose key could escape the output
+    folder (`safe` is False: not among the layout's names) is dropped and counted, and with
+    --skip-empty (`empty` given) so is one with nothing to write. `items`: images, or (image, kept
+    instances) pairs (`labelled`); they pass through as they came."""
+    for item in items:
+        img = item[0] if isinstance(item, tuple) else item
+        if not safe(img.key):
+            summary.dropped["unsafe image key"] += 1
+        elif empty is not None and empty(item):
+            summary.dropped["empty images skipped"] += 1
+        else:
+            yield item
+
+
+def no_instances(item: tuple) -> bool:
+    """An (image, kept instances) pair with nothing to write (--skip-empty)."""
+    return not item[1]
 
 
 def count_errors(run: Run, tasks: list[str], summary: ExportSummary) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from exporters.base import Export
+from exporters.base import Export, exportable, no_instances
 from exporters.boxes import DETECTION_DEFAULTS, build_vocab, labelled
 from exporters.geometry import polygon_area, xyxy_to_xywh
 from exporters.options import ExportOptions, ExportSummary
@@ -54,13 +54,8 @@ def export_coco(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
             head = {"info": {"description": f"florence-annotate export of {run.folder}", "tasks": tasks},
                     "categories": [{"id": i + 1, "name": n, "supercategory": ""} for i, n in enumerate(vocab.names)]}
             fh.write(json.dumps(head, ensure_ascii=False)[:-1] + ', "images": [')
-            for img, kept in labelled(run, tasks, vocab, opts, summary):
-                if not is_safe_key(img.key):
-                    summary.dropped["unsafe image key"] += 1
-                    continue
-                if not kept and opts.skip_empty:
-                    summary.dropped["empty images skipped"] += 1
-                    continue
+            records = labelled(run, tasks, vocab, opts, summary)
+            for img, kept in exportable(records, summary, is_safe_key, no_instances if opts.skip_empty else None):
                 iid = ids.rank(img.key)
                 record = {"id": iid, "file_name": img.key, "width": img.width, "height": img.height}
                 fh.write((", " if n_images else "") + json.dumps(record, ensure_ascii=False))

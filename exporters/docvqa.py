@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from annotator.model.sequence import loc_tokens
 from annotator.tasks import TASKS, Labels
-from exporters.base import Export
+from exporters.base import Export, exportable
 from exporters.classes import ClassVocab, normalize_label
 
 from exporters.geometry import clip_polygon, polygons_extent, row_instances
@@ -171,10 +171,7 @@ def export_docvqa(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
     with ex:
         writers = ex.open_splits(SPLIT_FILES, lambda s: pq.ParquetWriter(
             out.path("data", f"{SPLIT_FILES[s]}-00000-of-00001.parquet"), SCHEMA_WITH_META))
-        for img in run.images(tasks):
-            if img.key not in names:
-                summary.dropped["unsafe image key"] += 1
-                continue
+        for img in exportable(run.images(tasks), summary, names.__contains__):
             qa = qa_pairs(img, vocab, common, summary.dropped, opts.min_score)
             if not qa:
                 continue

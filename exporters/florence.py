@@ -12,7 +12,7 @@ from collections import Counter
 
 from annotator.model.sequence import loc_tokens
 from annotator.tasks import TASKS, Input, Labels, Output
-from exporters.base import Export
+from exporters.base import Export, exportable
 from exporters.classes import ClassVocab
 from exporters.files import place_image
 from exporters.filtering import image_filter
@@ -199,10 +199,7 @@ def export_florence(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary
     flt = image_filter(opts, summary)
     with ex:
         files = ex.open_splits(SPLIT_DIRS, open_split)
-        for img in run.images(tasks):
-            if img.key not in names:
-                summary.dropped["unsafe image key"] += 1
-                continue
+        for img in exportable(run.images(tasks), summary, names.__contains__):
             img = flt.apply(img, tasks)
             if img is None:  # the --filter policy left the image out
                 continue

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from exporters.colors import label_color
 from annotator.tasks import TASKS, Input, Output
-from exporters.base import Layout, choose_tasks, count_errors
+from exporters.base import Layout, choose_tasks, count_errors, exportable
 from exporters.boxes import DETECTION_DEFAULTS, OCR_TASK, build_vocab, labelled
 from exporters.errors import ExportError
 from exporters.geometry import Instance
@@ -60,15 +60,14 @@ def review_images(run: Run, tasks: list[str], opts: ExportOptions, summary: Expo
     split_of = Layout.of(run.image_keys(tasks), opts.val_fraction).split_of
     out: list[ReviewImage] = []
     stream = labelled(run, tasks, vocab, opts, summary) if vocab else ((img, []) for img in run.images(tasks))
-    for img, kept in stream:
-        if img.key not in split_of:
-            summary.dropped["unsafe image key"] += 1
-            continue
-        texts = {t: img.rows[t].text.strip() for t in tasks if t in TEXT_TASKS and t in img.rows
-                 and (img.rows[t].text or "").strip()}
-        if not kept and not texts and opts.skip_empty:
-            summary.dropped["empty images skipped"] += 1
-            continue
+
+    def texts_of(img) -> dict[str, str]:
+        return {t: img.rows[t].text.strip() for t in tasks if t in TEXT_TASKS and t in img.rows
+                and (img.rows[t].text or "").strip()}
+
+    empty = (lambda item: not item[1] and not texts_of(item[0])) if opts.skip_empty else None
+    for img, kept in exportable(stream, summary, split_of.__contains__, empty):
+        texts = texts_of(img)
         instances = [(vocab.names[i], inst) for i, inst in kept]
         out.append(ReviewImage(img.key, img.width, img.height, split_of[img.key], instances, texts))
     if opts.order == "score":

@@ -9,7 +9,7 @@ from collections import Counter
 
 import yaml
 
-from exporters.base import Export
+from exporters.base import Export, exportable, no_instances
 from exporters.boxes import DETECTION_DEFAULTS, build_vocab, labelled
 from exporters.files import place_image
 from exporters.geometry import Instance, xyxy_to_cxcywh_norm
@@ -65,13 +65,8 @@ def export_yolo(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
         out.mkdir("labels", split)
     line = yolo_segment_line if opts.segments else yolo_box_line
     per_split: Counter = Counter()
-    for img, kept in labelled(run, tasks, vocab, opts, summary):
-        if img.key not in names:
-            summary.dropped["unsafe image key"] += 1
-            continue
-        if not kept and opts.skip_empty:
-            summary.dropped["empty images skipped"] += 1
-            continue
+    records = labelled(run, tasks, vocab, opts, summary)
+    for img, kept in exportable(records, summary, names.__contains__, no_instances if opts.skip_empty else None):
         src = run.find_image(img.key, summary.dropped)
         if src is None:
             continue
