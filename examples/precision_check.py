@@ -30,7 +30,7 @@ from pathlib import Path
 
 import polars as pl
 
-from annotator import samples
+from annotator.demo import world as samples
 from annotator.readback.quality import measure
 from annotator.outdir.table import part_files
 

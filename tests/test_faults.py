@@ -27,7 +27,7 @@ def test_oom_halves_the_chunk_and_loses_nothing(tiny_lm, tmp_path, monkeypatch):
         return real_generate(*args, **kw)
 
     monkeypatch.setattr(tiny_lm.model, "generate", generate)
-    monkeypatch.setattr("annotator.decode.engine.supports", lambda config: False)  # the generate path (the scheduler's: test_scheduler)
+    monkeypatch.setattr("annotator.decode.engine.unsupported_reason", lambda config: "off for this test")  # the generate path (the scheduler's: test_scheduler)
     out = tmp_path / "out"
     summary = run(make_cfg(images, out, "caption,od", batch_size=5), lm=tiny_lm)
     got = by_key(out)

@@ -205,10 +205,8 @@ class DecodeScheduler:
             end = int(self.cache.pos[j]) + 1
             ids, lps = self.cache.ids[j, 1:end].tolist(), self.cache.lps[j, 1:end].tolist()
         # With forced_eos (the published config) the last allowed token is a forced </s>: an answer that
-        # reached its max_new was cut there, not finished (as the generate path reads it; forced lengths
-        # of the bench, min_new == max_new, end where they were told to).
-        job = self.rows[j]
-        cut = self.rules.forced_eos is not None and job.min_new < job.max_new <= len(ids)
+        # reached its max_new was cut there, not finished (as the generate path reads it).
+        cut = self.rules.forced_eos is not None and len(ids) >= self.rows[j].max_new
         return Answer(ids, bool(ids) and ids[-1] == self.eos and not cut, lps if self.scores else None)
 
     def _chunks(self, n: int, vocab: int) -> list[tuple[int, int]]:
