@@ -187,7 +187,7 @@ class Engine:
         texts = tok.batch_decode(sequences, skip_special_tokens=False)
         # With forced_eos_token_id (the published checkpoints'), generate writes </s> as the last allowed
         # token: a row that ran to the limit was cut there, not finished.
-        cut_at = None if forced or lm.model.generation_config.forced_eos_token_id is None else gen.max_new_tokens
+        cut_at = None if lm.model.generation_config.forced_eos_token_id is None else gen.max_new_tokens
         rows = [_answer_ids(seq[1:].tolist(), tok.eos_token_id, tok.pad_token_id, cut_at) for seq in sequences]
         if forced and gen.num_beams > 1:  # bench: beams ran to the chunk's longest; cut each row to its length
             rows, texts = forced.cut(chunk, rows, sequences, tok)
