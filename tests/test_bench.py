@@ -32,11 +32,12 @@ def test_bench_with_baseline(tmp_path):
 
     data = json.loads(out.read_text())
     for key in ("model", "dtype", "device", "threads", "tasks", "num_beams", "images", "batch_size", "forced_tokens",
-                "matmul_gflops", "ceiling_gflops", "fp32_ceiling_gflops", "engine", "baseline", "tokens_equal", "speedup", "ceiling"):
+                "matmul_gflops", "ceiling_gflops", "fp32_ceiling_gflops", "engine", "baseline", "tokens_equal", "speedup", "cpu_speedup", "ceiling"):
         assert key in data, key
     for side in ("engine", "baseline"):
-        for key in ("images", "seconds", "images_per_s", "gflops", "flops_per_image", "tokens"):
+        for key in ("images", "seconds", "cpu_seconds", "images_per_s", "gflops", "flops_per_image", "tokens"):
             assert key in data[side], (side, key)
+        assert data[side]["cpu_seconds"] > 0
         assert data[side]["images"] == 2
         assert data[side]["flops_per_image"] > 0
     assert "peak_memory_bytes" in data["engine"] and data["engine"]["peak_memory_bytes"] > 0
@@ -46,6 +47,8 @@ def test_bench_with_baseline(tmp_path):
     assert data["baseline"]["tokens"] == expected
     assert data["tokens_equal"] is True
     assert last == f"speedup={data['speedup']:.2f} ceiling={data['ceiling']:.3f}"
+    assert data["cpu_speedup"] == data["baseline"]["cpu_seconds"] / data["engine"]["cpu_seconds"]
+    assert f"-> {data['cpu_speedup']:.2f}x (process CPU time" in result.output
 
 
 def test_bench_without_baseline_says_na():

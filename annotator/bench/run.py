@@ -176,10 +176,11 @@ def _measure(runner, plan: BenchPlan, pictures, batch_size: int, num_beams: int,
         while True:
             rec.side = engine
             with engine_kernels():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 rows = next(stream, None)
                 sync(lm.device)
                 engine.seconds += time.perf_counter() - t
+                engine.cpu_seconds += time.process_time() - c
             if rows is None:
                 break
             count_rows(engine, rows)
@@ -187,8 +188,9 @@ def _measure(runner, plan: BenchPlan, pictures, batch_size: int, num_beams: int,
                 rec.side = ref
                 start = ref.images
                 with stock_linear(lm.model):  # the published loop runs torch's own kernels
-                    ref.seconds += timed(lambda: run_reference(lm, tasks, exact[start:start + batch_size], num_beams,
-                                                               pictures[start:start + batch_size], ref))
+                    wall, cpu = timed(lambda: run_reference(lm, tasks, exact[start:start + batch_size], num_beams,
+                                                            pictures[start:start + batch_size], ref))
+                ref.seconds, ref.cpu_seconds = ref.seconds + wall, ref.cpu_seconds + cpu
             echo(f"  {engine.images}/{len(pictures)} images: engine {engine.seconds:.1f} s"
                  + (f", reference {ref.seconds:.1f} s ({ref.images} images)" if baseline else ""))
         rec.side = None
@@ -200,7 +202,7 @@ def _measure(runner, plan: BenchPlan, pictures, batch_size: int, num_beams: int,
 RESULT_ORDER = ("model", "dtype", "attention", "device", "threads", "kernels", "scores", "tasks", "num_beams", "images",
                 "batch_size", "lengths", "forced_tokens", "seed", "decode", "matmul_gflops", "ceiling_gflops",
                 "fp32_matmul_gflops", "fp32_ceiling_gflops", "dtype_reason", "engine",
-                "baseline", "tokens_equal", "speedup", "ceiling", "torch")
+                "baseline", "tokens_equal", "speedup", "cpu_speedup", "ceiling", "torch")
 
 
 def _report(runner, plan: BenchPlan, sides: Sides, rates: dict, baseline: bool, echo) -> dict:
@@ -231,6 +233,10 @@ def _report(runner, plan: BenchPlan, sides: Sides, rates: dict, baseline: bool, 
         echo(f"WARNING: generated tokens differ (engine {engine.tokens}, reference {ref.tokens}): "
              "the speedup compares different work")
     speedup = engine.images_per_s / ref.images_per_s if baseline and ref.images_per_s > 0 else None
+    cpu_speedup = ref.cpu_seconds / engine.cpu_seconds if baseline and engine.cpu_seconds > 0 else None
+    if cpu_speedup is not None:  # on a shared machine wall time moves with the load; CPU time much less
+        echo(f"CPU time: engine {engine.cpu_seconds:.1f} s, reference {ref.cpu_seconds:.1f} s "
+             f"-> {cpu_speedup:.2f}x (process CPU time, all threads)")
     echo(f"speedup={'n/a' if speedup is None else f'{speedup:.2f}'} ceiling={ceiling:.3f}")
     return {
         "dtype": str(lm.dtype).replace("torch.", ""), "attention": lm.attention, "device": str(plan.dev),
@@ -244,7 +250,7 @@ def _report(runner, plan: BenchPlan, sides: Sides, rates: dict, baseline: bool, 
                        flops_per_image=sides.engine_flops, peak_memory_bytes=sides.peak),
         "baseline": None if not baseline else dict(asdict(ref), images_per_s=ref.images_per_s, flops_per_image=ref_flops,
                                                    gflops=ref_flops * ref.images_per_s / 1e9),
-        "tokens_equal": tokens_equal, "speedup": speedup, "ceiling": ceiling, "torch": torch.__version__,
+        "tokens_equal": tokens_equal, "speedup": speedup, "cpu_speedup": cpu_speedup, "ceiling": ceiling, "torch": torch.__version__,
     }
 
 

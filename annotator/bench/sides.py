@@ -22,6 +22,7 @@ class Side:
 
     images: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # this process's CPU time (all threads): comparable on a shared machine
     tokens: dict = field(default_factory=dict)  # task -> generated tokens over all images (per output sequence)
     generate_calls: int = 0
     rows_error: int = 0  # parse failures on random output: the work was still done
