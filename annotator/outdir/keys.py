@@ -24,12 +24,11 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from annotator.inputs import remote
 from annotator.inputs.sources import Discovery, ImageRef, SourceError, image_source
-from annotator.outdir.table import SCHEMA, part_files, write_table_atomic
+from annotator.outdir.table import conform, part_files, scan_parts, write_table_atomic
 
 log = logging.getLogger(__name__)
 MOVE_SAMPLE = 32  # files of a moved folder whose image size is checked against their rows
@@ -67,14 +66,11 @@ def sources_to_manifest(sources: list[Source]) -> list[dict]:
 
 def folder_owners(out: Path) -> dict[str, str | None]:
     """key -> source id of the rows already in `out` (None: a schema-1 row, no source)."""
-    owners: dict[str, str | None] = {}
-    for part in part_files(out):
-        names = pq.read_schema(part).names
-        t = pq.read_table(part, columns=["image", "source"] if "source" in names else ["image"])
-        sources = t.column("source").to_pylist() if "source" in names else [None] * t.num_rows
-        for key, src in zip(t.column("image").to_pylist(), sources):
-            owners.setdefault(key, src)
-    return owners
+    parts = part_files(out)
+    if not parts:
+        return {}
+    rows = scan_parts(parts).select("image", "source").unique("image", keep="first", maintain_order=True)
+    return dict(rows.collect().iter_rows())
 
 
 def _prefix_for(root: Path, rels: list[str], taken: set[str], used_prefixes: set[str]) -> str:
@@ -159,13 +155,13 @@ def moved_source(root: str, refs: list[ImageRef], sources: list[Source], owners:
 
 def _recorded_sizes(out: Path, src: Source, keys: set[str]) -> dict[str, tuple[int, int]]:
     """(width, height) that the folder's rows of `src` recorded for `keys` (error rows may record none)."""
-    sizes: dict[str, tuple[int, int]] = {}
-    for part in part_files(out):
-        t = pq.read_table(part, columns=["image", "source", "width", "height"])
-        for key, owner, w, h in zip(*(t.column(c).to_pylist() for c in ("image", "source", "width", "height"))):
-            if owner == src.id and key in keys and w is not None and h is not None:
-                sizes[key] = (w, h)
-    return sizes
+    import polars as pl
+
+    rows = (scan_parts(part_files(out))
+            .filter((pl.col("source") == src.id) & pl.col("image").is_in(sorted(keys))
+                    & pl.col("width").is_not_null() & pl.col("height").is_not_null())
+            .select("image", "width", "height").collect())
+    return {key: (w, h) for key, w, h in rows.iter_rows()}
 
 
 def _header_size(ref: ImageRef) -> tuple[int, int] | None:
@@ -209,10 +205,6 @@ def upgrade_parts(out: Path) -> int:
     for part in part_files(out):
         if "source" in pq.read_schema(part).names:
             continue
-        t = pq.read_table(part)
-        for f in SCHEMA:
-            if f.name not in t.column_names:
-                t = t.append_column(f.name, pa.nulls(t.num_rows, f.type))
-        write_table_atomic(t.select(SCHEMA.names).cast(SCHEMA), part)
+        write_table_atomic(conform(pq.read_table(part)), part)
         n += 1
     return n
