@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -107,6 +108,9 @@ def local_ray(tmp_path_factory):
     env = {TEST_KILL: f"1:{marker}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "FLORENCE_ANNOTATE_CACHE": os.environ.get("FLORENCE_ANNOTATE_CACHE", ""),
            "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # ray.init installs its own SIGTERM/SIGINT handlers in this process; put pytest's back afterwards,
+    # or a later test's signal ends the session with SystemExit 15 (seen once).
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, runtime_env={"env_vars": env})
     except Exception as exc:  # e.g. the raylet's fixed 30 s start-up wait on an overloaded machine
@@ -115,6 +119,8 @@ def local_ray(tmp_path_factory):
         pytest.skip(f"a local Ray could not start here: {exc}")
     yield marker
     ray.shutdown()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 @needs_ray
