@@ -62,9 +62,8 @@ class Engine:
     @property
     def decoding(self) -> str:
         """The decode path, as the manifest and the run's log say it: "scheduler" or "generate: <why>"."""
-        if self.use_scheduler:
-            return "scheduler"
-        return "generate: " + (self.generate_reason or "the scheduler is turned off")
+        return describe_path(self.generate_reason if self.use_scheduler or self.generate_reason
+                             else "the scheduler is turned off")
 
     # ------------------------------------------------------------------ batches -> rows
     def annotate(self, batch: Batch) -> list[Annotation]:
@@ -250,8 +249,12 @@ def run_generation_config(model, generation: GenerationSettings, assign: bool = 
 def decoding_path(generation_config) -> str:
     """What an engine decodes a model with this generation config through: "scheduler", or
     "generate: <the rule the scheduler lacks>" (Engine.decoding, before any engine exists)."""
-    reason = unsupported_reason(generation_config)
-    return "scheduler" if reason is None else f"generate: {reason}"
+    return describe_path(unsupported_reason(generation_config))
+
+
+def describe_path(generate_reason: str | None) -> str:
+    """The one wording of the path: "scheduler", or "generate: <why the scheduler is not used>"."""
+    return "scheduler" if generate_reason is None else f"generate: {generate_reason}"
 
 
 def _answer_ids(ids: list[int], eos: int, pad: int, cut_at: int | None = None) -> tuple[list[int], bool]:
