@@ -46,7 +46,7 @@ def test_the_engine_names_its_decode_path(lm):
     off = engine(lm, no_repeat_ngram_size=0)
     assert off.use_scheduler and off.decoding == "scheduler"
     off.use_scheduler = False  # bench --no-scheduler
-    assert off.decoding.startswith("generate: ")
+    assert off.decoding == "generate: the scheduler is turned off"
     assert decoding_path(lm.model.generation_config) == "scheduler"
 
 
