@@ -53,7 +53,8 @@ def model_options(f):
                           "random:tiny|base|large (random weights: meaningless output)."),
         click.option("--revision", default=None, help="Hub branch, tag or commit."),
         click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
-                     help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."),
+                     help="auto: bf16 on GPUs that have it and CPUs with AMX, fp16 on older GPUs, else fp32 "
+                          "(FLORENCE_ANNOTATE_AUTO_DTYPE pins it)."),
         click.option("--attention", type=click.Choice(ATTENTIONS), default="auto", show_default=True,
                      help="auto: flash_attention_2 when flash-attn is installed on CUDA, else sdpa."),
         click.option("--allow-pickle", is_flag=True, help="Allow pickle (.bin) weights. Only for checkpoints you trust."),

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from annotator.model.load import resolve_dtype
-from annotator.model.precision import auto_dtype, cpu_choice, cpu_flags, cuda_choice
+from annotator.model.precision import PIN_ENV, auto_dtype, cpu_choice, cpu_flags, cuda_choice
 from annotator.model.cpu_kernels import onednn_available, onednn_dtypes, use_onednn_linear
 
 
-def test_auto_follows_the_hardware():
+def test_auto_follows_the_hardware(monkeypatch):
+    monkeypatch.delenv(PIN_ENV, raising=False)  # the suite pins it (conftest)
     amx = cpu_choice(frozenset({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}))
     assert amx.dtype == torch.bfloat16 and "AMX" in amx.reason
     # bf16 dot products without AMX: measured not faster end to end here, so float32 and the reason
@@ -21,6 +22,19 @@ def test_auto_follows_the_hardware():
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu) == auto_dtype(cpu).dtype
     assert resolve_dtype("float16", cpu) == torch.float32  # no fast fp16 CPU kernels
+
+
+def test_the_pin_overrides_the_hardware_and_a_bad_one_is_ignored(monkeypatch, caplog):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("annotator.model.precision.cpu_flags", lambda: frozenset({"amx_tile", "amx_bf16"}))
+    monkeypatch.delenv(PIN_ENV, raising=False)
+    assert auto_dtype(cpu).dtype == torch.bfloat16  # an AMX CPU: bf16 ...
+    monkeypatch.setenv(PIN_ENV, "float32")
+    choice = auto_dtype(cpu)
+    assert choice.dtype == torch.float32 and choice.reason == f"{PIN_ENV}=float32"
+    assert resolve_dtype("auto", cpu) == torch.float32  # ... unless pinned
+    monkeypatch.setenv(PIN_ENV, "fp8")
+    assert auto_dtype(cpu).dtype == torch.bfloat16 and "is not one of" in caplog.text
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):

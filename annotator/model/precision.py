@@ -17,6 +17,8 @@ and scores, beam scores, the fine-tuning loss."""
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,13 @@ CPU_POLICY: list[tuple[str, DtypeChoice]] = [
                                                "on such a CPU (README, Half precision); --dtype bfloat16 to force")),
 ]
 CPU_DEFAULT = DtypeChoice(torch.float32, "CPU without bf16 instructions: float32")
+
+# Pins what auto means on every device, for sites (and the test suite) that need the same numbers on
+# every machine: an AMX CPU would otherwise run bf16 where another runs float32, and bf16 is not exact.
+PIN_ENV = "FLORENCE_ANNOTATE_AUTO_DTYPE"
+PINNABLE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+log = logging.getLogger(__name__)
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
@@ -62,6 +71,11 @@ def cuda_choice(capability: tuple[int, int]) -> DtypeChoice:
 
 def auto_dtype(device: torch.device) -> DtypeChoice:
     """What `--dtype auto` runs on `device`."""
+    pinned = os.environ.get(PIN_ENV, "").strip()
+    if pinned in PINNABLE:
+        return DtypeChoice(PINNABLE[pinned], f"{PIN_ENV}={pinned}")
+    if pinned:
+        log.warning("%s=%s is not one of %s: ignored, auto follows the hardware", PIN_ENV, pinned, ", ".join(PINNABLE))
     if device.type == "cuda":
         return cuda_choice(torch.cuda.get_device_capability(device))
     if device.type == "cpu":
