@@ -24,10 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from annotator.decode.kvcache import SlotCache
-from annotator.decode.logits_rules import LogitsRules
+from annotator.decode.logits_rules import Known, LogitsRules
 
 NEG = -1.0e9  # generate's "never pick this" score offset
 
@@ -55,7 +56,8 @@ def candidates(logits: torch.Tensor, running: torch.Tensor, rules: LogitsRules, 
     logp = torch.log_softmax(logits, -1)
     # read before the rules and running scores go into logp in place (no copy of [rows, V] per step)
     shift = logits[:, 0] - logp[:, 0] if scores else None
-    rules.apply(logp, cache.ids[a:b], cache.pos[a:b], cache.min_new[a:b], cache.max_new[a:b])
+    rules.apply(logp, cache.ids[a:b], cache.pos[a:b], cache.min_new[a:b], cache.max_new[a:b],
+                Known(cache.host_pos[a:b], cache.host_max_new[a:b]))
     jobs, k, vocab = running.shape[0], running.shape[1], logp.shape[-1]
     acc = logp.view(jobs, k, vocab).add_(running[:, :, None])
     vals, index = torch.topk(acc.view(jobs, k * vocab), k=2 * k)
@@ -114,12 +116,14 @@ class BeamSearch:
                 cache: SlotCache, n: int) -> list[int]:
         """One step of every job from its top-2k candidates (vals [J, 2k] float32, indices into k*vocab,
         their raw log p [J, 2k] or None): the running beams continue (cache rows reordered, their new
-        token written), finished hypotheses are kept; returns the jobs that ended."""
+        token written), finished hypotheses are kept; returns the jobs that ended. All of it is
+        tensor work over the jobs, with one read-back per step (which jobs took a finished
+        hypothesis or ended, and which beam each row continues); Python only for those events."""
         k, s = self.k, self.settings
         beam, tok = index // vocab, index % vocab
         length = cache.pos[:n:k]  # tokens in the sequence, this step's included (start token + generated)
         max_new = cache.max_new[:n:k]
-        powers = self._powers(int(max_new.max()))
+        powers = self._powers(int(cache.host_max_new[:n].max()))
         hits = (tok == self.eos) | (length >= max_new)[:, None]
         # e. the k best candidates that did not end run on
         run_scores = vals + hits.to(torch.float32) * NEG
@@ -134,37 +138,41 @@ class BeamSearch:
         merged = torch.cat([self.done_scores, final], 1)
         best = torch.topk(merged, k=k)[1]
         flags = torch.cat([self.done_flags, did], 1).gather(1, best)
-        self._keep_hypotheses(best, flags, beam, tok, lps, cache, length)
-        self.done_scores, self.done_flags = merged.gather(1, best), flags
-        self.running = run_scores.gather(1, keep)
-        rows = torch.arange(n, device=vals.device)
-        cache.reorder((beam.gather(1, keep) + rows[::k, None]).flatten(), n)
-        at = cache.pos[:n]
+        moved = (flags & (best != torch.arange(k, device=best.device))).any(1)  # a real hypothesis arrived or moved
+        done_scores, running = merged.gather(1, best), run_scores.gather(1, keep)
+        source = (beam.gather(1, keep) + torch.arange(0, n, k, device=vals.device)[:, None]).flatten()
+        # g. generate's stopping rule for each job
+        never = s.early_stopping == "never" and s.length_penalty > 0.0
+        best_running = running[:, 0] / powers[max_new if never else length]
+        worst_done = torch.where(flags, done_scores.min(1, keepdim=True)[0], NEG)
+        improvable = self.improvable & (best_running[:, None] > worst_done).any(1)
+        ended = ~improvable | (flags.all(1) & (s.early_stopping is True)) | hits.all(1)
+        jobs = n // k
+        host = torch.cat([moved.to(torch.long), ended.to(torch.long), source]).cpu().numpy()  # the one read-back
+        self._keep_hypotheses(np.flatnonzero(host[:jobs]), best, flags, beam, tok, lps, cache)
+        self.done_scores, self.done_flags, self.running, self.improvable = done_scores, flags, running, improvable
+        cache.reorder(host[2 * jobs:])
+        rows, at = torch.arange(n, device=vals.device), cache.pos[:n]
         cache.ids[rows, at] = tok.gather(1, keep).flatten()
         if lps is not None:
             cache.lps[rows, at] = lps.gather(1, keep).flatten()
-        # g. generate's stopping rule for each job
-        never = s.early_stopping == "never" and s.length_penalty > 0.0
-        best_running = self.running[:, 0] / powers[max_new if never else length]
-        worst_done = torch.where(self.done_flags, self.done_scores.min(1, keepdim=True)[0], torch.tensor(NEG))
-        self.improvable = self.improvable & (best_running[:, None] > worst_done).any(1)
-        full = self.done_flags.all(1) & (s.early_stopping is True)
-        return (~self.improvable | full | hits.all(1)).nonzero()[:, 0].tolist()
+        return np.flatnonzero(host[jobs:2 * jobs]).tolist()
 
-    def _keep_hypotheses(self, best: torch.Tensor, flags: torch.Tensor, beam: torch.Tensor, tok: torch.Tensor,
-                         lps: torch.Tensor | None, cache: SlotCache, length: torch.Tensor) -> None:
-        """The finished hypotheses' ids and log p, for the jobs where a real one arrived or moved
-        (`best` indexes [done | candidates]): read from the rows' sequences before they are reordered."""
+    def _keep_hypotheses(self, moved: np.ndarray, best: torch.Tensor, flags: torch.Tensor, beam: torch.Tensor,
+                         tok: torch.Tensor, lps: torch.Tensor | None, cache: SlotCache) -> None:
+        """The finished hypotheses' ids and log p, for the jobs `moved` where a real one arrived or
+        moved (`best` indexes [done | candidates]): read from the rows' sequences before they are
+        reordered (an event: a hypothesis ends; its reads go back to the host)."""
         k = self.k
-        moved = (flags & (best != torch.arange(k, device=best.device))).any(1).nonzero()[:, 0].tolist()
-        for j in moved:
+        for j in moved.tolist():
             old_seqs, old_lps, seqs, lp = self.done_seqs[j], self.done_lps[j], [], []
+            end = int(cache.host_pos[j * k])
             for i, real in zip(best[j].tolist(), flags[j].tolist()):
                 if i < k or not real:
                     seqs.append(old_seqs[i] if i < k else [])
                     lp.append(old_lps[i] if i < k else [])
                     continue
-                row, end = j * k + int(beam[j, i - k]), int(length[j])
+                row = j * k + int(beam[j, i - k])
                 seqs.append(cache.ids[row, 1:end].tolist() + [int(tok[j, i - k])])
                 lp.append(cache.lps[row, 1:end].tolist() + [float(lps[j, i - k])] if lps is not None else [])
             self.done_seqs[j], self.done_lps[j] = seqs, lp
