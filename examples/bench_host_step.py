@@ -152,12 +152,20 @@ def timed(step_fn, step: Step):
     return finished
 
 
-def small_vocab(lm, vocab: int = VOCAB):
+def small_vocab(lm, vocab: int = VOCAB, layers: int = 1):
     """random:tiny with lm_head cut to its first `vocab` tokens (<s>, </s> and the forced tokens are
-    among them): a step dispatches the same ops at any vocabulary size, only their work shrinks."""
+    among them): a step dispatches the same ops at any vocabulary size, only their work shrinks.
+    layers > 1: its decoder layer repeated (same weights), for the ops of a deeper decoder
+    (Florence-2-base has 6 decoder layers, large 12)."""
     import copy
 
     model = copy.copy(lm.model)
+    if layers > 1:
+        model.model = copy.copy(model.model)
+        model.model.language_model = copy.copy(model.model.language_model)
+        decoder = copy.copy(model.model.language_model.decoder)
+        decoder.layers = torch.nn.ModuleList(list(decoder.layers) * layers)
+        model.model.language_model.decoder = decoder
     full = lm.model.lm_head
     head = torch.nn.Linear(full.in_features, vocab, bias=full.bias is not None)
     with torch.no_grad():
@@ -168,21 +176,28 @@ def small_vocab(lm, vocab: int = VOCAB):
     return model
 
 
+def counts(model, prompts: int, beams: int, prompt_len: int) -> list[Step]:
+    """The counting pass: ops and syncs of every step."""
+    return drive(scheduler(model, prompts, beams, prompt_len), counted)
+
+
+def window(steps: list[Step], numbers: range, field: str) -> float:
+    """The median of `field` over the steps of a window that had no event."""
+    return statistics.median(getattr(s, field) for s in steps if s.number in numbers and not s.event)
+
+
 def measure(model, prompts: int, beams: int, prompt_len: int, repeat: int = 3) -> dict:
     """Per-step figures of the workload: timed passes (per step the fastest) and a counting pass."""
     passes = [drive(scheduler(model, prompts, beams, prompt_len), timed) for _ in range(repeat)]
     timed_ = [min(steps, key=lambda s: s.cpu_ms) for steps in zip(*passes)]  # the first pass warms up too
-    count = drive(scheduler(model, prompts, beams, prompt_len), counted)
+    count = counts(model, prompts, beams, prompt_len)
     assert [s.event for s in timed_] == [s.event for s in count], "the passes took different steps"
-
-    def window(numbers):
-        sel = [(a, c) for a, c in zip(timed_, count) if a.number in numbers and not a.event]
-        return {"ops": statistics.median(c.ops for _, c in sel), "syncs": statistics.median(c.syncs for _, c in sel),
-                "host_ms": statistics.median(a.cpu_ms for a, _ in sel)}
-
-    return {"prompts": prompts, "beams": beams, "steps": len(timed_), "events": sum(s.event for s in timed_),
-            "uniform": window(UNIFORM), "ragged": window(RAGGED),
-            "event_ops": statistics.median(c.ops for c in count if c.event)}
+    out = {"prompts": prompts, "beams": beams, "steps": len(timed_), "events": sum(s.event for s in timed_),
+           "event_ops": statistics.median(c.ops for c in count if c.event)}
+    for name, numbers in (("uniform", UNIFORM), ("ragged", RAGGED)):
+        out[name] = {"ops": window(count, numbers, "ops"), "syncs": window(count, numbers, "syncs"),
+                     "host_ms": window(timed_, numbers, "cpu_ms")}
+    return out
 
 
 def main(argv=None) -> None:
@@ -190,11 +205,12 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", default="16,64,256")
     ap.add_argument("--beams", default="1,3")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=1, help="decoder layers (random:tiny's one, repeated)")
     ap.add_argument("--repeat", type=int, default=3, help="timed passes (per step, the fastest counts)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     lm = load_model(ModelSpec("random:tiny"), "cpu")
-    model, prompt_len = small_vocab(lm), lm.processor.num_image_tokens + 8
+    model, prompt_len = small_vocab(lm, layers=args.layers), lm.processor.num_image_tokens + 8
     print("prompts x beams | steps (events) | equal lengths: ops, syncs, host ms per step "
           "| ragged: ops, syncs, host ms | ops per event step (median)")
     for beams in (int(b) for b in args.beams.split(",")):

@@ -91,11 +91,13 @@ class BeamSearch:
         self.done_seqs += [[[] for _ in range(k)] for _ in range(m)]
         self.done_lps += [[[] for _ in range(k)] for _ in range(m)]
 
-    def move(self, src: int, dst: int) -> None:
-        """Job src's state into job dst's (dst has finished); then `truncate` drops the last."""
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Jobs src's state into jobs dst's (finished ones, disjoint from src); then `truncate` drops the last."""
+        at_src, at_dst = (torch.as_tensor(j, device=self.device) for j in (src, dst))
         for state in (self.running, self.done_scores, self.done_flags, self.improvable):
-            state[dst] = state[src]
-        self.done_seqs[dst], self.done_lps[dst] = self.done_seqs[src], self.done_lps[src]
+            state[at_dst] = state[at_src]
+        for s, d in zip(src, dst):
+            self.done_seqs[d], self.done_lps[d] = self.done_seqs[s], self.done_lps[s]
 
     def truncate(self, jobs: int) -> None:
         self.running, self.done_scores = self.running[:jobs], self.done_scores[:jobs]
@@ -162,17 +164,32 @@ class BeamSearch:
                          tok: torch.Tensor, lps: torch.Tensor | None, cache: SlotCache) -> None:
         """The finished hypotheses' ids and log p, for the jobs `moved` where a real one arrived or
         moved (`best` indexes [done | candidates]): read from the rows' sequences before they are
-        reordered (an event: a hypothesis ends; its reads go back to the host)."""
-        k = self.k
-        for j in moved.tolist():
+        reordered. An event (a hypothesis ends): what it needs comes back in one read, however many
+        jobs it concerns."""
+        if not len(moved):
+            return
+        k, m = self.k, len(moved)
+        jobs = torch.as_tensor(moved, device=self.device)
+        ends = cache.host_pos[moved * k]  # per job: its sequence's length (start token included)
+        t = int(ends.max())
+        rows = torch.as_tensor((moved[:, None] * k + np.arange(k)).ravel(), device=self.device)
+        parts = [best[jobs], flags[jobs], beam[jobs], tok[jobs], lps[jobs] if lps is not None else beam[jobs],
+                 cache.ids[rows, 1:t], cache.lps[rows, 1:t]]
+        # one float32 tensor (indices and ids < 2 ** 24 are exact in it), one read
+        flat = torch.cat([p.to(torch.float32).flatten() for p in parts]).cpu().numpy()
+        shapes = [(m, k), (m, k), (m, 2 * k), (m, 2 * k), (m, 2 * k), (m, k, t - 1), (m, k, t - 1)]
+        cuts = np.cumsum([0] + [int(np.prod(sh)) for sh in shapes])
+        best_h, flags_h, beam_h, tok_h, lps_h, ids_h, seq_lps = (
+            flat[a:b].reshape(sh) for a, b, sh in zip(cuts[:-1], cuts[1:], shapes))
+        for x, j in enumerate(moved.tolist()):
             old_seqs, old_lps, seqs, lp = self.done_seqs[j], self.done_lps[j], [], []
-            end = int(cache.host_pos[j * k])
-            for i, real in zip(best[j].tolist(), flags[j].tolist()):
+            end = int(ends[x]) - 1  # generated tokens before this step's
+            for i, real in zip(best_h[x].astype(np.int64).tolist(), flags_h[x].tolist()):
                 if i < k or not real:
                     seqs.append(old_seqs[i] if i < k else [])
                     lp.append(old_lps[i] if i < k else [])
                     continue
-                row = j * k + int(beam[j, i - k])
-                seqs.append(cache.ids[row, 1:end].tolist() + [int(tok[j, i - k])])
-                lp.append(cache.lps[row, 1:end].tolist() + [float(lps[j, i - k])] if lps is not None else [])
+                b = int(beam_h[x, i - k])
+                seqs.append(ids_h[x, b, :end].astype(np.int64).tolist() + [int(tok_h[x, i - k])])
+                lp.append(seq_lps[x, b, :end].tolist() + [float(lps_h[x, i - k])] if lps is not None else [])
             self.done_seqs[j], self.done_lps[j] = seqs, lp

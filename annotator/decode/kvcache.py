@@ -123,17 +123,22 @@ class SlotCache:
         self.ids[dst, :t + 1] = self.ids[src, :t + 1]
         self.lps[dst, :t + 1] = self.lps[src, :t + 1]
 
-    def move(self, src: int, dst: int) -> None:
-        """Job src's rows and cross K/V into job dst's (dst has finished)."""
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Jobs src's rows and cross K/V into jobs dst's (finished ones; the two lists are disjoint),
+        all of them in one batched copy per tensor: an event, but one whose ops do not grow with
+        the jobs that end together."""
         k = self.width
-        rows_src, rows_dst = slice(src * k, (src + 1) * k), slice(dst * k, (dst + 1) * k)
+        rows_src = (np.asarray(src)[:, None] * k + np.arange(k)).ravel()
+        rows_dst = (np.asarray(dst)[:, None] * k + np.arange(k)).ravel()
         t = int(self.host_pos[rows_src].max())
+        at_src, at_dst = (torch.as_tensor(r, device=self.device) for r in (rows_src, rows_dst))
         for caches in (self.k, self.v):
             for c in caches:
-                c[rows_dst, :, :t] = c[rows_src, :, :t]
-        for caches in (self.ck, self.cv):
-            for c in caches:
-                c[dst] = c[src]
-        self.cross_mask[dst] = self.cross_mask[src]
-        for state in self.per_row() + [self.host_pos, self.host_max_new]:
+                c[at_dst, :, :t] = c[at_src, :, :t]
+        jobs_src, jobs_dst = (torch.as_tensor(j, device=self.device) for j in (src, dst))
+        for state in [*self.ck, *self.cv, self.cross_mask]:
+            state[jobs_dst] = state[jobs_src]
+        for state in self.per_row():
+            state[at_dst] = state[at_src]
+        for state in (self.host_pos, self.host_max_new):
             state[rows_dst] = state[rows_src]

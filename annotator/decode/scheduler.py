@@ -124,7 +124,7 @@ class DecodeScheduler:
     admitted in submission order whenever a slot is free; their prompts are encoded (`encode`) on
     admission, so memory holds at most `max_rows` encoder outputs."""
 
-    RAGGED_WASTE = 2.0  # self-attention per row once the padded reads exceed this x the real ones
+    RAGGED_WASTE = 2.0  # self-attention by length groups (ragged.py) once the padded reads exceed this x the real ones
     CHUNK_BYTES = 16 << 20  # CPU: vocabulary-sized work in row chunks of at most this many bytes (_chunks)
 
     def __init__(self, model, max_rows: int, encode: Encode, scores: bool = True, stats: DecodeStats | None = None,
@@ -196,20 +196,31 @@ class DecodeScheduler:
             self.stats.slot_steps += self.capacity
         cache.advance(n)
         ended = self._greedy(hidden, n) if self.beams is None else self._beam(hidden, n)
-        finished = [(self.rows[j], self._answer(j)) for j in ended]
-        for j in reversed(ended):  # highest first: moving the last job down never moves a finished one
-            self._retire(j)
+        finished = self._answers(ended)
+        self._retire(ended)
         return finished
 
-    def _answer(self, j: int) -> Answer:
+    def _answers(self, ended: list[int]) -> list[tuple[Job, Answer]]:
+        """The ended jobs' answers: beams keep them on the host; greedy rows are read back together,
+        ids and log p in one transfer (an event step: one read, however many jobs end)."""
+        if not ended:
+            return []
         if self.beams is not None:
-            ids, lps = self.beams.best(j)
+            seqs = [self.beams.best(j) for j in ended]
         else:
-            end = int(self.cache.host_pos[j]) + 1
-            ids, lps = self.cache.ids[j, 1:end].tolist(), self.cache.lps[j, 1:end].tolist()
+            ends = self.cache.host_pos[ended]  # each row's last token (the start token is at 0)
+            rows = torch.as_tensor(ended, device=self.cache.device)
+            t = int(ends.max()) + 1
+            # ids < 2 ** 24 are exact in float32: one tensor, one read
+            block = torch.stack([self.cache.ids[rows, 1:t].to(torch.float32), self.cache.lps[rows, 1:t]], 1)
+            block = block.cpu().numpy()
+            seqs = [(block[i, 0, :e].astype(np.int64).tolist(), block[i, 1, :e].tolist()) for i, e in enumerate(ends)]
+        return [(self.rows[j], self._answer(self.rows[j], ids, lps)) for j, (ids, lps) in zip(ended, seqs)]
+
+    def _answer(self, job: Job, ids: list[int], lps: list[float]) -> Answer:
         # With forced_eos (the published config) the last allowed token is a forced </s>: an answer that
         # reached its max_new was cut there, not finished (as the generate path reads it).
-        cut = self.rules.forced_eos is not None and len(ids) >= self.rows[j].max_new
+        cut = self.rules.forced_eos is not None and len(ids) >= job.max_new
         return Answer(ids, bool(ids) and ids[-1] == self.eos and not cut, lps if self.scores else None)
 
     def _arange(self, n: int) -> torch.Tensor:
@@ -266,17 +277,23 @@ class DecodeScheduler:
                                              shift=shift).view(i.shape)
         return beams.advance(vals, index, vocab, lps, self.cache, n)
 
-    def _retire(self, j: int) -> None:
-        """Job j has ended: the last job's rows move into its slots, so rows stay packed."""
-        last = len(self.rows) - 1
-        if j != last:
-            self.cache.move(last, j)
-            self.rows[j] = self.rows[last]
+    def _retire(self, ended: list[int]) -> None:
+        """Jobs `ended` (ascending) are done: the jobs still running past the first len(rows) - len(ended)
+        move into the slots they left (one batched move), so rows stay packed."""
+        if not ended:
+            return
+        keep, gone = len(self.rows) - len(ended), set(ended)
+        holes = [j for j in ended if j < keep]
+        movers = [j for j in range(keep, len(self.rows)) if j not in gone]  # as many as holes
+        if holes:
+            self.cache.move(movers, holes)
             if self.beams is not None:
-                self.beams.move(last, j)
-        self.rows.pop()
+                self.beams.move(movers, holes)
+            for src, dst in zip(movers, holes):
+                self.rows[dst] = self.rows[src]
+        del self.rows[keep:]
         if self.beams is not None:
-            self.beams.truncate(last)
+            self.beams.truncate(keep)
 
     def _admit(self) -> None:
         """Waiting jobs into the free slots (k = width per job), their prompts encoded together."""
