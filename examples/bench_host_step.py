@@ -6,7 +6,8 @@ step, measured on a CPU host by counting and timing.
 On a GPU every tensor op is queued asynchronously, so a step's host time is about its Python time
 plus (ops dispatched) x (launch cost), and each device->host sync makes the host wait for the device
 (no overlap between the host's next step and the device's work). So per step this reports:
-  ops    aten ops dispatched (TorchDispatchMode; views included: they are host work too);
+  ops    aten ops dispatched (TorchDispatchMode; views included: they are host work too), plus
+         each tensor made from host data (torch.tensor / as_tensor: a host->device copy on a GPU);
   syncs  device->host reads: .item()/int()/float()/bool() of a tensor (aten._local_scalar_dense),
          .tolist(), .numpy(), nonzero / masked_select / boolean-mask indexing (their output size needs the data);
   host   CPU ms of the step (one thread), with the vocabulary-sized compute taken out by cutting
@@ -124,23 +125,34 @@ def _indices(flat):
 
 def counted(each_step_fn, step: Step):
     """`drive`'s each_step: the ops and syncs of one step."""
-    real = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+    reads = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+    makers = {name: getattr(torch, name) for name in ("as_tensor", "tensor")}
     mode = Counter()
 
     def reading(name):  # on CPU no aten op runs; on a GPU it is a device->host copy
         def read(self, *args, **kwargs):
             mode.syncs += 1
-            return real[name](self, *args, **kwargs)
+            return reads[name](self, *args, **kwargs)
         return read
 
-    for name in real:
+    def making(name):  # a tensor from host data: on CPU no aten op may run; on a GPU a host->device copy
+        def make(data, *args, **kwargs):
+            mode.ops += not isinstance(data, torch.Tensor)
+            return makers[name](data, *args, **kwargs)
+        return make
+
+    for name in reads:
         setattr(torch.Tensor, name, reading(name))
+    for name in makers:
+        setattr(torch, name, making(name))
     try:
         with mode:
             finished = each_step_fn()
     finally:
-        for name, fn in real.items():
+        for name, fn in reads.items():
             setattr(torch.Tensor, name, fn)
+        for name, fn in makers.items():
+            setattr(torch, name, fn)
     step.ops, step.syncs = mode.ops, mode.syncs
     return finished
 
