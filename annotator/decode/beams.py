@@ -24,10 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from annotator.decode.kvcache import SlotCache
-from annotator.decode.logits_rules import LogitsRules
+from annotator.decode.logits_rules import Known, LogitsRules
 
 NEG = -1.0e9  # generate's "never pick this" score offset
 
@@ -55,7 +56,8 @@ def candidates(logits: torch.Tensor, running: torch.Tensor, rules: LogitsRules, 
     logp = torch.log_softmax(logits, -1)
     # read before the rules and running scores go into logp in place (no copy of [rows, V] per step)
     shift = logits[:, 0] - logp[:, 0] if scores else None
-    rules.apply(logp, cache.ids[a:b], cache.pos[a:b], cache.min_new[a:b], cache.max_new[a:b])
+    rules.apply(logp, cache.ids[a:b], cache.pos[a:b], cache.min_new[a:b], cache.max_new[a:b],
+                Known(cache.host_pos[a:b], cache.host_max_new[a:b]))
     jobs, k, vocab = running.shape[0], running.shape[1], logp.shape[-1]
     acc = logp.view(jobs, k, vocab).add_(running[:, :, None])
     vals, index = torch.topk(acc.view(jobs, k * vocab), k=2 * k)
@@ -89,11 +91,13 @@ class BeamSearch:
         self.done_seqs += [[[] for _ in range(k)] for _ in range(m)]
         self.done_lps += [[[] for _ in range(k)] for _ in range(m)]
 
-    def move(self, src: int, dst: int) -> None:
-        """Job src's state into job dst's (dst has finished); then `truncate` drops the last."""
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Jobs src's state into jobs dst's (finished ones, disjoint from src); then `truncate` drops the last."""
+        at_src, at_dst = (torch.as_tensor(j, device=self.device) for j in (src, dst))
         for state in (self.running, self.done_scores, self.done_flags, self.improvable):
-            state[dst] = state[src]
-        self.done_seqs[dst], self.done_lps[dst] = self.done_seqs[src], self.done_lps[src]
+            state[at_dst] = state[at_src]
+        for s, d in zip(src, dst):
+            self.done_seqs[d], self.done_lps[d] = self.done_seqs[s], self.done_lps[s]
 
     def truncate(self, jobs: int) -> None:
         self.running, self.done_scores = self.running[:jobs], self.done_scores[:jobs]
@@ -114,12 +118,14 @@ class BeamSearch:
                 cache: SlotCache, n: int) -> list[int]:
         """One step of every job from its top-2k candidates (vals [J, 2k] float32, indices into k*vocab,
         their raw log p [J, 2k] or None): the running beams continue (cache rows reordered, their new
-        token written), finished hypotheses are kept; returns the jobs that ended."""
+        token written), finished hypotheses are kept; returns the jobs that ended. All of it is
+        tensor work over the jobs, with one read-back per step (which jobs took a finished
+        hypothesis or ended, and which beam each row continues); Python only for those events."""
         k, s = self.k, self.settings
         beam, tok = index // vocab, index % vocab
         length = cache.pos[:n:k]  # tokens in the sequence, this step's included (start token + generated)
         max_new = cache.max_new[:n:k]
-        powers = self._powers(int(max_new.max()))
+        powers = self._powers(int(cache.host_max_new[:n].max()))
         hits = (tok == self.eos) | (length >= max_new)[:, None]
         # e. the k best candidates that did not end run on
         run_scores = vals + hits.to(torch.float32) * NEG
@@ -134,37 +140,56 @@ class BeamSearch:
         merged = torch.cat([self.done_scores, final], 1)
         best = torch.topk(merged, k=k)[1]
         flags = torch.cat([self.done_flags, did], 1).gather(1, best)
-        self._keep_hypotheses(best, flags, beam, tok, lps, cache, length)
-        self.done_scores, self.done_flags = merged.gather(1, best), flags
-        self.running = run_scores.gather(1, keep)
-        rows = torch.arange(n, device=vals.device)
-        cache.reorder((beam.gather(1, keep) + rows[::k, None]).flatten(), n)
-        at = cache.pos[:n]
+        moved = (flags & (best != torch.arange(k, device=best.device))).any(1)  # a real hypothesis arrived or moved
+        done_scores, running = merged.gather(1, best), run_scores.gather(1, keep)
+        source = (beam.gather(1, keep) + torch.arange(0, n, k, device=vals.device)[:, None]).flatten()
+        # g. generate's stopping rule for each job
+        never = s.early_stopping == "never" and s.length_penalty > 0.0
+        best_running = running[:, 0] / powers[max_new if never else length]
+        worst_done = torch.where(flags, done_scores.min(1, keepdim=True)[0], NEG)
+        improvable = self.improvable & (best_running[:, None] > worst_done).any(1)
+        ended = ~improvable | (flags.all(1) & (s.early_stopping is True)) | hits.all(1)
+        jobs = n // k
+        host = torch.cat([moved.to(torch.long), ended.to(torch.long), source]).cpu().numpy()  # the one read-back
+        self._keep_hypotheses(np.flatnonzero(host[:jobs]), best, flags, beam, tok, lps, cache)
+        self.done_scores, self.done_flags, self.running, self.improvable = done_scores, flags, running, improvable
+        cache.reorder(host[2 * jobs:])
+        rows, at = torch.arange(n, device=vals.device), cache.pos[:n]
         cache.ids[rows, at] = tok.gather(1, keep).flatten()
         if lps is not None:
             cache.lps[rows, at] = lps.gather(1, keep).flatten()
-        # g. generate's stopping rule for each job
-        never = s.early_stopping == "never" and s.length_penalty > 0.0
-        best_running = self.running[:, 0] / powers[max_new if never else length]
-        worst_done = torch.where(self.done_flags, self.done_scores.min(1, keepdim=True)[0], torch.tensor(NEG))
-        self.improvable = self.improvable & (best_running[:, None] > worst_done).any(1)
-        full = self.done_flags.all(1) & (s.early_stopping is True)
-        return (~self.improvable | full | hits.all(1)).nonzero()[:, 0].tolist()
+        return np.flatnonzero(host[jobs:2 * jobs]).tolist()
 
-    def _keep_hypotheses(self, best: torch.Tensor, flags: torch.Tensor, beam: torch.Tensor, tok: torch.Tensor,
-                         lps: torch.Tensor | None, cache: SlotCache, length: torch.Tensor) -> None:
-        """The finished hypotheses' ids and log p, for the jobs where a real one arrived or moved
-        (`best` indexes [done | candidates]): read from the rows' sequences before they are reordered."""
-        k = self.k
-        moved = (flags & (best != torch.arange(k, device=best.device))).any(1).nonzero()[:, 0].tolist()
-        for j in moved:
+    def _keep_hypotheses(self, moved: np.ndarray, best: torch.Tensor, flags: torch.Tensor, beam: torch.Tensor,
+                         tok: torch.Tensor, lps: torch.Tensor | None, cache: SlotCache) -> None:
+        """The finished hypotheses' ids and log p, for the jobs `moved` where a real one arrived or
+        moved (`best` indexes [done | candidates]): read from the rows' sequences before they are
+        reordered. An event (a hypothesis ends): what it needs comes back in one read, however many
+        jobs it concerns."""
+        if not len(moved):
+            return
+        k, m = self.k, len(moved)
+        jobs = torch.as_tensor(moved, device=self.device)
+        ends = cache.host_pos[moved * k]  # per job: its sequence's length (start token included)
+        t = int(ends.max())
+        rows = torch.as_tensor((moved[:, None] * k + np.arange(k)).ravel(), device=self.device)
+        parts = [best[jobs], flags[jobs], beam[jobs], tok[jobs], lps[jobs] if lps is not None else beam[jobs],
+                 cache.ids[rows, 1:t], cache.lps[rows, 1:t]]
+        # one float32 tensor (indices and ids < 2 ** 24 are exact in it), one read
+        flat = torch.cat([p.to(torch.float32).flatten() for p in parts]).cpu().numpy()
+        shapes = [(m, k), (m, k), (m, 2 * k), (m, 2 * k), (m, 2 * k), (m, k, t - 1), (m, k, t - 1)]
+        cuts = np.cumsum([0] + [int(np.prod(sh)) for sh in shapes])
+        best_h, flags_h, beam_h, tok_h, lps_h, ids_h, seq_lps = (
+            flat[a:b].reshape(sh) for a, b, sh in zip(cuts[:-1], cuts[1:], shapes))
+        for x, j in enumerate(moved.tolist()):
             old_seqs, old_lps, seqs, lp = self.done_seqs[j], self.done_lps[j], [], []
-            for i, real in zip(best[j].tolist(), flags[j].tolist()):
+            end = int(ends[x]) - 1  # generated tokens before this step's
+            for i, real in zip(best_h[x].astype(np.int64).tolist(), flags_h[x].tolist()):
                 if i < k or not real:
                     seqs.append(old_seqs[i] if i < k else [])
                     lp.append(old_lps[i] if i < k else [])
                     continue
-                row, end = j * k + int(beam[j, i - k]), int(length[j])
-                seqs.append(cache.ids[row, 1:end].tolist() + [int(tok[j, i - k])])
-                lp.append(cache.lps[row, 1:end].tolist() + [float(lps[j, i - k])] if lps is not None else [])
+                b = int(beam_h[x, i - k])
+                seqs.append(ids_h[x, b, :end].astype(np.int64).tolist() + [int(tok_h[x, i - k])])
+                lp.append(seq_lps[x, b, :end].tolist() + [float(lps_h[x, i - k])] if lps is not None else [])
             self.done_seqs[j], self.done_lps[j] = seqs, lp

@@ -1,10 +1,12 @@
 """The decoding scheduler's static KV cache (scheduler.py): one slot per row in flight, each with
 its own self-attention K/V up to the longest answer allowed and its decoder ids so far; one
 cross-attention K/V per job (prompt), shared by its k beam rows; and the head reshapes the
-decoder step uses."""
+decoder step uses. Each row's position and max_new are also kept on the host (numpy), updated by
+the same methods, so a step never reads them back from the device."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -47,6 +49,8 @@ class SlotCache:
         self.lps = torch.zeros((slots, positions), dtype=torch.float32, device=self.device)
         self.min_new = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.max_new = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.host_pos = np.zeros(slots, dtype=np.int64)  # == pos, on the host
+        self.host_max_new = np.zeros(slots, dtype=np.int64)  # == max_new, on the host
 
     def per_row(self) -> list[torch.Tensor]:
         return [self.pos, self.ids, self.lps, self.min_new, self.max_new]
@@ -77,6 +81,7 @@ class SlotCache:
                     d[:used, :cache.positions] = s[:used]
                 else:
                     d[:used] = s[:used]
+            new.host_pos[:used], new.host_max_new[:used] = cache.host_pos[:used], cache.host_max_new[:used]
         return new
 
     def admit(self, first: int, states: torch.Tensor, mask: torch.Tensor, start: int, min_new: list[int],
@@ -92,6 +97,8 @@ class SlotCache:
         self.ids[first:end, 0] = start
         self.min_new[first:end] = torch.tensor(min_new, device=self.device).repeat_interleave(k)
         self.max_new[first:end] = torch.tensor(max_new, device=self.device).repeat_interleave(k)
+        self.host_pos[first:end] = 0
+        self.host_max_new[first:end] = np.repeat(max_new, k)
         for i, layer in enumerate(self.decoder.layers):
             xa = layer.encoder_attn
             self.ck[i][job:job + m, :, :length] = heads(xa.k_proj(states), xa.head_dim)
@@ -99,32 +106,39 @@ class SlotCache:
 
     def advance(self, n: int) -> None:
         self.pos[:n] += 1
+        self.host_pos[:n] += 1
 
-    def reorder(self, source: torch.Tensor, n: int) -> None:
+    def reorder(self, source: np.ndarray) -> None:
         """Beam search: row r's self-attention K/V, ids and log p := row source[r]'s, for the rows
-        [0, n) (a new beam continues an old beam of its job; only rows whose source differs are copied)."""
-        dst = (source != torch.arange(n, device=source.device)).nonzero()[:, 0]
-        if not dst.numel():
+        [0, len(source)) (host indices: a new beam continues an old beam of its job, at the same
+        position; only rows whose source differs are copied)."""
+        dst = np.flatnonzero(source != np.arange(len(source)))
+        if not len(dst):
             return
-        src = source[dst]
-        t = int(self.pos[dst].max())
+        t = int(self.host_pos[dst].max())
+        dst, src = torch.as_tensor(dst, device=self.device), torch.as_tensor(source[dst], device=self.device)
         for caches in (self.k, self.v):
             for c in caches:
                 c[dst, :, :t] = c[src, :, :t]  # the right side is gathered first: no overwrite-before-read
         self.ids[dst, :t + 1] = self.ids[src, :t + 1]
         self.lps[dst, :t + 1] = self.lps[src, :t + 1]
 
-    def move(self, src: int, dst: int) -> None:
-        """Job src's rows and cross K/V into job dst's (dst has finished)."""
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Jobs src's rows and cross K/V into jobs dst's (finished ones; the two lists are disjoint),
+        all of them in one batched copy per tensor: an event, but one whose ops do not grow with
+        the jobs that end together."""
         k = self.width
-        rows_src, rows_dst = slice(src * k, (src + 1) * k), slice(dst * k, (dst + 1) * k)
-        t = int(self.pos[rows_src].max())
+        rows_src = (np.asarray(src)[:, None] * k + np.arange(k)).ravel()
+        rows_dst = (np.asarray(dst)[:, None] * k + np.arange(k)).ravel()
+        t = int(self.host_pos[rows_src].max())
+        at_src, at_dst = (torch.as_tensor(r, device=self.device) for r in (rows_src, rows_dst))
         for caches in (self.k, self.v):
             for c in caches:
-                c[rows_dst, :, :t] = c[rows_src, :, :t]
-        for caches in (self.ck, self.cv):
-            for c in caches:
-                c[dst] = c[src]
-        self.cross_mask[dst] = self.cross_mask[src]
+                c[at_dst, :, :t] = c[at_src, :, :t]
+        jobs_src, jobs_dst = (torch.as_tensor(j, device=self.device) for j in (src, dst))
+        for state in [*self.ck, *self.cv, self.cross_mask]:
+            state[jobs_dst] = state[jobs_src]
         for state in self.per_row():
+            state[at_dst] = state[at_src]
+        for state in (self.host_pos, self.host_max_new):
             state[rows_dst] = state[rows_src]

@@ -32,12 +32,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from annotator.decode import ragged
 from annotator.decode.beams import BeamSearch, BeamSettings, candidates
 from annotator.decode.kvcache import SlotCache, heads, merge_heads
-from annotator.decode.logits_rules import LogitsRules
+from annotator.decode.logits_rules import Known, LogitsRules
 from annotator.answers.confidence import LocBins, logprobs_tensor
 
 # generation_config rules that shape greedy logits and that this module does not implement: each
@@ -122,7 +124,7 @@ class DecodeScheduler:
     admitted in submission order whenever a slot is free; their prompts are encoded (`encode`) on
     admission, so memory holds at most `max_rows` encoder outputs."""
 
-    RAGGED_WASTE = 2.0  # self-attention per row once the padded reads exceed this x the real ones
+    RAGGED_WASTE = 2.0  # self-attention by length groups (ragged.py) once the padded reads exceed this x the real ones
     CHUNK_BYTES = 16 << 20  # CPU: vocabulary-sized work in row chunks of at most this many bytes (_chunks)
 
     def __init__(self, model, max_rows: int, encode: Encode, scores: bool = True, stats: DecodeStats | None = None,
@@ -142,6 +144,7 @@ class DecodeScheduler:
         self.waiting: deque[Job] = deque()
         self.rows: list[Job] = []  # jobs in flight; job j holds the packed slots [j * width, (j + 1) * width)
         self.cache: SlotCache | None = None  # per slot: KV, decoder ids and log p so far (kvcache.py)
+        self._rows = torch.arange(0, device=self.decoder.embed_tokens.weight.device)  # _arange
         self.beams = BeamSearch(self.beam_settings, self.eos, self.decoder.embed_tokens.weight.device) \
             if num_beams > 1 else None
 
@@ -193,21 +196,38 @@ class DecodeScheduler:
             self.stats.slot_steps += self.capacity
         cache.advance(n)
         ended = self._greedy(hidden, n) if self.beams is None else self._beam(hidden, n)
-        finished = [(self.rows[j], self._answer(j)) for j in ended]
-        for j in reversed(ended):  # highest first: moving the last job down never moves a finished one
-            self._retire(j)
+        finished = self._answers(ended)
+        self._retire(ended)
         return finished
 
-    def _answer(self, j: int) -> Answer:
+    def _answers(self, ended: list[int]) -> list[tuple[Job, Answer]]:
+        """The ended jobs' answers: beams keep them on the host; greedy rows are read back together,
+        ids and log p in one transfer (an event step: one read, however many jobs end)."""
+        if not ended:
+            return []
         if self.beams is not None:
-            ids, lps = self.beams.best(j)
+            seqs = [self.beams.best(j) for j in ended]
         else:
-            end = int(self.cache.pos[j]) + 1
-            ids, lps = self.cache.ids[j, 1:end].tolist(), self.cache.lps[j, 1:end].tolist()
+            ends = self.cache.host_pos[ended]  # each row's last token (the start token is at 0)
+            rows = torch.as_tensor(ended, device=self.cache.device)
+            t = int(ends.max()) + 1
+            # ids < 2 ** 24 are exact in float32: one tensor, one read
+            block = torch.stack([self.cache.ids[rows, 1:t].to(torch.float32), self.cache.lps[rows, 1:t]], 1)
+            block = block.cpu().numpy()
+            seqs = [(block[i, 0, :e].astype(np.int64).tolist(), block[i, 1, :e].tolist()) for i, e in enumerate(ends)]
+        return [(self.rows[j], self._answer(self.rows[j], ids, lps)) for j, (ids, lps) in zip(ended, seqs)]
+
+    def _answer(self, job: Job, ids: list[int], lps: list[float]) -> Answer:
         # With forced_eos (the published config) the last allowed token is a forced </s>: an answer that
         # reached its max_new was cut there, not finished (as the generate path reads it).
-        cut = self.rules.forced_eos is not None and len(ids) >= self.rows[j].max_new
+        cut = self.rules.forced_eos is not None and len(ids) >= job.max_new
         return Answer(ids, bool(ids) and ids[-1] == self.eos and not cut, lps if self.scores else None)
+
+    def _arange(self, n: int) -> torch.Tensor:
+        """0..n-1 on the device, one tensor kept across steps (a view of it, not a new one each step)."""
+        if len(self._rows) < n:
+            self._rows = torch.arange(max(n, self.max_rows), device=self._rows.device)
+        return self._rows[:n]
 
     def _chunks(self, n: int, vocab: int) -> list[tuple[int, int]]:
         """Row ranges (whole jobs) for the vocabulary-sized work of a step. On CPU a [rows, V] float
@@ -224,17 +244,19 @@ class DecodeScheduler:
         """Each row's next token (generate's rules on the float32 logits, then argmax), written into
         its sequence; the rows that ended (</s> or their length limit), in order."""
         cache, head = self.cache, self.model.lm_head
-        rows, at = torch.arange(n, device=hidden.device), cache.pos[:n]
+        rows, at = self._arange(n), cache.pos[:n]
         chosen = torch.empty(n, dtype=torch.long, device=hidden.device)
         for a, b in self._chunks(n, head.out_features):
             logits = head(hidden[a:b]).float()
             raw = torch.log_softmax(logits, -1) if self.scores else None  # before the rules bend the logits
-            self.rules.apply(logits, cache.ids[a:b], at[a:b], cache.min_new[a:b], cache.max_new[a:b])
+            self.rules.apply(logits, cache.ids[a:b], at[a:b], cache.min_new[a:b], cache.max_new[a:b],
+                             Known(cache.host_pos[a:b], cache.host_max_new[a:b]))
             chosen[a:b] = logits.argmax(-1)
             if raw is not None:
                 cache.lps[rows[a:b], at[a:b]] = logprobs_tensor(raw, chosen[a:b], self.locs)
         cache.ids[rows, at] = chosen
-        return ((chosen == self.eos) | (at >= cache.max_new[:n])).nonzero()[:, 0].tolist()
+        ended = ((chosen == self.eos) | (at >= cache.max_new[:n])).cpu().numpy()  # the step's one read-back
+        return np.flatnonzero(ended).tolist()
 
     def _beam(self, hidden: torch.Tensor, n: int) -> list[int]:
         """Beam search step of every job (beams.py): its k rows reordered to the beams they continue;
@@ -255,17 +277,23 @@ class DecodeScheduler:
                                              shift=shift).view(i.shape)
         return beams.advance(vals, index, vocab, lps, self.cache, n)
 
-    def _retire(self, j: int) -> None:
-        """Job j has ended: the last job's rows move into its slots, so rows stay packed."""
-        last = len(self.rows) - 1
-        if j != last:
-            self.cache.move(last, j)
-            self.rows[j] = self.rows[last]
+    def _retire(self, ended: list[int]) -> None:
+        """Jobs `ended` (ascending) are done: the jobs still running past the first len(rows) - len(ended)
+        move into the slots they left (one batched move), so rows stay packed."""
+        if not ended:
+            return
+        keep, gone = len(self.rows) - len(ended), set(ended)
+        holes = [j for j in ended if j < keep]
+        movers = [j for j in range(keep, len(self.rows)) if j not in gone]  # as many as holes
+        if holes:
+            self.cache.move(movers, holes)
             if self.beams is not None:
-                self.beams.move(last, j)
-        self.rows.pop()
+                self.beams.move(movers, holes)
+            for src, dst in zip(movers, holes):
+                self.rows[dst] = self.rows[src]
+        del self.rows[keep:]
         if self.beams is not None:
-            self.beams.truncate(last)
+            self.beams.truncate(keep)
 
     def _admit(self) -> None:
         """Waiting jobs into the free slots (k = width per job), their prompts encoded together."""
@@ -293,26 +321,24 @@ class DecodeScheduler:
         pos = cache.pos[:n]
         h = dec.embed_tokens(tokens[:, None]) + dec.embed_positions.weight[pos + dec.embed_positions.offset][:, None]
         h = dec.layernorm_embedding(h)  # [n, 1, D]
-        lengths = (pos + 1).tolist()  # keys each row attends to
-        t = max(lengths)
+        lengths = cache.host_pos[:n] + 1  # keys each row attends to (kept on the host: no read-back)
+        t = int(lengths.max())
         # One masked attention over [n, t] reads every row's K/V up to the longest row; when rows
         # differ a lot (a 900-token page beside fresh captions, as soon as batches join) that is
-        # mostly padding, and one attention per row over its own length reads far fewer bytes.
-        ragged = n * t > self.RAGGED_WASTE * sum(lengths)
-        self_mask = None if ragged else \
+        # mostly padding, and attention by groups of similar length (ragged.py) reads far fewer bytes.
+        groups = ragged.plan(lengths, pos.device) if n * t > self.RAGGED_WASTE * int(lengths.sum()) else None
+        self_mask = None if groups else \
             (torch.arange(t, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]  # [n, 1, 1, t]
         w = self.width  # a job's k beams share its prompt: their k queries read its cross K/V once
         cross_mask = cache.cross_mask[:n // w, None, None, :]  # [J, 1, 1, L]
-        rows = torch.arange(n, device=pos.device)
+        rows = self._arange(n)
         for i, layer in enumerate(dec.layers):
             att = layer.self_attn
             q, k, v = (heads(p(h), att.head_dim) for p in (att.q_proj, att.k_proj, att.v_proj))  # [n, H, 1, hd]
             cache.k[i][rows, :, pos] = k[:, :, 0]
             cache.v[i][rows, :, pos] = v[:, :, 0]
-            if ragged:
-                o = torch.cat([F.scaled_dot_product_attention(q[r:r + 1], cache.k[i][r:r + 1, :, :m],
-                                                              cache.v[i][r:r + 1, :, :m], scale=att.scaling)
-                               for r, m in enumerate(lengths)])
+            if groups:
+                o = ragged.attend(q, cache.k[i], cache.v[i], groups, att.scaling)
             else:
                 o = F.scaled_dot_product_attention(q, cache.k[i][:n, :, :t], cache.v[i][:n, :, :t], self_mask,
                                                    scale=att.scaling)
