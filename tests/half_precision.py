@@ -100,6 +100,7 @@ class Candidate:
     seq: tuple[int, ...]  # generated ids, this step's token last
     score: float  # running sum of log p (rules applied), as the beam search ranks it
     ended: bool  # </s> or the length limit
+    kept: bool = False  # one of the k beams that run on (ties: as the search's own topk broke them)
 
 
 @dataclass
@@ -122,20 +123,21 @@ class BeamRef:
         """Whether the reference kept `seq` at step t: one of the k beams that run on, or an ending
         among the top k (a hypothesis)."""
         cands, k = self.steps[t], self.k
-        kept = [c for c in cands if not c.ended][:k] + [c for c in cands[:k] if c.ended]
-        return any(c.seq == seq for c in kept)
+        return any(c.seq == seq and (c.kept or (c.ended and n < k)) for n, c in enumerate(cands))
 
     def _tie(self, t: int, seq: tuple) -> str | None:
         """The candidate `seq` at step t within bound of one on the other side of a cut it lies at:
         the top k of the 2k (where an ending counts), or the k beams that run on."""
         cands, k = self.steps[t], self.k
-        for order in (cands, [c for c in cands if not c.ended]):
-            at = [n for n, c in enumerate(order) if c.seq == seq]
-            if not at:
+        running = [c for c in cands if not c.ended]
+        cuts = ((cands[:k], cands[k:]),  # an ending among the top k becomes a hypothesis
+                ([c for c in running if c.kept], [c for c in running if not c.kept]))  # the beams that run on
+        for above, below in cuts:
+            mine = [c for c in above + below if c.seq == seq]
+            if not mine:
                 continue
-            mine = order[at[0]]
-            for other in (order[k:] if at[0] < k else order[:k]):
-                hi, lo = (mine, other) if at[0] < k else (other, mine)
+            for other in (below if mine[0] in above else above):
+                hi, lo = (mine[0], other) if mine[0] in above else (other, mine[0])
                 bound = self.pair_bound(hi.seq, lo.seq, t)
                 if hi.score - lo.score <= bound:
                     return (f"a cut at step {t} within bound: {hi.score:.4f} vs {lo.score:.4f}, gap "
@@ -185,7 +187,7 @@ def record_beams(refs: list):
     """Record the decode scheduler's beam searches, one job in flight (max_prompts=1): a BeamRef per
     job appended to `refs`, in the order the jobs ran."""
     import annotator.decode.scheduler as scheduler_module
-    from annotator.decode.beams import BeamSearch
+    from annotator.decode.beams import NEG, BeamSearch
 
     real_candidates, real_advance = scheduler_module.candidates, BeamSearch.advance
 
@@ -202,9 +204,12 @@ def record_beams(refs: list):
         ref.k, ref.length_penalty = self.k, self.settings.length_penalty
         length, max_new = int(cache.pos[0]), int(cache.max_new[0])
         beam, tok = (index[0] // vocab).tolist(), (index[0] % vocab).tolist()
-        ref.steps.append([Candidate(tuple(cache.ids[r, 1:length].tolist()) + (t,), float(v),
-                                    t == self.eos or length >= max_new)
-                          for r, t, v in zip(beam, tok, vals[0].tolist())])
+        ended = [t == self.eos or length >= max_new for t in tok]
+        # the beams that run on, by the same topk call as BeamSearch.advance (exact ties broken alike)
+        hits = torch.tensor([ended], dtype=torch.float32, device=vals.device)
+        keep = set(torch.topk(vals + hits * NEG, k=self.k)[1][0].tolist())
+        ref.steps.append([Candidate(tuple(cache.ids[r, 1:length].tolist()) + (t,), float(v), e, n in keep)
+                          for n, (r, t, v, e) in enumerate(zip(beam, tok, vals[0].tolist(), ended))])
         ended = real_advance(self, vals, index, vocab, lps, cache, n)
         if ended:
             ref.ids = tuple(self.best(0)[0])

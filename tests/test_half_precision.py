@@ -50,11 +50,15 @@ def test_greedy_near_tie_passes_and_a_clear_winner_fails():
 def beam_ref(runner_up: float) -> BeamRef:
     """k = 2 over three steps: at step 1 the cut lies between [1, 3] (kept, -2.0) and [1, 4]
     (`runner_up`); the reference ends on [1, 2, 0] (0 = </s>)."""
-    c = Candidate
+    def c(seq, score, ended, kept=False):
+        return Candidate(seq, score, ended, kept)
+
     return BeamRef(ids=(1, 2, 0), k=2, length_penalty=1.0, scales=[7.0, 7.0, 7.0], steps=[
-        [c((1,), -0.5, False), c((5,), -0.9, False), c((6,), -3.0, False), c((7,), -3.5, False)],
-        [c((1, 2), -1.0, False), c((1, 3), -2.0, False), c((1, 4), runner_up, False), c((5, 8), -4.0, False)],
-        [c((1, 2, 0), -1.5, True), c((1, 3, 0), -2.6, True), c((1, 2, 9), -5.0, False), c((1, 3, 9), -6.0, False)],
+        [c((1,), -0.5, False, True), c((5,), -0.9, False, True), c((6,), -3.0, False), c((7,), -3.5, False)],
+        [c((1, 2), -1.0, False, True), c((1, 3), -2.0, False, True), c((1, 4), runner_up, False),
+         c((5, 8), -4.0, False)],
+        [c((1, 2, 0), -1.5, True), c((1, 3, 0), -2.6, True), c((1, 2, 9), -5.0, False, True),
+         c((1, 3, 9), -6.0, False, True)],
     ])
 
 
