@@ -8,22 +8,25 @@ flip, and the answers part from that token on. That is allowed, and nothing else
 - greedy: the two decodings are identical up to their first differing token i, and at step i the
   REFERENCE's own (processed, float32) logits show a near tie between its token and the other's:
   gap = s[ref_i] - s[other_i] <= 2 * NOISE_ULPS * ulp_bf16(scale), scale = max |logit| of that row.
-- beams: identical, or the reference's beam search (recorded step by step) made a decision within
-  noise that involves a prefix of either answer at or after their parting step: two of its top-2k
-  candidates straddling a cut (the k beams that run on, or the top k where an ending counts) with
-  scores within the pair's bound, or a final choice between the two hypotheses within bound.
+- beams: the reference is the scheduler's beam search at batch 1, recorded step by step (its top 2k
+  candidates, their scores, which ran on). From the parting token on: at the first step where the
+  reference dropped the other answer's prefix, that prefix was within bound of a candidate across
+  the cut (the k beams that run on, or the top k where an ending counts); if the reference kept it
+  to the end, its own answer's prefix sat within bound of a cut at some step, or the final choice
+  between the two hypotheses was within bound. Anything else fails.
 
-The bound. bf16 keeps 8 significant bits: one ulp at |x| is 2 ** (floor(log2 |x|) - 7), 0.0625 at a
-logit of 8. Every logit of a row is a dot product of the same rounded hidden state, so its error is
+The bound. bf16 keeps 8 significant bits: one ulp at |x| is 2 ** (floor(log2 |x|) - 7), 0.03125 at a
+logit of 7. Every logit of a row is a dot product of the same rounded hidden state, so its error is
 on the scale of the row's largest logit, not of its own value (a logit near 0 is no more exact).
-NOISE_ULPS bounds one logit's error in those ulps: measured on random:tiny, the ties that flipped
-between batched and batch-1 decoding were within 1 ulp of the row scale (README, "Tests in bf16"),
-so 2 leaves a margin of 2; a real fault (a wrong token, a stale or mis-cast KV cache) parts at a gap
-of tens to hundreds of ulps (tests/test_half_precision.py). Two tokens of one row: 2 x that bound
-(the log-softmax normaliser cancels). A beam score is a running sum of log p: two candidates that
-share a prefix up to step p and part after it carry independent errors from p on, each step's log p
-off by up to 2 x (logit + normaliser), so 4 x sum over those steps, divided by the length penalty
-for finished hypotheses."""
+NOISE_ULPS bounds one logit's error in those ulps: the lm_head output is itself rounded to bf16 (half
+an ulp), plus what batching changes upstream. Measured on random:tiny (README, "Tests in bf16"): the
+greedy ties that flipped between batched and batch-1 decoding were 0 or 1 ulp apart, never more, so
+a gap of 2 ulps between two tokens of one row (1 per logit) is the bound: twice what was seen. A
+real fault parts further from a tie: a token replaced with one far down the row, or the self-attention
+K/V rounded through float8, fail (tests/test_half_precision.py). A beam score is a running sum of log
+p: two candidates that share a prefix up to step p and part after it carry independent errors from p
+on, each step's log p off by up to 2 x NOISE (logit + normaliser), so 4 x the sum over those steps,
+divided by the length penalty for finished hypotheses."""
 
 from __future__ import annotations
 
