@@ -17,7 +17,8 @@ from annotator.decode.scheduler import supports, unsupported_reason
 from annotator.decode.stream import BatchStream
 from annotator.tasks import parse_task_list
 from conftest import model_inputs
-from test_engine import SCORE_REL, batches, make_items
+from half_precision import EXACT, Captured, Decoded, capture_ids, same_answers
+from test_engine import SCORE_REL, batches, make_images, make_items
 
 SPEC = "caption,od,ocr"
 MAX_NEW = 30
@@ -39,17 +40,33 @@ def annotate(lm, items, gen, max_prompts, scheduler, batch_size=5, forced=None, 
     engine = Engine(lm, parse_task_list(SPEC), TaskInputs(), gen, max_prompts=max_prompts)
     engine.use_scheduler = scheduler
     engine.forced_lengths = forced and ForcedLengths(forced)
+    ids = capture_ids(engine)
     if stream:
         order = {(it.key, t): n for n, (it, t) in enumerate((it, t) for it in items for t in it.tasks)}
         rows = sorted((r for rows in engine.annotate_stream(batches(items, batch_size)) for r in rows),
                       key=lambda r: order[(r.image, r.task)])
     else:
         rows = [r for b in batches(items, batch_size) for r in engine.annotate(b)]
-    return rows, engine.decode_stats
+    return Decoded(rows, ids), engine.decode_stats
 
 
 def key(rows):
     return [(r.image, r.task, r.raw, r.truncated) for r in rows]
+
+
+def _answer(ids, lm) -> tuple[int, ...]:
+    """generate's ids after the decoder start token, up to </s>, without padding (as the engine's)."""
+    tok = lm.processor.tokenizer
+    ids = ids[:ids.index(tok.eos_token_id) + 1] if tok.eos_token_id in ids else ids
+    while ids and ids[-1] == tok.pad_token_id:
+        ids = ids[:-1]
+    return tuple(ids)
+
+
+def agree(lm, items, gen, label, forced=None, **runs) -> set:
+    """float32: key() equal in every run; bf16: the near-tie rule against the batch-1 reference
+    (half_precision.py). The (image, task) rows identical in every run."""
+    return same_answers(lm, make_images(len(items)), items, gen, runs, key, forced, label)
 
 
 @pytest.mark.parametrize("num_beams", [1, 2, 3])
@@ -58,7 +75,7 @@ def test_scheduler_equals_generate_and_the_reference_loop(eos_lm, num_beams):
     items = make_items(eos_lm, SPEC.split(","))
     sched, stats = annotate(eos_lm, items, gen, max_prompts=4, scheduler=True)  # 15 prompts through 4 x k slots
     plain, _ = annotate(eos_lm, items, gen, max_prompts=4, scheduler=False)
-    assert key(sched) == key(plain)
+    same = agree(eos_lm, items, gen, f"scheduler vs generate, beams {num_beams}", sched=sched, plain=plain)
     ended = [r for r in sched if not r.truncated]
     assert 3 <= len(ended) < len(sched), "mixed lengths: some rows must end early, some run to the limit"
     assert len({len(r.raw) for r in ended}) > 1
@@ -66,18 +83,28 @@ def test_scheduler_equals_generate_and_the_reference_loop(eos_lm, num_beams):
     if num_beams == 1:  # (a beam job may search on after its best hypothesis ended: less)
         assert stats.efficiency == 1.0
     for a, b in zip(sched, plain):  # confidence from in-step log p == the teacher-forced pass, to float noise
+        if (a.image, a.task) not in same:
+            continue
         assert (a.text_score is None) == (b.text_score is None)
         if a.text_score is not None:
             assert a.text_score == pytest.approx(b.text_score, rel=SCORE_REL)
 
     rng = np.random.default_rng(0)  # the images of make_items, through processor -> generate, batch 1
     tokens = {t.name: t.token for t in parse_task_list(SPEC)}
+    loop = {}
     for i in range(len(items)):
         im = Image.fromarray(rng.integers(0, 255, (40 + 13 * i, 90 - 7 * i, 3), dtype=np.uint8))
         for row in (r for r in sched if r.image == f"img{i}.png"):
             inputs = model_inputs(eos_lm, text=tokens[row.task], images=im)
             ids = eos_lm.model.generate(**inputs, max_new_tokens=MAX_NEW, num_beams=num_beams, do_sample=False)
-            assert row.raw == eos_lm.processor.batch_decode(ids, skip_special_tokens=False)[0]
+            loop[(row.image, row.task, 0)] = _answer(ids[0, 1:].tolist(), eos_lm)
+            if EXACT:
+                assert row.raw == eos_lm.processor.batch_decode(ids, skip_special_tokens=False)[0]
+    generated = Captured()
+    generated.update(loop)
+    generated.prompts.update(sched.ids.prompts)  # the reference is built from the prompts
+    agree(eos_lm, items, gen, f"scheduler vs the generate loop, beams {num_beams}", sched=sched,
+          loop=Decoded(sched, generated))
 
 
 def test_slots_do_not_change_answers(eos_lm):
@@ -85,7 +112,7 @@ def test_slots_do_not_change_answers(eos_lm):
     items = make_items(eos_lm, SPEC.split(","))
     one, _ = annotate(eos_lm, items, gen, max_prompts=1, scheduler=True, batch_size=1)
     many, stats = annotate(eos_lm, items, gen, max_prompts=6, scheduler=True)
-    assert key(one) == key(many)
+    agree(eos_lm, items, gen, "slots", one=one, many=many)
     assert stats.occupancy < 1.0  # the last rows of a batch run with free slots (no next batch joins)
 
 
@@ -106,6 +133,8 @@ def test_forced_lengths_are_exact_per_row(tiny_lm, num_beams, scheduler):
         return
     assert stats.efficiency == 1.0
     rng, tokens = np.random.default_rng(0), {t.name: t.token for t in parse_task_list(SPEC)}
+    loop = Captured()
+    loop.prompts.update(rows.ids.prompts)
     for i in range(3):
         im = Image.fromarray(rng.integers(0, 255, (40 + 13 * i, 90 - 7 * i, 3), dtype=np.uint8))
         for row in (r for r in rows if r.image == f"img{i}.png"):
@@ -113,7 +142,11 @@ def test_forced_lengths_are_exact_per_row(tiny_lm, num_beams, scheduler):
             inputs = model_inputs(tiny_lm, text=tokens[row.task], images=im)
             ids = tiny_lm.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, num_beams=num_beams,
                                          do_sample=False)
-            assert row.raw == tiny_lm.processor.batch_decode(ids, skip_special_tokens=False)[0]
+            loop[(row.image, row.task, 0)] = _answer(ids[0, 1:].tolist(), tiny_lm)
+            if EXACT:
+                assert row.raw == tiny_lm.processor.batch_decode(ids, skip_special_tokens=False)[0]
+    agree(tiny_lm, items, gen, f"forced lengths, beams {num_beams}", forced=lambda k, t: lengths[(k, t)],
+          sched=rows, loop=Decoded(rows, loop))
 
 
 def test_unknown_rules_keep_generate(tiny_lm):
@@ -148,7 +181,7 @@ def test_beam_settings_of_the_model_are_honoured(eos_lm, early_stopping, length_
     items = make_items(lm, SPEC.split(","), n=3)
     sched, _ = annotate(lm, items, gen, max_prompts=2, scheduler=True, batch_size=3, stream=True)
     plain, _ = annotate(lm, items, gen, max_prompts=1, scheduler=False, batch_size=1)
-    assert key(sched) == key(plain)
+    agree(lm, items, gen, f"beam settings {early_stopping} {length_penalty}", sched=sched, plain=plain)
 
 
 @pytest.mark.parametrize("num_beams", [2])
@@ -158,7 +191,7 @@ def test_beams_batched_equal_one_at_a_time_with_mixed_lengths(eos_lm, num_beams)
     items = make_items(eos_lm, SPEC.split(","))
     batched, _ = annotate(eos_lm, items, gen, max_prompts=5, scheduler=False)
     single, _ = annotate(eos_lm, items, replace(gen), max_prompts=1, scheduler=False, batch_size=1)
-    assert key(batched) == key(single)
+    agree(eos_lm, items, gen, "generate beams batched vs 1", batched=batched, single=single)
     assert any(not r.truncated for r in batched) and any(r.truncated for r in batched)
 
 
@@ -180,7 +213,7 @@ def test_oom_halves_the_rows_in_flight_and_changes_nothing(eos_lm, monkeypatch, 
 
     monkeypatch.setattr(DecodeScheduler, "step", step)
     got, _ = annotate(eos_lm, items, gen, max_prompts=15, scheduler=True)
-    assert key(got) == key(expected)
+    agree(eos_lm, items, gen, f"OOM halving, beams {num_beams}", expected=expected, got=got)
     assert caps == [15, 7, 3]  # then it fits, and the engine keeps 3
 
 
@@ -194,10 +227,13 @@ def test_next_batches_join_while_long_answers_run(eos_lm, num_beams):
     one, _ = annotate(eos_lm, items, gen, max_prompts=1, scheduler=False, batch_size=1)
     per_batch, alone = annotate(eos_lm, items, gen, max_prompts=6, scheduler=True, batch_size=2)
     joined, stats = annotate(eos_lm, items, gen, max_prompts=6, scheduler=True, batch_size=2, stream=True)
-    assert key(joined) == key(one) == key(per_batch)
+    agree(eos_lm, items, gen, f"batches join, beams {num_beams}", one=one, joined=joined, per_batch=per_batch)
     assert stats.steps < alone.steps and stats.occupancy > alone.occupancy  # fewer steps: slots stay busy
 
+    # 8 images (4 batches): with 5 (3 batches) whether the last batch is pulled before the first one's
+    # longest answer ends hangs on those answers' lengths (in bf16 it is, in float32 not)
     engine = Engine(eos_lm, parse_task_list(SPEC), TaskInputs(), gen, max_prompts=6)
+    items = make_items(eos_lm, SPEC.split(","), n=8)
     pulled, seen = [], []
 
     def source():
@@ -207,7 +243,7 @@ def test_next_batches_join_while_long_answers_run(eos_lm, num_beams):
 
     for rows in engine.annotate_stream(source()):
         seen.append((len(pulled), sorted({r.image for r in rows})))
-    assert [n for n, _ in seen][0] < 3  # the first batch came back before the last one was pulled
+    assert [n for n, _ in seen][0] < 4  # the first batch came back before the last one was pulled
     assert sorted(img for _, imgs in seen for img in imgs) == [it.key for it in items]
     assert all(len(rows) <= 2 for _, rows in seen)  # a batch at a time, whole
 
@@ -228,7 +264,8 @@ def test_a_failing_prompt_in_the_stream_goes_through_generate(eos_lm, monkeypatc
 
     monkeypatch.setattr(BatchStream, "_encode_jobs", encode_jobs)
     got, stats = annotate(eos_lm, items, gen, max_prompts=4, scheduler=True, batch_size=2, stream=True)
-    assert key(got) == key(expected) and len(calls) > 3
+    assert len(calls) > 3
+    agree(eos_lm, items, gen, "failing prompt to generate", expected=expected, got=got)
 
 
 @pytest.mark.parametrize("waste", [0.0, float("inf")])
@@ -242,7 +279,7 @@ def test_per_row_and_padded_self_attention_give_the_same_answers(eos_lm, monkeyp
     one, _ = annotate(eos_lm, items, gen, max_prompts=1, scheduler=False, batch_size=1)
     monkeypatch.setattr(DecodeScheduler, "RAGGED_WASTE", waste)
     got, _ = annotate(eos_lm, items, gen, max_prompts=6, scheduler=True, batch_size=2, stream=True)
-    assert key(got) == key(one)
+    agree(eos_lm, items, gen, f"ragged waste {waste}", one=one, got=got)
 
 
 def _ruled(lm, **rules):
@@ -262,7 +299,7 @@ def _ruled(lm, **rules):
 def test_repetition_rules_equal_generate_and_the_batch_1_loop(tiny_lm, rules, num_beams):
     """The published checkpoints' no_repeat_ngram_size=3 and a served recipe's repetition_penalty=1.5:
     the scheduler (prompts joining mid-flight, uneven lengths) == generate batched == batch 1,
-    token for token, scores to 1e-4. Without the rule the random model repeats 3-grams / tokens,
+    token for token, scores to 1e-4 (bf16: half_precision.py's rule, scores to 1e-2). Without the rule the random model repeats 3-grams / tokens,
     so a scheduler that ignored it would differ (checked: without the rule the answers change)."""
     lm = _ruled(tiny_lm, **rules)
     gen = GenerationSettings(num_beams=num_beams, max_new_tokens=MAX_NEW)
@@ -270,11 +307,14 @@ def test_repetition_rules_equal_generate_and_the_batch_1_loop(tiny_lm, rules, nu
     sched, stats = annotate(lm, items, gen, max_prompts=3, scheduler=True, batch_size=2, stream=True)
     plain, _ = annotate(lm, items, gen, max_prompts=4, scheduler=False, batch_size=2)
     one, _ = annotate(lm, items, gen, max_prompts=1, scheduler=False, batch_size=1)
-    assert stats.calls > 1 and key(sched) == key(plain) == key(one)
+    assert stats.calls > 1
+    same = agree(lm, items, gen, f"rules {rules} beams {num_beams}", one=one, sched=sched, plain=plain)
     for a, b in zip(sched, one):
+        if (a.image, a.task) not in same:
+            continue
         assert (a.text_score is None) == (b.text_score is None)
         if a.text_score is not None:
-            assert a.text_score == pytest.approx(b.text_score, rel=1e-4)
+            assert a.text_score == pytest.approx(b.text_score, rel=SCORE_REL)
     unruled = _ruled(tiny_lm, no_repeat_ngram_size=0, repetition_penalty=1.0)  # random:tiny carries n-gram 3 itself
     free, _ = annotate(unruled, items, replace(gen, scores=False), max_prompts=3, scheduler=True, batch_size=2,
                        stream=True)
@@ -290,7 +330,7 @@ def test_no_repeat_ngrams_with_each_early_stopping(eos_lm, early_stopping):
     items = make_items(lm, SPEC.split(","), n=3)
     sched, _ = annotate(lm, items, gen, max_prompts=2, scheduler=True, batch_size=3, stream=True)
     plain, _ = annotate(lm, items, gen, max_prompts=1, scheduler=False, batch_size=1)
-    assert key(sched) == key(plain)
+    agree(lm, items, gen, f"n-grams, early_stopping {early_stopping}", sched=sched, plain=plain)
     assert any(not r.truncated for r in sched)
 
 
