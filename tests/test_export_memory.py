@@ -86,3 +86,23 @@ def test_ranges_read_the_same_rows_as_one_sort(folders, monkeypatch):
     assert by_range.equals(whole)
     assert run.task_counts()["od"] == {OK: 2_000}
     assert [img.key for img in run.images(["od"])] == keys
+
+
+def test_the_export_path_does_not_import_torch(folders, tmp_path):
+    """`annotate export` needs neither torch nor transformers (~400 MiB of RSS at start-up, measured):
+    the whole command, from `import annotator.cli` to the written files, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from annotator.cli import cli\n"
+        "for fmt in ('coco', 'labelstudio', 'cvat', 'yolo', 'florence', 'docvqa'):\n"
+        f"    try: cli(['export', {str(folders[0])!r}, '--format', fmt, '--out', {str(tmp_path)!r} + '/' + fmt])\n"
+        "    except SystemExit as e: print(fmt, 'exit', e.code)\n"
+        "print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert "HEAVY" in proc.stdout, proc.stderr[-2000:]
+    assert "coco exit 0" in proc.stdout and "labelstudio exit 0" in proc.stdout and "cvat exit 0" in proc.stdout, proc.stdout
+    assert proc.stdout.rsplit("HEAVY", 1)[1].strip() == "[]", proc.stdout[-2000:]
