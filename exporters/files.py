@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Iterable
 
 from exporters.safety import safe_component
 
@@ -15,13 +17,35 @@ def key_fraction(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
+@dataclass(frozen=True)
+class SplitRule:
+    """The train/val split as a rule rather than a table of every key: the key's hash, and the one
+    key sent to val when the hash sends none there (2+ images, val wanted: trainers need a val set,
+    so the key with the smallest hash goes). Built in one pass that holds one key."""
+
+    val_fraction: float
+    forced_val: str | None = None
+
+    @classmethod
+    def of(cls, keys: Iterable[str], val_fraction: float) -> "SplitRule":
+        n, any_val, smallest = 0, False, None
+        for key in keys:
+            f = key_fraction(key)
+            n += 1
+            any_val = any_val or f < val_fraction
+            if smallest is None or f < smallest[0]:  # the first of equal hashes, as min() picks
+                smallest = (f, key)
+        forced = smallest[1] if val_fraction > 0 and n >= 2 and not any_val else None
+        return cls(val_fraction, forced)
+
+    def split(self, key: str) -> str:
+        return "val" if key == self.forced_val or key_fraction(key) < self.val_fraction else "train"
+
+
 def assign_splits(keys: list[str], val_fraction: float) -> dict[str, str]:
-    """key -> 'train' | 'val', by key hash. When the hash puts no image in val but val is wanted
-    and there are 2+ images, the image with the smallest hash goes there (trainers need a val set)."""
-    split = {k: ("val" if key_fraction(k) < val_fraction else "train") for k in keys}
-    if val_fraction > 0 and len(keys) >= 2 and "val" not in split.values():
-        split[min(keys, key=key_fraction)] = "val"
-    return split
+    """key -> 'train' | 'val' (SplitRule), for callers that want the table."""
+    rule = SplitRule.of(keys, val_fraction)
+    return {k: rule.split(k) for k in keys}
 
 
 def flat_names(keys: list[str]) -> dict[str, str]:
