@@ -16,7 +16,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 RUN_ROWS = 1 << 18  # sort keys held at once: 8.6 MB
-READ_ROWS = 1 << 14  # keys read at once from each run while merging
+READ_ROWS = 1 << 10  # keys read at once from each run while merging (as tuples: about 0.2 MB a run)
+FAN_IN = 64  # runs merged at once; more are first merged into longer runs, so the merge's memory is bounded
 KEY = np.dtype([("missing", "u1"), ("score", "f8"), ("seq", "i8"), ("offset", "i8"), ("size", "i8")])
 ORDER = ("missing", "score", "seq")
 
@@ -32,6 +33,7 @@ class ScoreSort:
         self._pending = 0  # keys in self._keys not yet in a run file
         self._seq = 0
         self._runs: list[Path] = []
+        self._made = 0  # run files made, for their names
 
     def add(self, score: float | None, record: bytes) -> None:
         if self._pending == len(self._keys):
@@ -43,7 +45,7 @@ class ScoreSort:
         self._seq += 1
 
     def _spill(self) -> None:
-        path = self._folder / f"{self._stem}.run{len(self._runs)}"
+        path = self._run_path()
         np.sort(self._keys[:self._pending], order=ORDER).tofile(path)
         self._runs.append(path)
         self._pending = 0
@@ -51,6 +53,8 @@ class ScoreSort:
     def __iter__(self) -> Iterator[bytes]:
         if self._runs:
             self._spill()
+            while len(self._runs) > FAN_IN:
+                self._merge_runs()
             keys = heapq.merge(*(_read_run(p) for p in self._runs))
         else:  # one run: sorted in memory
             keys = (tuple(k) for k in np.sort(self._keys[:self._pending], order=ORDER).tolist())
@@ -58,6 +62,26 @@ class ScoreSort:
         for _, _, _, offset, size in keys:
             self._data.seek(offset)
             yield self._data.read(size)
+
+    def _run_path(self) -> Path:
+        self._made += 1
+        return self._folder / f"{self._stem}.run{self._made}"
+
+    def _merge_runs(self) -> None:
+        """The first FAN_IN runs -> one longer run at the end of the list."""
+        first, self._runs = self._runs[:FAN_IN], self._runs[FAN_IN:]
+        path = self._run_path()
+        with open(path, "wb") as fh:
+            block: list[tuple] = []
+            for key in heapq.merge(*(_read_run(p) for p in first)):
+                block.append(key)
+                if len(block) == READ_ROWS:
+                    np.array(block, KEY).tofile(fh)
+                    block.clear()
+            np.array(block, KEY).tofile(fh)
+        for p in first:
+            p.unlink()
+        self._runs.append(path)
 
     def close(self) -> None:
         self._data.close()
