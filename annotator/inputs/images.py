@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from annotator.inputs.sources import ImageRef, WorkItem, image_source  # WorkItem: re-exported
+from annotator.inputs.sources import WorkItem, image_source  # WorkItem: re-exported (it lives in sources.py)
 
 
 @dataclass

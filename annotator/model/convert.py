@@ -25,7 +25,6 @@ import torch
 from annotator.config import ModelSpec
 from annotator.model.convert_map import (ConversionError, build_generation_config, build_processor, check_names, convert_config,
                           grow_vocab, rename_weights)
-from annotator.model import ModelLoadError
 from annotator.model.cache import cache_dir, publish, staging_dir
 
 log = logging.getLogger(__name__)
