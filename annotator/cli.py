@@ -11,8 +11,7 @@ import click
 from . import __version__
 from .clikit import EXIT_CANNOT_START, EXIT_INTERRUPTED, Aliased, env_names
 from .config import ConfigError, GenerationSettings, ModelSpec, RunConfig, TaskInputs, TileSettings, DTYPES, ATTENTIONS
-from annotator.model import ModelLoadError
-from annotator.model.load import DEMO_NAME
+from annotator.model import DEMO_NAME, ModelLoadError  # not model.load: it imports torch
 from annotator.outdir.folder import RunError
 from annotator.inputs.sources import SourceError
 from .tasks import DEMO_TASKS, TASKS, PlanError, UnknownTask, parse_task_list, plan_sources
@@ -323,7 +322,7 @@ def _register_optional() -> None:
     from annotator.bench.run import bench  # light: torch is imported when it runs
 
     cli.add_command(bench)
-    from annotator.model.convert import convert_command
+    from annotator.model.convert_cli import convert_command
 
     cli.add_command(convert_command())
     try:

@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Iterator
 
 from annotator.tasks import TASKS, Output, UnknownTask, get_task
 from exporters.errors import ExportError
-from exporters.files import assign_splits, flat_names
+from exporters.files import FlatNames, SplitRule
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import Run
 from exporters.safety import OutDir, is_safe_key
@@ -76,16 +76,47 @@ def count_errors(run: Run, tasks: list[str], summary: ExportSummary) -> None:
 
 @dataclass
 class Layout:
-    """Where each image goes: its split ('train' | 'val', by key hash) and its flat file name.
-    Keys that could escape the output folder have neither (the caller counts them dropped)."""
+    """Where each image goes: its split ('train' | 'val', by key hash) and its flat file name, as
+    rules rather than tables of every key (memory does not grow with the folder). Keys that could
+    escape the output folder have neither (`holds` is False: the caller counts them dropped)."""
 
-    split_of: dict[str, str]
-    names: dict[str, str]
+    splits: SplitRule
+    names: FlatNames
 
     @classmethod
-    def of(cls, keys: list[str], val_fraction: float) -> "Layout":
-        keys = [k for k in keys if is_safe_key(k)]
-        return cls(assign_splits(keys, val_fraction), flat_names(keys))
+    def of(cls, keys: Callable[[], Iterable[str]], val_fraction: float) -> "Layout":
+        """`keys`: gives the keys in sorted order, once per pass (two passes)."""
+        return cls(SplitRule.of(filter(is_safe_key, keys()), val_fraction), FlatNames.of(filter(is_safe_key, keys())))
+
+    @staticmethod
+    def holds(key: str) -> bool:
+        return is_safe_key(key)
+
+    def split(self, key: str) -> str:
+        return self.splits.split(key)
+
+    def name(self, key: str) -> str:
+        return self.names.name(key)
+
+
+class KeyRanks:
+    """1-based rank of a key in a sorted stream of keys, for keys asked in increasing order: the
+    stream is read once, alongside the export, instead of held as a dict of every key."""
+
+    def __init__(self, keys: Iterable[str]):
+        self._keys = iter(keys)
+        self._rank = 0
+        self._key: str | None = None
+
+    def rank(self, key: str) -> int:
+        while self._key is None or self._key < key:
+            nxt = next(self._keys, None)
+            if nxt is None:
+                raise ValueError(f"image {key!r} is not among the run's keys")
+            self._key, self._rank = nxt, self._rank + 1
+        if self._key != key:
+            raise ValueError(f"image {key!r} is not among the run's keys")
+        return self._rank
 
 
 @dataclass
@@ -109,7 +140,7 @@ class Export:
 
     def layout(self) -> Layout:
         """The layout of every image with an ok row of the export's tasks."""
-        return Layout.of(self.run.image_keys(self.tasks), self.opts.val_fraction)
+        return Layout.of(lambda: self.run.iter_image_keys(self.tasks), self.opts.val_fraction)
 
     # --- per-split output handles -------------------------------------------------------------
     def open_splits(self, splits, opener: Callable[[str], object]) -> dict:

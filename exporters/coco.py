@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from exporters.base import Export, exportable, no_instances
+from exporters.base import Export, KeyRanks, exportable, no_instances
 from exporters.boxes import DETECTION_DEFAULTS, build_vocab, labelled
 from exporters.geometry import polygon_area, xyxy_to_xywh
 from exporters.options import ExportOptions, ExportSummary
@@ -72,23 +72,3 @@ def export_coco(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
         side.unlink(missing_ok=True)
     summary.images, summary.instances = n_images, n_anns
     return summary
-
-
-class KeyRanks:
-    """1-based rank of a key in a sorted stream of keys, for keys asked in increasing order: the
-    stream is read once, alongside the export, instead of held as a dict of every key."""
-
-    def __init__(self, keys):
-        self._keys = iter(keys)
-        self._rank = 0
-        self._key: str | None = None
-
-    def rank(self, key: str) -> int:
-        while self._key is None or self._key < key:
-            nxt = next(self._keys, None)
-            if nxt is None:
-                raise ValueError(f"image {key!r} is not among the run's keys")
-            self._key, self._rank = nxt, self._rank + 1
-        if self._key != key:
-            raise ValueError(f"image {key!r} is not among the run's keys")
-        return self._rank

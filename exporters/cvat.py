@@ -8,6 +8,7 @@ linked (or with --copy-images copied) under images/<key>, the layout of CVAT's o
 
 from __future__ import annotations
 
+import shutil
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 
@@ -20,6 +21,7 @@ from exporters.review_common import ReviewImage, hex_color, review_images, revie
 from exporters.safety import OutDir, check_key
 
 # (name, CVAT input_type, values) of the attributes every label declares
+XML_DECLARATION = "<?xml version='1.0' encoding='utf-8'?>\n"  # as ElementTree.write(xml_declaration=True) writes it
 ATTRIBUTES = (("score", "number", "0;1;0.0001"), ("task", "text", ""), ("text", "text", ""))
 
 
@@ -69,32 +71,63 @@ def _meta(root: ET.Element, labels: list[str], size: int) -> None:
     ET.SubElement(root.find("meta"), "dumped").text = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def cvat_document(images: list[ReviewImage], labels: list[str]) -> ET.Element:
+def cvat_image(frame: int, img: ReviewImage, group: int) -> tuple[ET.Element, int]:
+    """One <image> with its shapes; `group` counts the multi-part masks before it (group ids are
+    unique in the document). Returns the element and the new count."""
+    el = ET.Element("image", id=str(frame), name=img.key, width=str(img.width), height=str(img.height))
+    for name, inst in img.instances:
+        group += len(inst.polygons) > 1
+        cvat_shapes(el, name, inst, group)
+    return el, group
+
+
+def cvat_head(labels: list[str], size: int) -> bytes:
+    """The declaration, <annotations>, <version> and <meta>, indented as the whole document is,
+    open for the <image> elements that follow."""
     root = ET.Element("annotations")
     ET.SubElement(root, "version").text = "1.1"
-    _meta(root, labels, len(images))
-    group = 0
-    for frame, img in enumerate(images):
-        el = ET.SubElement(root, "image", id=str(frame), name=img.key, width=str(img.width), height=str(img.height))
-        for name, inst in img.instances:
-            group += len(inst.polygons) > 1
-            cvat_shapes(el, name, inst, group)
-    return root
+    _meta(root, labels, size)
+    ET.indent(root)
+    text = ET.tostring(root, encoding="unicode")
+    return (XML_DECLARATION + text[:-len("</annotations>")]).encode("utf-8")
+
+
+def cvat_image_bytes(el: ET.Element) -> bytes:
+    """An <image> as it sits in the indented document: one level in, one per line."""
+    ET.indent(el, level=1)
+    return ("  " + ET.tostring(el, encoding="unicode") + "\n").encode("utf-8")
 
 
 @register("cvat")
 def export_cvat(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
+    """annotations.xml written as it is read: the <image> elements go to a side file as they come,
+    in key order, and follow the head once the image count (<meta><size>) is known."""
     summary = ExportSummary("cvat", out.root)
     tasks = review_tasks(run, opts, "cvat", text=False)
-    images = sorted(review_images(run, tasks, opts, summary), key=lambda r: r.key)
-    root = cvat_document(images, summary.classes)
-    ET.indent(root)
-    ET.ElementTree(root).write(out.path("annotations.xml"), encoding="utf-8", xml_declaration=True)
-    for img in images:  # images/<key>: the layout of a CVAT dataset export (and what datumaro loads)
-        src = run.find_image(img.key, summary.dropped)
-        if src is not None:
-            parts = check_key(img.key).parts
-            out.mkdir("images", *parts[:-1])
-            place_image(src, out.path("images", *parts), opts.copy_images)
+    dest, side = out.path("annotations.xml"), out.path(".annotations.part")
+    group = frames = 0
+    try:
+        with open(side, "w+b") as body:
+            for img in review_images(run, tasks, opts, summary):  # key order, whatever --order says
+                el, group = cvat_image(frames, img, group)
+                body.write(cvat_image_bytes(el))
+                frames += 1
+                _place(run, out, opts, img.key, summary)
+            with open(dest, "wb") as fh:
+                fh.write(cvat_head(summary.classes, frames))
+                body.seek(0)
+                shutil.copyfileobj(body, fh, 1 << 20)
+                fh.write(b"</annotations>")
+    finally:
+        side.unlink(missing_ok=True)
     summary.splits.clear()  # a CVAT task has no subsets; the importer re-derives the split from the key
     return summary
+
+
+def _place(run: Run, out: OutDir, opts: ExportOptions, key: str, summary: ExportSummary) -> None:
+    """images/<key>: the layout of a CVAT dataset export (and what datumaro loads)."""
+    src = run.find_image(key, summary.dropped)
+    if src is not None:
+        parts = check_key(key).parts
+        out.mkdir("images", *parts[:-1])
+        place_image(src, out.path("images", *parts), opts.copy_images)

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from annotator.model.sequence import loc_tokens
 from annotator.tasks import TASKS, Labels
-from exporters.base import Export, exportable
+from exporters.base import Export, KeyRanks, exportable
 from exporters.classes import ClassVocab, normalize_label
 
 from exporters.geometry import clip_polygon, polygons_extent, row_instances
@@ -155,9 +155,8 @@ def export_docvqa(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
         vocab, _ = ClassVocab.from_counts(run.label_counts(det), opts.min_count)
     common = vocab.names[:20] if vocab else []
     summary.classes = list(vocab.names) if vocab else []
-    doc_id = {k: i for i, k in enumerate(run.image_keys(), 1)}
+    doc_ids = KeyRanks(run.iter_image_keys())  # the rank among all keys, as COCO's image ids
     layout = ex.layout()
-    split_of, names = layout.split_of, layout.names
     out.mkdir("data")
     buffers: dict[str, list[dict]] = {s: [] for s in SPLIT_FILES}
     per_split: Counter = Counter()
@@ -171,20 +170,20 @@ def export_docvqa(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
     with ex:
         writers = ex.open_splits(SPLIT_FILES, lambda s: pq.ParquetWriter(
             out.path("data", f"{SPLIT_FILES[s]}-00000-of-00001.parquet"), SCHEMA_WITH_META))
-        for img in exportable(run.images(tasks), summary, names.__contains__):
+        for img in exportable(run.images(tasks), summary, layout.holds):
             qa = qa_pairs(img, vocab, common, summary.dropped, opts.min_score)
             if not qa:
                 continue
             src = run.find_image(img.key, summary.dropped)
             if src is None:
                 continue
-            split = split_of[img.key]
-            image = image_struct(src, names[img.key])
+            split = layout.split(img.key)
+            image = image_struct(src, layout.name(img.key))
             for question, answer, types in qa:
                 qid += 1
                 buffers[split].append({
                     "questionId": qid, "question": question, "question_types": types, "image": image,
-                    "docId": doc_id[img.key], "ucsf_document_id": img.key, "ucsf_document_page_no": "1",
+                    "docId": doc_ids.rank(img.key), "ucsf_document_id": img.key, "ucsf_document_page_no": "1",
                     "answers": [answer],
                 })
             if len(buffers[split]) >= 256:

@@ -189,7 +189,6 @@ def export_florence(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary
     if vocab:
         summary.classes = list(vocab.names)
     layout = ex.layout()
-    split_of, names = layout.split_of, layout.names
 
     def open_split(split: str):
         out.mkdir(SPLIT_DIRS[split])
@@ -199,7 +198,7 @@ def export_florence(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary
     flt = image_filter(opts, summary)
     with ex:
         files = ex.open_splits(SPLIT_DIRS, open_split)
-        for img in exportable(run.images(tasks), summary, names.__contains__):
+        for img in exportable(run.images(tasks), summary, layout.holds):
             img = flt.apply(img, tasks)
             if img is None:  # the --filter policy left the image out
                 continue
@@ -210,7 +209,7 @@ def export_florence(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary
             src = run.find_image(img.key, summary.dropped)
             if src is None:
                 continue
-            split, name = split_of[img.key], names[img.key]
+            split, name = layout.split(img.key), layout.name(img.key)
             place_image(src, out.path(SPLIT_DIRS[split], name), opts.copy_images)
             for prefix, suffix in pairs:
                 files[split].write(json.dumps({"image": name, "prefix": prefix, "suffix": suffix}, ensure_ascii=False) + "\n")

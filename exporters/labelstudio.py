@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator
 from urllib.parse import quote
 
 from exporters.errors import ExportError
 from exporters.geometry import Instance
 from exporters.options import ExportOptions, ExportSummary
+from exporters.ordering import by_score
 from exporters.read import Run
 from exporters.registry import register
 from exporters.review_common import TEXT_TASKS, ReviewImage, hex_color, model_version, review_images, review_tasks
@@ -102,24 +104,40 @@ def image_url(key: str, root: str | None) -> str:
 
 @register("labelstudio")
 def export_labelstudio(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
+    """tasks.json written as it is read, one task at a time (through ordering.by_score with
+    --order score); labeling.xml after it, once the shapes seen are known."""
     summary = ExportSummary("labelstudio", out.root)
     config_out = _check_config_out(opts.config_out, out)
     tasks = review_tasks(run, opts, "labelstudio", text=True)
     images = review_images(run, tasks, opts, summary)
+    seen = {"polygons": False}
     version = model_version(run)
+
+    def records() -> Iterator[tuple[float | None, bytes]]:
+        for img in images:
+            seen["polygons"] = seen["polygons"] or any(inst.polygons for _, inst in img.instances)
+            task = ls_task(img, image_url(img.key, opts.image_root), version)
+            yield img.min_score, json.dumps(task, ensure_ascii=False).encode("utf-8")
+
+    ordered = by_score(records(), out.root) if opts.order == "score" else (r for _, r in records())
+    with open(out.path("tasks.json"), "wb") as fh:
+        write_json_array(fh, ordered)
     ocr = "ocr_with_region" in tasks
-    polygons = any(inst.polygons for img in images for _, inst in img.instances)
-    text_tasks = [t for t in tasks if t in TEXT_TASKS]
     # OCR lines are drawn as `text` polygons even when the run found none yet: reviewers add them
     labels = summary.classes + (["text"] if ocr and "text" not in summary.classes else [])
-    config = labeling_config(labels, polygons, ocr, text_tasks)
-    payload = [ls_task(img, image_url(img.key, opts.image_root), version) for img in images]
-    with open(out.path("tasks.json"), "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, ensure_ascii=False)
+    config = labeling_config(labels, seen["polygons"], ocr, [t for t in tasks if t in TEXT_TASKS])
     out.path("labeling.xml").write_text(config, encoding="utf-8")
     if config_out is not None:
         config_out.write_text(config, encoding="utf-8")
     return summary
+
+
+def write_json_array(fh: BinaryIO, items: Iterable[bytes]) -> None:
+    """A JSON array of already encoded items, as json.dump writes a list: `[a, b]`."""
+    fh.write(b"[")
+    for n, item in enumerate(items):
+        fh.write(b", " + item if n else item)
+    fh.write(b"]")
 
 
 def _check_config_out(path: Path | None, out: OutDir) -> Path | None:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from annotator.outdir.table import MANIFEST, OK, PART_GLOB, SCHEMA_VERSION, Annotation, part_files, read_rows
 from exporters.errors import ExportError
 from exporters.ranges import KeyRange, key_ranges
-from exporters.safety import check_key, is_safe_key
+from exporters.safety import is_safe_key
 
 SCHEMA_KEY = b"florence_annotate_schema"
 ROW_COLUMNS = ["image", "width", "height", "task", "prompt", "text", "bboxes", "labels", "polygons",
@@ -173,14 +173,14 @@ class Run:
         them by default: an export must not copy or link what the run refused). A miss is counted
         in `dropped` (an export's summary) when one is given."""
         outside = False
-        if is_safe_key(key):
-            rel = check_key(key)
-            candidates = [(root, root / key[len(prefix):]) for prefix, root in self.prefixed if key.startswith(prefix)]
-            candidates += [(root, root / rel) for root in self.roots]
+        if is_safe_key(key):  # strings, not Paths, until found: pathlib interns every name it parses
+            candidates = [(root, os.path.join(root, key[len(prefix):])) for prefix, root in self.prefixed
+                          if key.startswith(prefix)]
+            candidates += [(root, os.path.join(root, key)) for root in self.roots]
             for root, p in candidates:
-                if p.is_file():
+                if os.path.isfile(p):
                     if self.follow_symlinks or _inside(p, root):
-                        return p
+                        return Path(p)
                     outside = True
         if dropped is not None:
             dropped["symlink out of its input folder (run with --follow-symlinks)" if outside

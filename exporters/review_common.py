@@ -6,15 +6,19 @@ safety rules as the training formats apply, so what is reviewed is what would ha
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from exporters.colors import label_color
 from annotator.tasks import TASKS, Input, Output
-from exporters.base import Layout, choose_tasks, count_errors, exportable
+from exporters.base import choose_tasks, count_errors, exportable
 from exporters.boxes import DETECTION_DEFAULTS, OCR_TASK, build_vocab, labelled
+from exporters.classes import ClassVocab
 from exporters.errors import ExportError
+from exporters.files import SplitRule
 from exporters.geometry import Instance
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import Run
+from exporters.safety import is_safe_key
 
 # whole-image text answers: reviewed as free text (Label Studio only; CVAT has no place for them)
 TEXT_TASKS = tuple(t.name for t in TASKS.values() if t.output == Output.TEXT and t.input != Input.REGION)
@@ -48,17 +52,22 @@ def review_tasks(run: Run, opts: ExportOptions, fmt: str, text: bool) -> list[st
     return tasks
 
 
-def review_images(run: Run, tasks: list[str], opts: ExportOptions, summary: ExportSummary) -> list[ReviewImage]:
-    """Every image with an ok row of `tasks`, in key order, or lowest score first with --order score
-    (images without scores last). Held in memory: a review project is loaded whole by the tool anyway."""
+def review_images(run: Run, tasks: list[str], opts: ExportOptions, summary: ExportSummary) -> Iterator[ReviewImage]:
+    """Every image with an ok row of `tasks`, in key order, as it is read: nothing is held but the
+    image at hand (the order of --order score is the writer's: ordering.by_score). The summary's
+    image, instance and split counts are complete once the stream is."""
     if opts.order not in ORDERS:
         raise ExportError(f"unknown --order {opts.order!r}; one of {', '.join(ORDERS)}")
     summary.tasks = tasks
     count_errors(run, tasks, summary)
     geo_tasks = [t for t in tasks if t not in TEXT_TASKS]
     vocab = build_vocab(run, geo_tasks, opts, summary) if geo_tasks else None
-    split_of = Layout.of(run.image_keys(tasks), opts.val_fraction).split_of
-    out: list[ReviewImage] = []
+    splits = SplitRule.of((k for k in run.iter_image_keys(tasks) if is_safe_key(k)), opts.val_fraction)
+    return _reviewed(run, tasks, vocab, splits, opts, summary)
+
+
+def _reviewed(run: Run, tasks: list[str], vocab: ClassVocab | None, splits: SplitRule, opts: ExportOptions,
+              summary: ExportSummary) -> Iterator[ReviewImage]:
     stream = labelled(run, tasks, vocab, opts, summary) if vocab else ((img, []) for img in run.images(tasks))
 
     def texts_of(img) -> dict[str, str]:
@@ -66,16 +75,13 @@ def review_images(run: Run, tasks: list[str], opts: ExportOptions, summary: Expo
                 and (img.rows[t].text or "").strip()}
 
     empty = (lambda item: not item[1] and not texts_of(item[0])) if opts.skip_empty else None
-    for img, kept in exportable(stream, summary, split_of.__contains__, empty):
-        texts = texts_of(img)
+    for img, kept in exportable(stream, summary, is_safe_key, empty):
         instances = [(vocab.names[i], inst) for i, inst in kept]
-        out.append(ReviewImage(img.key, img.width, img.height, split_of[img.key], instances, texts))
-    if opts.order == "score":
-        out.sort(key=lambda r: (r.min_score is None, r.min_score if r.min_score is not None else 0.0, r.key))
-    summary.images = len(out)
-    summary.instances = sum(len(r.instances) for r in out)
-    summary.splits.update(r.split for r in out)
-    return out
+        review = ReviewImage(img.key, img.width, img.height, splits.split(img.key), instances, texts_of(img))
+        summary.images += 1
+        summary.instances += len(instances)
+        summary.splits[review.split] += 1
+        yield review
 
 
 def model_version(run: Run) -> str:

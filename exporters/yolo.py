@@ -59,18 +59,17 @@ def export_yolo(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary:
     summary, tasks = ex.summary, ex.tasks
     vocab = build_vocab(run, tasks, opts, summary)
     layout = ex.layout()
-    split_of, names = layout.split_of, layout.names
     for split in SPLITS:
         out.mkdir("images", split)
         out.mkdir("labels", split)
     line = yolo_segment_line if opts.segments else yolo_box_line
     per_split: Counter = Counter()
     records = labelled(run, tasks, vocab, opts, summary)
-    for img, kept in exportable(records, summary, names.__contains__, no_instances if opts.skip_empty else None):
+    for img, kept in exportable(records, summary, layout.holds, no_instances if opts.skip_empty else None):
         src = run.find_image(img.key, summary.dropped)
         if src is None:
             continue
-        split, name = split_of[img.key], names[img.key]
+        split, name = layout.split(img.key), layout.name(img.key)
         place_image(src, out.path("images", split, name), opts.copy_images)
         stem = name.rsplit(".", 1)[0] if "." in name else name
         lines = [line(cls, inst, img.width, img.height) for cls, inst in kept]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from annotator.inputs.sources import ImageRef, image_source
+from annotator.inputs.sources import WorkItem, image_source  # WorkItem: re-exported (it lives in sources.py)
 
 
 @dataclass
@@ -106,12 +106,6 @@ def describe_error(exc: BaseException) -> str:
     except UnicodeEncodeError:  # a surrogate that is not an escaped byte
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    ref: ImageRef
-    tasks: tuple[str, ...]
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -42,6 +42,14 @@ class ImageRef:
     source: str | None = None  # the folder's id for `root` (keys.assign_keys), stored in every row
 
 
+@dataclass(frozen=True)
+class WorkItem:
+    """An image and the tasks still to do for it (here, not in images.py: the run folder reads it without torch)."""
+
+    ref: ImageRef
+    tasks: tuple[str, ...]
+
+
 def image_source(ref: ImageRef) -> Path | io.BytesIO:
     """What PIL opens: a local file by path (it reads the header first, then decodes), anything
     else as bytes read here, remote reads retried (remote.retrying)."""

@@ -3,3 +3,6 @@
 
 class ModelLoadError(RuntimeError):
     """Loading failed in a way the user can fix; the message says how."""
+
+
+DEMO_NAME = "demo"  # the project's own small model, shipped inside the package (annotator/demo_model)

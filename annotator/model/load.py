@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from annotator.config import ModelSpec
-from annotator.model import ModelLoadError
+from annotator.model import DEMO_NAME, ModelLoadError
 from annotator.model.cache import cache_dir, publish, staging_dir
 from annotator.model.sequence import FLORENCE_TOKENS, POST_PROCESSOR_CONFIG
 from annotator.model.precision import auto_dtype
@@ -25,7 +25,6 @@ from annotator.model.precision import auto_dtype
 log = logging.getLogger(__name__)
 
 RANDOM_PREFIX = "random:"
-DEMO_NAME = "demo"  # the project's own small model, shipped inside the package (annotator/demo_model)
 RANDOM_FORMAT = 2  # bump when the random tokenizer/processor recipe changes (invalidates the cache)
 
 # The generation config the published checkpoints ship (the native Florence-2-base|large's

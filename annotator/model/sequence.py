@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are made: the exporters read this module without it
+    import torch
 
 BINS = 1000  # Florence-2: <loc_0>..<loc_999> per axis
 LOC_PREFIX = "<loc_"
@@ -86,6 +88,8 @@ def pad_right(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Te
 
     Right, never left: the encoder's positions ignore the mask, so left padding would shift the
     N image positions of the shorter prompts."""
+    import torch
+
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), value, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)

@@ -9,8 +9,7 @@ from pathlib import Path
 
 from annotator import __version__
 from annotator.config import RunConfig
-from annotator.inputs.images import WorkItem
-from annotator.inputs.sources import Discovery, ImageRef, input_label
+from annotator.inputs.sources import Discovery, ImageRef, WorkItem, input_label
 from annotator.outdir.keys import Source, assign_keys, folder_owners, manifest_sources, sources_to_manifest, upgrade_parts
 from annotator.outdir.lock import FolderLock
 from annotator.outdir.table import MANIFEST, OK, Manifest, PartWriter, drop_error_rows, part_files, read_status
