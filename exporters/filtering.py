@@ -6,8 +6,13 @@ per image instead: an image whose labels are partly uncertain is left out of the
 rather than taught with holes in it. README, "The pseudo-label loop", has the measured comparison.
 
 A policy sees one image's instance scores (every exported task of the image together, None for an
-instance without a score, which always counts as confident) and answers whether the image stays
-and which instances do. Text answers carry no instances and are never filtered here."""
+instance without a score) and answers whether the image stays and which instances do. Text answers
+carry no instances and are never filtered here.
+
+Under --min-score an instance without a score is uncertain, not confident: a run stores null scores
+for a row whose generation did not parse cleanly (the scores could not be aligned with its instances:
+a decoding loop, malformed spans), and on the striped shift those few rows held half of the boxes
+`instance` 0.7 used to keep, nearly all of them wrong (README, "The pseudo-label loop")."""
 
 from __future__ import annotations
 
@@ -73,12 +78,16 @@ def policy(name: str, help: str):
     return deco
 
 
+NO_SCORE = "no score (--min-score needs one)"  # the summary's drop reason: a run with --no-scores, or a garbled row
 # Scores are stored as float32: 0.95 reads back as 0.949999988, which must still pass --min-score 0.95.
 EPS = 1e-6
 
 
 def _confident(s, f: ScoreFilter) -> bool:
-    return s is None or f.min_score is None or s >= f.min_score - EPS
+    """Without --min-score everything is; with it, only a score at or above it (None: no proof)."""
+    if f.min_score is None:
+        return True
+    return s is not None and s >= f.min_score - EPS
 
 
 @policy("instance", "drop each instance scored below --min-score; its image stays with the rest")
@@ -95,11 +104,11 @@ def _per_image(scores: list, f: ScoreFilter) -> Decision:
 
 
 @policy("band", "keep instances at or above --min-score, drop those below --low-score as noise, and drop "
-                "the whole image when any lies between the two")
+                "the whole image when any lies between the two (or has no score)")
 def _band(scores: list, f: ScoreFilter) -> Decision:
     keep = tuple(_confident(s, f) for s in scores)
     low = f.low_score if f.low_score is not None else 0.0
-    unsure = any(not k and s >= low - EPS for k, s in zip(keep, scores))
+    unsure = any(not k and (s is None or s >= low - EPS) for k, s in zip(keep, scores))
     return Decision(not unsure, keep)
 
 
@@ -172,7 +181,9 @@ class ImageFilter:
         self.counts.images_kept += 1
         self.counts.instances_kept += sum(d.keep)
         self.counts.instances_dropped += len(scores) - sum(d.keep)
-        self._bump("score below --min-score", len(scores) - sum(d.keep))
+        unscored = sum(not k and s is None for k, s in zip(d.keep, scores))
+        self._bump(NO_SCORE, unscored)
+        self._bump("score below --min-score", len(scores) - sum(d.keep) - unscored)
         if all(d.keep):
             return img
         kept_rows = dict(img.rows)
