@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 # One row of the README's table: seed 2000 (96 unlabelled, 60 test scenes), greedy decoding, round 1.
 LOOP = dict(n=96, n_test=60, seed=2000, policies=("instance",), rounds=1, min_score=0.7, num_beams=1)
 MEASURED = {"before": 0.182, "after": 0.280}  # AP50 of that row (31 pairs)
@@ -22,12 +20,30 @@ MEASURED = {"before": 0.182, "after": 0.280}  # AP50 of that row (31 pairs)
 TOLERANCE = 0.05
 
 
-def test_pseudo_labels_adapt_the_demo_model_to_a_shift(tmp_path):
+def _example():
     path = Path(__file__).parents[1] / "examples" / "pseudo_label_loop.py"
     spec = importlib.util.spec_from_file_location("pseudo_label_loop", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    res = module.loop(tmp_path, **LOOP)
+    return module
+
+
+def test_a_rerun_keeps_the_scenes_it_drew(tmp_path):
+    """The loop resumes a work folder: the scenes already drawn are not drawn again (new files would
+    make `annotate run` label them again), but another seed's or size's are."""
+    scenes = _example().scenes
+    scenes(tmp_path / "u", 3, 7)
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "u").iterdir()}
+    assert sum(name.endswith(".png") for name in first) == 3
+    scenes(tmp_path / "u", 3, 7)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "u").iterdir()} == first
+    scenes(tmp_path / "u", 3, 8)
+    assert any("_8_" in p.name for p in (tmp_path / "u").iterdir())
+
+
+@pytest.mark.slow
+def test_pseudo_labels_adapt_the_demo_model_to_a_shift(tmp_path):
+    res = _example().loop(tmp_path, **LOOP)
     before, (r1,) = res["before"]["AP50"], res["policies"]["instance"]
     assert r1["pairs"] >= 20, res  # 31 in the measured run
     assert before == pytest.approx(MEASURED["before"], abs=TOLERANCE), res
