@@ -125,7 +125,7 @@ def describe(c: FilterCounts) -> str:
 
 # The default per format when --filter is not given. Training formats take the measured best (README,
 # "The pseudo-label loop, on a shift"): on the striped shift `band` 0.7/0.3 left 5-9 training pairs
-# from 96 images and moved nothing, `instance` 0.7 wrote 31-39 and raised AP50. coco is also read by
+# from 96 images and moved nothing, `instance` 0.7 wrote 26-36 and raised AP50. coco is also read by
 # `annotate eval`, which wants every box it was asked for.
 TRAINING_DEFAULT = "instance"
 FORMAT_DEFAULTS = {"florence": TRAINING_DEFAULT, "yolo": TRAINING_DEFAULT}
