@@ -9,7 +9,8 @@ A policy sees one image's instance scores (every exported task of the image toge
 instance without a score) and answers whether the image stays and which instances do. Text answers
 carry no instances and are never filtered here.
 
-Under --min-score an instance without a score is uncertain, not confident: a run stores null scores
+Under --min-score, for the training formats, an instance without a score is uncertain, not confident
+(the review and evaluation formats keep it, to be looked at): a run stores null scores
 for a row whose generation did not parse cleanly (the scores could not be aligned with its instances:
 a decoding loop, malformed spans), and on the striped shift those few rows held half of the boxes
 `instance` 0.7 used to keep, nearly all of them wrong (README, "The pseudo-label loop")."""
@@ -33,6 +34,7 @@ class ScoreFilter:
     min_score: float | None = None  # T_high: an instance at or above it is confident
     low_score: float | None = None  # band: below it an instance is noise (dropped, the image stays)
     max_uncertain: float = 0.0  # image: the share of uncertain instances an image may hold and stay
+    trust_unscored: bool = True  # an instance without a score passes --min-score (review formats only)
 
 
 @dataclass(frozen=True)
@@ -84,10 +86,10 @@ EPS = 1e-6
 
 
 def _confident(s, f: ScoreFilter) -> bool:
-    """Without --min-score everything is; with it, only a score at or above it (None: no proof)."""
+    """Without --min-score everything is; with it, a score at or above it (None: only where trusted)."""
     if f.min_score is None:
         return True
-    return s is not None and s >= f.min_score - EPS
+    return f.trust_unscored if s is None else s >= f.min_score - EPS
 
 
 @policy("instance", "drop each instance scored below --min-score; its image stays with the rest")
@@ -108,7 +110,7 @@ def _per_image(scores: list, f: ScoreFilter) -> Decision:
 def _band(scores: list, f: ScoreFilter) -> Decision:
     keep = tuple(_confident(s, f) for s in scores)
     low = f.low_score if f.low_score is not None else 0.0
-    unsure = any(not k and (s is None or s >= low - EPS) for k, s in zip(keep, scores))
+    unsure = any(not k and (s is None or s >= low - EPS) for k, s in zip(keep, scores))  # None: untrusted
     return Decision(not unsure, keep)
 
 
@@ -137,6 +139,7 @@ def resolve(f: ScoreFilter | None, fmt: str, min_score: float | None) -> ScoreFi
     """The filter an export applies: the one asked for, else the format's default policy."""
     if f is None:
         f = ScoreFilter(FORMAT_DEFAULTS.get(fmt, OTHER_DEFAULT), min_score)
+    f = replace(f, trust_unscored=fmt not in FORMAT_DEFAULTS)  # training formats: a box must show its score
     if f.policy == "band" and f.low_score is None and f.min_score is not None:
         f = replace(f, low_score=min(BAND_LOW, f.min_score))
     if f.policy not in POLICIES:
