@@ -70,13 +70,23 @@ def one_round(work: Path, labels: Path, model: str, policy: str, k: int, opts: d
     return str(adapted), record
 
 
+def scenes(folder: Path, n: int, seed: int) -> None:
+    """n shifted scenes drawn from `seed`, unless a rerun finds them there already: drawn again, the
+    images would be new files, and `annotate run` would label them all again instead of resuming."""
+    truth = folder / "ground_truth.json"
+    if truth.exists():
+        names = [im["file_name"] for im in json.loads(truth.read_text())["images"]]
+        if len(names) == n and all(f"_{seed}_" in name for name in names):  # scene_<seed>_<i>.png
+            return
+    samples.write(folder, n=n, seed=seed, kind="scenes", backgrounds=samples.SHIFTED_BACKGROUNDS)
+
+
 def loop(work: Path, n: int = 96, n_test: int = 60, seed: int = 2000, policies=("instance",), rounds: int = 1,
          min_score: float = 0.7, low_score: float | None = None, epochs: int | None = None, model: str = "demo",
          num_beams: int = 3) -> dict:
     """-> {"before": AP, "policies": {policy: [one record per round]}} on seed's unlabelled/test sets."""
-    shift = samples.SHIFTED_BACKGROUNDS
-    samples.write(work / "unlabelled", n=n, seed=seed, kind="scenes", backgrounds=shift)  # truth files unused
-    samples.write(work / "test", n=n_test, seed=seed + 1000, kind="scenes", backgrounds=shift)
+    scenes(work / "unlabelled", n, seed)  # its truth file is never read by the loop
+    scenes(work / "test", n_test, seed + 1000)
     before = ap(measure(model, work / "test", work / "test-before", tasks="od", num_beams=num_beams))
     opts = dict(min_score=min_score, low_score=low_score, epochs=epochs, num_beams=num_beams, last={})
     first = pseudo_label(model, work / "unlabelled", work / "labels-r1", num_beams)  # shared by every policy

@@ -6,8 +6,14 @@ per image instead: an image whose labels are partly uncertain is left out of the
 rather than taught with holes in it. README, "The pseudo-label loop", has the measured comparison.
 
 A policy sees one image's instance scores (every exported task of the image together, None for an
-instance without a score, which always counts as confident) and answers whether the image stays
-and which instances do. Text answers carry no instances and are never filtered here."""
+instance without a score) and answers whether the image stays and which instances do. Text answers
+carry no instances and are never filtered here.
+
+Under --min-score, for the training formats, an instance without a score is uncertain, not confident
+(the review and evaluation formats keep it, to be looked at): a run stores null scores
+for a row whose generation did not parse cleanly (the scores could not be aligned with its instances:
+a decoding loop, malformed spans), and on the striped shift those few rows held half of the boxes
+`instance` 0.7 used to keep, nearly all of them wrong (README, "The pseudo-label loop")."""
 
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ class ScoreFilter:
     min_score: float | None = None  # T_high: an instance at or above it is confident
     low_score: float | None = None  # band: below it an instance is noise (dropped, the image stays)
     max_uncertain: float = 0.0  # image: the share of uncertain instances an image may hold and stay
+    trust_unscored: bool = True  # an instance without a score passes --min-score (review formats only)
 
 
 @dataclass(frozen=True)
@@ -73,12 +80,16 @@ def policy(name: str, help: str):
     return deco
 
 
+NO_SCORE = "no score (--min-score needs one)"  # the summary's drop reason: a run with --no-scores, or a garbled row
 # Scores are stored as float32: 0.95 reads back as 0.949999988, which must still pass --min-score 0.95.
 EPS = 1e-6
 
 
 def _confident(s, f: ScoreFilter) -> bool:
-    return s is None or f.min_score is None or s >= f.min_score - EPS
+    """Without --min-score everything is; with it, a score at or above it (None: only where trusted)."""
+    if f.min_score is None:
+        return True
+    return f.trust_unscored if s is None else s >= f.min_score - EPS
 
 
 @policy("instance", "drop each instance scored below --min-score; its image stays with the rest")
@@ -95,11 +106,11 @@ def _per_image(scores: list, f: ScoreFilter) -> Decision:
 
 
 @policy("band", "keep instances at or above --min-score, drop those below --low-score as noise, and drop "
-                "the whole image when any lies between the two")
+                "the whole image when any lies between the two (or has no score)")
 def _band(scores: list, f: ScoreFilter) -> Decision:
     keep = tuple(_confident(s, f) for s in scores)
     low = f.low_score if f.low_score is not None else 0.0
-    unsure = any(not k and s >= low - EPS for k, s in zip(keep, scores))
+    unsure = any(not k and (s is None or s >= low - EPS) for k, s in zip(keep, scores))  # None: untrusted
     return Decision(not unsure, keep)
 
 
@@ -116,7 +127,7 @@ def describe(c: FilterCounts) -> str:
 
 # The default per format when --filter is not given. Training formats take the measured best (README,
 # "The pseudo-label loop, on a shift"): on the striped shift `band` 0.7/0.3 left 5-9 training pairs
-# from 96 images and moved nothing, `instance` 0.7 wrote 31-39 and raised AP50. coco is also read by
+# from 96 images and moved nothing, `instance` 0.7 wrote 26-36 and raised AP50. coco is also read by
 # `annotate eval`, which wants every box it was asked for.
 TRAINING_DEFAULT = "instance"
 FORMAT_DEFAULTS = {"florence": TRAINING_DEFAULT, "yolo": TRAINING_DEFAULT}
@@ -128,6 +139,7 @@ def resolve(f: ScoreFilter | None, fmt: str, min_score: float | None) -> ScoreFi
     """The filter an export applies: the one asked for, else the format's default policy."""
     if f is None:
         f = ScoreFilter(FORMAT_DEFAULTS.get(fmt, OTHER_DEFAULT), min_score)
+    f = replace(f, trust_unscored=fmt not in FORMAT_DEFAULTS)  # training formats: a box must show its score
     if f.policy == "band" and f.low_score is None and f.min_score is not None:
         f = replace(f, low_score=min(BAND_LOW, f.min_score))
     if f.policy not in POLICIES:
@@ -172,7 +184,9 @@ class ImageFilter:
         self.counts.images_kept += 1
         self.counts.instances_kept += sum(d.keep)
         self.counts.instances_dropped += len(scores) - sum(d.keep)
-        self._bump("score below --min-score", len(scores) - sum(d.keep))
+        unscored = sum(not k and s is None for k, s in zip(d.keep, scores))
+        self._bump(NO_SCORE, unscored)
+        self._bump("score below --min-score", len(scores) - sum(d.keep) - unscored)
         if all(d.keep):
             return img
         kept_rows = dict(img.rows)

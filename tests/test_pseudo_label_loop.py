@@ -12,24 +12,41 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 # One row of the README's table: seed 2000 (96 unlabelled, 60 test scenes), greedy decoding, round 1.
 LOOP = dict(n=96, n_test=60, seed=2000, policies=("instance",), rounds=1, min_score=0.7, num_beams=1)
-MEASURED = {"before": 0.182, "after": 0.280}  # AP50 of that row (31 pairs)
-# Thread counts and BLAS change float sums, and a box near a score threshold can flip in or out; the
-# seeds' gains spread by 0.1 (README), so a rerun of one seed is held to within half of that.
+MEASURED = {"before": 0.182, "after": 0.419}  # AP50 of that row (26 pairs; 0.280 from 31 while unscored boxes passed)
+# Thread counts and BLAS change float sums, and a box near a score threshold can flip in or out (two
+# runs of this row here, one through the loop and one by hand, both gave 0.4188); the three seeds'
+# round-1 figures spread by 0.02 (sd) and 0.04 (range), so a rerun of one seed is held to 0.05.
 TOLERANCE = 0.05
 
 
-def test_pseudo_labels_adapt_the_demo_model_to_a_shift(tmp_path):
+def _example():
     path = Path(__file__).parents[1] / "examples" / "pseudo_label_loop.py"
     spec = importlib.util.spec_from_file_location("pseudo_label_loop", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    res = module.loop(tmp_path, **LOOP)
+    return module
+
+
+def test_a_rerun_keeps_the_scenes_it_drew(tmp_path):
+    """The loop resumes a work folder: the scenes already drawn are not drawn again (new files would
+    make `annotate run` label them again), but another seed's or size's are."""
+    scenes = _example().scenes
+    scenes(tmp_path / "u", 3, 7)
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "u").iterdir()}
+    assert sum(name.endswith(".png") for name in first) == 3
+    scenes(tmp_path / "u", 3, 7)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "u").iterdir()} == first
+    scenes(tmp_path / "u", 3, 8)
+    assert any("_8_" in p.name for p in (tmp_path / "u").iterdir())
+
+
+@pytest.mark.slow
+def test_pseudo_labels_adapt_the_demo_model_to_a_shift(tmp_path):
+    res = _example().loop(tmp_path, **LOOP)
     before, (r1,) = res["before"]["AP50"], res["policies"]["instance"]
-    assert r1["pairs"] >= 20, res  # 31 in the measured run
+    assert r1["pairs"] >= 20, res  # 26 in the measured run
     assert before == pytest.approx(MEASURED["before"], abs=TOLERANCE), res
     gain = r1["after"]["AP50"] - before
     assert gain >= MEASURED["after"] - MEASURED["before"] - TOLERANCE, res
