@@ -1,5 +1,5 @@
 """README rows from the loop's per-round records (stderr lines of examples/pseudo_label_loop.py).
-usage: python measurements/table.py LABEL=LOG [LABEL=LOG ...]   (one log per seed and variant)"""
+usage: python examples/pseudo_label_measurements/table.py LABEL=LOG [LABEL=LOG ...]   (one log per seed and variant)"""
 import json, statistics as st, sys
 
 recs, befores = {}, {}
