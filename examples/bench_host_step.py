@@ -169,23 +169,33 @@ def small_vocab(lm, vocab: int = VOCAB, layers: int = 1):
     among them): a step dispatches the same ops at any vocabulary size, only their work shrinks.
     layers > 1: its decoder layer repeated (same weights), for the ops of a deeper decoder
     (Florence-2-base has 6 decoder layers, large 12)."""
-    import copy
-
-    model = copy.copy(lm.model)
+    model = _own_children(lm.model)
     if layers > 1:
-        model.model = copy.copy(model.model)
-        model.model.language_model = copy.copy(model.model.language_model)
-        decoder = copy.copy(model.model.language_model.decoder)
+        model.model = _own_children(model.model)
+        model.model.language_model = _own_children(model.model.language_model)
+        decoder = _own_children(model.model.language_model.decoder)
         decoder.layers = torch.nn.ModuleList(list(decoder.layers) * layers)
         model.model.language_model.decoder = decoder
     full = lm.model.lm_head
-    head = torch.nn.Linear(full.in_features, vocab, bias=full.bias is not None)
+    # skip_init: no random init, so building the bench model leaves torch's global RNG alone
+    head = torch.nn.utils.skip_init(torch.nn.Linear, full.in_features, vocab, bias=full.bias is not None)
     with torch.no_grad():
         head.weight.copy_(full.weight[:vocab])
         if full.bias is not None:
             head.bias.copy_(full.bias[:vocab])
     model.lm_head = head
     return model
+
+
+def _own_children(module: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy with its own table of child modules: copy.copy alone shares `_modules`, so
+    replacing a child of the copy (lm_head) would replace it in the original too (the caller's model,
+    e.g. the tests' shared random:tiny)."""
+    import copy
+
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)
+    return clone
 
 
 def counts(model, prompts: int, beams: int, prompt_len: int) -> list[Step]:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SPEC = importlib.util.spec_from_file_location(
     "bench_host_step", Path(__file__).parents[1] / "examples" / "bench_host_step.py")
@@ -38,3 +39,14 @@ def test_ops_and_syncs_per_step_are_flat_in_the_rows(tiny_lm, beams):
     # prompts the step does not need: the short jobs that end are the last ones)
     events = [[s.ops for s in steps if s.event] for steps in (few, many)]
     assert all(b - a <= 48 for a, b in zip(*events)), events
+
+
+def test_the_bench_model_leaves_the_shared_one_alone(tiny_lm):
+    """small_vocab once swapped the lm_head of the model it was given (a shallow copy shares the
+    child-module table): later tests then compared against a model with a 128-token head."""
+    head, layers, state = tiny_lm.model.lm_head, tiny_lm.model.model.language_model.decoder.layers, torch.get_rng_state()
+    model = bench.small_vocab(tiny_lm, layers=2)
+    assert model.lm_head.out_features == bench.VOCAB and len(model.model.language_model.decoder.layers) == 2
+    assert tiny_lm.model.lm_head is head and tiny_lm.model.model.language_model.decoder.layers is layers
+    assert len(layers) == 1
+    assert torch.equal(torch.get_rng_state(), state)  # no random init either
