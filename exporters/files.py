@@ -66,26 +66,20 @@ def hashed_stem(stem: str, key: str) -> str:
 
 
 def flat_names(keys: list[str]) -> dict[str, str]:
-    """key -> a unique, safe, single-component file name. 'a/b/img.jpg' -> 'a__b__img.jpg'; when two
-    keys would give the same name or the same stem (label files are stem + .txt, and some file
-    systems ignore case), the later key in sorted order gets a short hash of the key added."""
-    names: dict[str, str] = {}
-    used_stems: set[str] = set()
-    for key in sorted(keys):
-        stem, ext = natural_name(key)
-        if stem.casefold() in used_stems:
-            stem = hashed_stem(stem, key)
-        used_stems.add(stem.casefold())
-        names[key] = stem + ext
-    return names
+    """key -> a unique, safe, single-component file name ('a/b/img.jpg' -> 'a__b__img.jpg'), as a
+    table (importers), by the one rule the exports use (FlatNames): when keys give the same stem
+    (label files are stem + .txt, and some file systems ignore case), the later key in sorted order
+    gets a short hash of the key added."""
+    rule = FlatNames.of(sorted(keys))
+    return {k: rule.name(k) for k in keys}
 
 
 class FlatNames:
-    """flat_names as a rule plus the few keys whose stem collides, not a table of every key. One
+    """Flat file names as a rule plus the few keys whose stem collides, not a table of every key. One
     pass over the keys (in sorted order) finds the stems that more than one key gives (polars, on
     the stems alone: native memory, about 60 bytes a key for the pass, freed after it); every key
-    but the first of such a stem gets the hash. Differs from flat_names only where a hashed stem
-    equals another key's own stem (a key named like `x-<10 hex digits of x's hash>`)."""
+    but the first of such a stem gets the hash. Not unique only where a hashed stem equals another
+    key's own stem (a key named like `x-<10 hex digits of x's hash>`)."""
 
     CHUNK = 1 << 16  # stems held as Python strings at once
 

@@ -144,7 +144,7 @@ class DecodeScheduler:
         self.waiting: deque[Job] = deque()
         self.rows: list[Job] = []  # jobs in flight; job j holds the packed slots [j * width, (j + 1) * width)
         self.cache: SlotCache | None = None  # per slot: KV, decoder ids and log p so far (kvcache.py)
-        self._rows = torch.arange(0, device=self.decoder.embed_tokens.weight.device)  # _arange
+        self._row_index = torch.arange(0, device=self.decoder.embed_tokens.weight.device)  # _arange
         self.beams = BeamSearch(self.beam_settings, self.eos, self.decoder.embed_tokens.weight.device) \
             if num_beams > 1 else None
 
@@ -225,9 +225,9 @@ class DecodeScheduler:
 
     def _arange(self, n: int) -> torch.Tensor:
         """0..n-1 on the device, one tensor kept across steps (a view of it, not a new one each step)."""
-        if len(self._rows) < n:
-            self._rows = torch.arange(max(n, self.max_rows), device=self._rows.device)
-        return self._rows[:n]
+        if len(self._row_index) < n:
+            self._row_index = torch.arange(max(n, self.max_rows), device=self._row_index.device)
+        return self._row_index[:n]
 
     def _chunks(self, n: int, vocab: int) -> list[tuple[int, int]]:
         """Row ranges (whole jobs) for the vocabulary-sized work of a step. On CPU a [rows, V] float
