@@ -20,6 +20,15 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
 
 
+def copy_rows(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """x[dst] := x[src] along dim 0 (x may be a view: a slice of the cache's positions). The rows
+    are gathered first, so a row both read and written is read before it is overwritten. Why
+    index_select + index_copy_ rather than `x[dst] = x[src]`: on a strided slice, advanced indexing
+    copies element by element on CPU, about twice as slow (768 rows x 35 of 161 positions: 3.2 vs
+    1.5 ms per K/V tensor, one thread)."""
+    x.index_copy_(0, dst, x.index_select(0, src))
+
+
 class SlotCache:
     """The static per-slot state (see module doc): `slots` rows of `positions` self-attention entries
     and decoder ids / log p, and per job (`width` consecutive rows: a job's beams) `prompt_len`
@@ -119,9 +128,9 @@ class SlotCache:
         dst, src = torch.as_tensor(dst, device=self.device), torch.as_tensor(source[dst], device=self.device)
         for caches in (self.k, self.v):
             for c in caches:
-                c[dst, :, :t] = c[src, :, :t]  # the right side is gathered first: no overwrite-before-read
-        self.ids[dst, :t + 1] = self.ids[src, :t + 1]
-        self.lps[dst, :t + 1] = self.lps[src, :t + 1]
+                copy_rows(c[:, :, :t], src, dst)
+        copy_rows(self.ids[:, :t + 1], src, dst)
+        copy_rows(self.lps[:, :t + 1], src, dst)
 
     def move(self, src: list[int], dst: list[int]) -> None:
         """Jobs src's rows and cross K/V into jobs dst's (finished ones; the two lists are disjoint),
@@ -134,7 +143,7 @@ class SlotCache:
         at_src, at_dst = (torch.as_tensor(r, device=self.device) for r in (rows_src, rows_dst))
         for caches in (self.k, self.v):
             for c in caches:
-                c[at_dst, :, :t] = c[at_src, :, :t]
+                copy_rows(c[:, :, :t], at_src, at_dst)
         jobs_src, jobs_dst = (torch.as_tensor(j, device=self.device) for j in (src, dst))
         for state in [*self.ck, *self.cv, self.cross_mask]:
             state[jobs_dst] = state[jobs_src]
