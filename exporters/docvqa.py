@@ -22,6 +22,7 @@ from annotator.tasks import TASKS, Labels
 from exporters.base import Export, KeyRanks, exportable
 from exporters.classes import ClassVocab, normalize_label
 
+from exporters.filtering import EPS, NO_SCORE
 from exporters.geometry import clip_polygon, polygons_extent, row_instances
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import ImageRows, Run
@@ -107,13 +108,22 @@ def qa_pairs(img: ImageRows, vocab: ClassVocab | None, common: list[str], drops:
     for task, question in CAPTION_QUESTIONS.items():
         if task in rows and (rows[task].text or "").strip():
             qa.append((question, rows[task].text.strip(), ["caption"]))
+    qa += count_questions(rows, vocab, common, drops, min_score)
+    return qa
+
+
+def count_questions(rows: dict, vocab: ClassVocab | None, common: list[str], drops: Counter,
+                    min_score: float | None) -> list[tuple[str, str, list[str]]]:
+    """How many / is there questions from the detection rows. Under --min-score an instance below it,
+    or without a score (a garbled row: filtering.py), is uncertain: it is not counted, and its class
+    gets neither a count nor a "no" answer, which it could make wrong (the same reason `--filter`
+    exists for boxes: an uncertain object must not be taught as absent); "yes" still comes from a
+    confident instance of the class."""
     counts: Counter = Counter()
-    saw_detection = False
-    for task in COUNT_TASKS:
-        if task not in rows:
-            continue
-        saw_detection = True
-        for inst in row_instances(rows[task], drops, min_score):
+    unsure: set[str] = set()
+    detections = [t for t in COUNT_TASKS if t in rows]
+    for task in detections:
+        for inst in row_instances(rows[task], drops):
             name = normalize_label(inst.label)
             if vocab is not None:
                 idx = vocab.index(inst.label)
@@ -121,14 +131,21 @@ def qa_pairs(img: ImageRows, vocab: ClassVocab | None, common: list[str], drops:
                     drops["label not in classes"] += 1
                     continue
                 name = vocab.names[idx]
-            counts[name] += 1
+            if min_score is None or (inst.score is not None and inst.score >= min_score - EPS):
+                counts[name] += 1
+                continue
+            unsure.add(name)
+            drops[NO_SCORE if inst.score is None else "score below --min-score"] += 1
+    qa = []
     for name, n in sorted(counts.items()):
-        qa.append((f"How many {plural(name)} are there in the image?", str(n), ["count"]))
+        if name not in unsure:
+            qa.append((f"How many {plural(name)} are there in the image?", str(n), ["count"]))
         qa.append((f"Is there {article(name)} {name} in the image?", "yes", ["presence"]))
-    if saw_detection:
-        absent = [c for c in common if c not in counts][:NEGATIVES_PER_IMAGE]
-        for name in absent:
-            qa.append((f"Is there {article(name)} {name} in the image?", "no", ["presence"]))
+    if detections:
+        absent = [c for c in common if c not in counts and c not in unsure][:NEGATIVES_PER_IMAGE]
+        qa += [(f"Is there {article(name)} {name} in the image?", "no", ["presence"]) for name in absent]
+    if unsure:
+        drops["count question left out: uncertain instances of the class"] += len(set(counts) & unsure)
     return qa
 
 

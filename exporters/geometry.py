@@ -104,9 +104,10 @@ def span_label(label: str, drops: Counter) -> str | None:
     return label
 
 
-def row_instances(row, drops: Counter, min_score: float | None = None) -> list[Instance]:
-    """One row's instances, clipped to its image. Drops (degenerate geometry, low score) are
-    counted in `drops` by reason. OCR quads become polygons of category 'text'."""
+def row_instances(row, drops: Counter) -> list[Instance]:
+    """One row's instances, clipped to its image. Drops (degenerate geometry, bad labels) are
+    counted in `drops` by reason (scores are the filters': filtering.py, docvqa.count_questions).
+    OCR quads become polygons of category 'text'."""
     w, h = float(row.width or 0), float(row.height or 0)
     if w <= 0 or h <= 0:
         n = max(len(row.bboxes or []), len(row.polygons or []), len(row.quad_boxes or []))
@@ -125,9 +126,6 @@ def row_instances(row, drops: Counter, min_score: float | None = None) -> list[I
         n, kind = len(row.bboxes or []), "box"
     for i in range(n):
         score = _at(row.scores, i)
-        if min_score is not None and score is not None and score < min_score:
-            drops["score below --min-score"] += 1
-            continue
         label = span_label(_at(row.labels, i) or "", drops)
         if label is None:
             continue

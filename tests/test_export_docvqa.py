@@ -77,3 +77,34 @@ def test_docvqa_exif_rotated_image_is_stored_upright(tmp_path):
     cell = t.column("image")[0].as_py()
     with Image.open(io.BytesIO(cell["bytes"])) as im:
         assert im.size == (200, 300) and im.getexif().get(0x0112, 1) == 1
+
+
+def _detections(labels, scores):
+    from collections import Counter
+
+    from exporters.docvqa import qa_pairs
+    from exporters.read import ImageRows, Row
+
+    boxes = [[10.0 * i, 10.0, 10.0 * i + 8, 18.0] for i in range(len(labels))]
+    row = Row(image="x.png", task="od", width=100, height=100, bboxes=boxes, labels=labels, scores=scores)
+    drops = Counter()
+    return qa_pairs(ImageRows("x.png", 100, 100, {"od": row}), None, ["car", "dog", "bus"], drops, 0.5), drops
+
+
+def test_count_questions_under_min_score_do_not_teach_uncertain_objects_as_absent():
+    """An uncertain car (below --min-score, or with no score: a garbled row) makes "how many cars" and
+    "is there a car? no" unknowable: neither is asked; a confident car still answers "yes". Before, the
+    unscored car was counted as confident and the low one dropped from the count: "2" and "1", both
+    wrong about what the model saw."""
+    qa, drops = _detections(["car", "car", "car", "dog"], [0.9, None, 0.2, 0.8])
+    asked = {q: a for q, a, _ in qa}
+    assert "How many cars are there in the image?" not in asked
+    assert asked["Is there a car in the image?"] == "yes"
+    assert asked["How many dogs are there in the image?"] == "1"
+    assert asked["Is there a bus in the image?"] == "no"
+    assert drops["no score (--min-score needs one)"] == 1 and drops["score below --min-score"] == 1
+    qa, _ = _detections(["dog", "car"], [0.9, 0.3])  # an uncertain car alone: no "car? no"
+    asked = {q: a for q, a, _ in qa}
+    assert "Is there a car in the image?" not in asked and asked["Is there a bus in the image?"] == "no"
+    qa, _ = _detections(["car", "car"], [0.9, 0.7])  # all confident: counted
+    assert {q: a for q, a, _ in qa}["How many cars are there in the image?"] == "2"
