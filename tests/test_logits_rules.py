@@ -7,7 +7,7 @@ from transformers.generation.logits_process import (ForcedBOSTokenLogitsProcesso
                                                     MinNewTokensLengthLogitsProcessor, NoRepeatNGramLogitsProcessor,
                                                     RepetitionPenaltyLogitsProcessor)
 
-from annotator.decode.logits_rules import LogitsRules
+from annotator.decode.logits_rules import Known, LogitsRules
 
 VOCAB, EOS, BOS, START = 9, 2, 0, 2
 
@@ -29,7 +29,7 @@ def test_rules_equal_transformers_processors_row_by_row(penalty, ngram):
     max_new = torch.tensor([30, 30, 3, 30, 5, 30, 30, 30, 15, 30, 30, 30])
     rules = LogitsRules(EOS, BOS, EOS, penalty, ngram)
     got = x.clone()
-    rules.apply(got, ids, length, min_new, max_new)
+    rules.apply(got, ids, length, min_new, max_new, Known.read(length, max_new))
     for r in range(len(ids)):
         seq, want = ids[r:r + 1, :length[r]], x[r:r + 1].clone()
         processors = ([RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1.0 else []) + \
@@ -40,7 +40,7 @@ def test_rules_equal_transformers_processors_row_by_row(penalty, ngram):
             want = p(seq, want)
         assert torch.equal(got[r], want[0]), r
     plain = x.clone()  # the length rules alone: the penalty / n-gram rule must bite on several rows
-    LogitsRules(EOS, BOS, EOS).apply(plain, ids, length, min_new, max_new)
+    LogitsRules(EOS, BOS, EOS).apply(plain, ids, length, min_new, max_new, Known.read(length, max_new))
     assert int((got != plain).any(1).sum()) >= 2
 
 

@@ -56,11 +56,11 @@ class LogitsRules:
                    1.0 if penalty is None else float(penalty), int(ngram or 0))
 
     def apply(self, x: torch.Tensor, ids: torch.Tensor, length: torch.Tensor, min_new: torch.Tensor,
-              max_new: torch.Tensor, known: Known | None = None) -> None:
+              max_new: torch.Tensor, known: Known) -> None:
         """In place on x [n, V] (float32): rows' sequences ids [n, >= max(length)], length [n] (tokens
         so far, the decoder start included), per-row min_new / max_new [n]; `known`: the same
-        lengths and max_new on the host (None: read back)."""
-        known = known or Known.read(length, max_new)
+        lengths and max_new on the host (required, so a read-back is the caller's visible choice:
+        Known.read)."""
         longest = int(known.length.max()) if len(known.length) else 0
         if self.repetition_penalty != 1.0:
             penalize(x, ids, length, self.repetition_penalty, longest)
