@@ -4,6 +4,7 @@ that timings include the GPU's queued work."""
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
@@ -88,8 +89,14 @@ def _register_onednn_flops() -> None:
     _registered = True
 
 
-def timed(fn) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of fn()."""
+@contextlib.contextmanager
+def clocked(side, device):
+    """Adds the block's wall and process CPU seconds to side.seconds / side.cpu_seconds (the device
+    synchronized at its end: queued GPU work is counted where it was asked for)."""
     t, c = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - t, time.process_time() - c
+    try:
+        yield
+    finally:
+        sync(device)
+        side.seconds += time.perf_counter() - t
+        side.cpu_seconds += time.process_time() - c

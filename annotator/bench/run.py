@@ -17,13 +17,12 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
 
-from annotator.bench.machine import count_flops, matmul_rates, peak_memory_bytes, sync, timed
+from annotator.bench.machine import clocked, count_flops, matmul_rates, peak_memory_bytes
 from annotator.bench.sides import (DEFAULT_TOKENS, OTHER_TASK_TOKENS, GenerateRecorder, Side, count_rows,
                                    engine_batches, parse_tokens, restarted_stream, run_engine, run_reference,
                                    synthetic_images)
@@ -175,22 +174,17 @@ def _measure(runner, plan: BenchPlan, pictures, batch_size: int, num_beams: int,
         stream = restarted_stream(runner, engine_batches(lm, tasks, pictures, batch_size), plan.stream_batches)
         while True:
             rec.side = engine
-            with engine_kernels():
-                t, c = time.perf_counter(), time.process_time()
+            with engine_kernels(), clocked(engine, lm.device):
                 rows = next(stream, None)
-                sync(lm.device)
-                engine.seconds += time.perf_counter() - t
-                engine.cpu_seconds += time.process_time() - c
             if rows is None:
                 break
             count_rows(engine, rows)
             while baseline and ref.images < engine.images:
                 rec.side = ref
                 start = ref.images
-                with stock_linear(lm.model):  # the published loop runs torch's own kernels
-                    wall, cpu = timed(lambda: run_reference(lm, tasks, exact[start:start + batch_size], num_beams,
-                                                            pictures[start:start + batch_size], ref))
-                ref.seconds, ref.cpu_seconds = ref.seconds + wall, ref.cpu_seconds + cpu
+                with stock_linear(lm.model), clocked(ref, lm.device):  # the published loop runs torch's own kernels
+                    run_reference(lm, tasks, exact[start:start + batch_size], num_beams,
+                                  pictures[start:start + batch_size], ref)
             echo(f"  {engine.images}/{len(pictures)} images: engine {engine.seconds:.1f} s"
                  + (f", reference {ref.seconds:.1f} s ({ref.images} images)" if baseline else ""))
         rec.side = None
