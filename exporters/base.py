@@ -86,7 +86,12 @@ class Layout:
     @classmethod
     def of(cls, keys: Callable[[], Iterable[str]], val_fraction: float) -> "Layout":
         """`keys`: gives the keys in sorted order, once per pass (two passes)."""
-        return cls(SplitRule.of(filter(is_safe_key, keys()), val_fraction), FlatNames.of(filter(is_safe_key, keys())))
+        return cls(cls.split_rule(keys(), val_fraction), FlatNames.of(filter(is_safe_key, keys())))
+
+    @staticmethod
+    def split_rule(keys: Iterable[str], val_fraction: float) -> SplitRule:
+        """The split over the keys an export can hold (the review formats need it without the names)."""
+        return SplitRule.of(filter(is_safe_key, keys), val_fraction)
 
     @staticmethod
     def holds(key: str) -> bool:

@@ -10,7 +10,7 @@ from typing import Iterator
 
 from exporters.colors import label_color
 from annotator.tasks import TASKS, Input, Output
-from exporters.base import choose_tasks, count_errors, exportable
+from exporters.base import Layout, choose_tasks, count_errors, exportable
 from exporters.boxes import DETECTION_DEFAULTS, OCR_TASK, build_vocab, labelled
 from exporters.classes import ClassVocab
 from exporters.errors import ExportError
@@ -62,7 +62,7 @@ def review_images(run: Run, tasks: list[str], opts: ExportOptions, summary: Expo
     count_errors(run, tasks, summary)
     geo_tasks = [t for t in tasks if t not in TEXT_TASKS]
     vocab = build_vocab(run, geo_tasks, opts, summary) if geo_tasks else None
-    splits = SplitRule.of((k for k in run.iter_image_keys(tasks) if is_safe_key(k)), opts.val_fraction)
+    splits = Layout.split_rule(run.iter_image_keys(tasks), opts.val_fraction)
     return _reviewed(run, tasks, vocab, splits, opts, summary)
 
 
