@@ -140,9 +140,9 @@ def _row(task="od", **kw):
      {"degenerate polygon": 1}),
     # OCR quads: category text, string kept
     (_row("ocr_with_region", quad_boxes=[[0, 0, 10, 0, 10, 5, 0, 5]], labels=["Hi"]), [("text", (0, 0, 10, 5), 1)], {}),
-    # scores: filtered by min_score (0.5 below), null scores kept
-    (_row(bboxes=[[0, 0, 5, 5], [0, 0, 6, 6]], labels=["a", "b"], scores=[0.9, 0.1]), [("a", (0, 0, 5, 5), 0)],
-     {"score below --min-score": 1}),
+    # scores are not filtered here (filtering.py and docvqa.count_questions decide under --min-score)
+    (_row(bboxes=[[0, 0, 5, 5], [0, 0, 6, 6]], labels=["a", "b"], scores=[0.9, 0.1]),
+     [("a", (0, 0, 5, 5), 0), ("b", (0, 0, 6, 6), 0)], {}),
     (_row(bboxes=[[0, 0, 5, 5]], labels=["a"], scores=None), [("a", (0, 0, 5, 5), 0)], {}),
     # class-agnostic proposals get the label 'object'; a missing label elsewhere is dropped
     (_row("region_proposal", bboxes=[[0, 0, 5, 5]], labels=[""]), [("object", (0, 0, 5, 5), 0)], {}),
@@ -152,7 +152,7 @@ def _row(task="od", **kw):
 ])
 def test_row_instances(row, expected, drops):
     got_drops: Counter = Counter()
-    got = row_instances(row, got_drops, min_score=0.5)
+    got = row_instances(row, got_drops)
     assert [(i.label, i.bbox, len(i.polygons)) for i in got] == expected
     assert dict(got_drops) == drops
 
