@@ -233,6 +233,12 @@ def preview_cmd(annotations, out, task_spec, limit, sample, seed, image_roots, m
 @click.option("--max-grad-norm", default=1.0, show_default=True, help="Gradient clipping (0: off).")
 @click.option("--freeze-vision/--no-freeze-vision", default=None,
               help="Freeze the DaViT vision tower (the projector and language model train) [default: the recipe's].")
+@click.option("--augment", type=click.Choice(["none", "flip"]), default=None,
+              help="flip: each epoch, mirror about half the box pairs left to right, image and boxes together "
+                   "(repeatable under --seed) [default: the recipe's: flip for localisation, none for text].")
+@click.option("--open-end/--closed-end", default=None,
+              help="open: the target's final </s> is not in the loss, for targets that may miss objects "
+                   "(pseudo-labels) [default: the recipe's].")
 @click.option("--val-fraction", default=0.1, show_default=True,
               help="Images held out for validation when DATA has no validation split.")
 @click.option("--devices", default="auto", show_default=True,
@@ -249,8 +255,8 @@ def preview_cmd(annotations, out, task_spec, limit, sample, seed, image_roots, m
 @click.option("--overwrite", is_flag=True, help="Replace an earlier `annotate finetune` checkpoint in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def finetune_cmd(data, model, revision, allow_pickle, out, recipe, epochs, lr, batch_size, grad_accum, warmup, weight_decay,
-                 max_grad_norm, freeze_vision, val_fraction, devices, gradient_checkpointing, precision, resume, seed,
-                 workers, max_target_tokens, overwrite, no_progress) -> None:
+                 max_grad_norm, freeze_vision, augment, open_end, val_fraction, devices, gradient_checkpointing, precision,
+                 resume, seed, workers, max_target_tokens, overwrite, no_progress) -> None:
     """Fine-tune Florence-2 on an `annotate export` (florence JSONL or docvqa Parquet) folder."""
     try:
         from .finetune import FinetuneConfig
@@ -259,7 +265,8 @@ def finetune_cmd(data, model, revision, allow_pickle, out, recipe, epochs, lr, b
             data=data, out=out, model=model, revision=revision, allow_pickle=allow_pickle, recipe=recipe,
             epochs=epochs, lr=lr,
             batch_size=batch_size, grad_accum=grad_accum, warmup=warmup, weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm, freeze_vision=freeze_vision, val_fraction=val_fraction, devices=devices,
+            max_grad_norm=max_grad_norm, freeze_vision=freeze_vision, augment=augment, open_end=open_end,
+            val_fraction=val_fraction, devices=devices,
             gradient_checkpointing=gradient_checkpointing, precision=precision, resume=resume, seed=seed,
             workers=workers, max_target_tokens=max_target_tokens, overwrite=overwrite, progress=not no_progress,
         )

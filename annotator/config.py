@@ -221,6 +221,8 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     freeze_vision: bool | None = None
     recipe: str = "auto"  # auto | localisation | text
+    augment: str | None = None  # none | flip (mirror box pairs); None: the recipe's
+    open_end: bool | None = None  # the final </s> out of the loss (targets that may miss objects); None: the recipe's
     val_fraction: float = 0.1  # only when DATA has no validation split of its own
     devices: str = "auto"
     gradient_checkpointing: bool = False
@@ -241,6 +243,7 @@ class FinetuneConfig:
             (self.grad_accum >= 1, "--grad-accum must be >= 1"),
             (self.warmup is None or self.warmup >= 0, "--warmup must be >= 0"),
             (self.recipe in ("auto", "localisation", "text"), "--recipe must be auto, localisation or text"),
+            (self.augment in (None, "none", "flip"), "--augment must be none or flip"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
             (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),

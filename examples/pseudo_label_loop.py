@@ -60,7 +60,7 @@ def one_round(work: Path, labels: Path, model: str, policy: str, k: int, opts: d
         record["after"] = opts["last"].get(policy)
         return model, record
     adapted = work / f"model-{tag}"
-    extra = ["--epochs", str(opts["epochs"])] if opts.get("epochs") else []
+    extra = (["--epochs", str(opts["epochs"])] if opts.get("epochs") else []) + list(opts.get("finetune", ()))
     if not (adapted / "finetune.json").exists():  # a rerun of the loop keeps a finished round's model
         annotate("finetune", str(work / f"pairs-{tag}"), "--model", model, "--out", str(adapted), *extra,
                  "--workers", "0", "--overwrite", "--no-progress")
@@ -83,15 +83,16 @@ def scenes(folder: Path, n: int, seed: int) -> None:
 
 def loop(work: Path, n: int = 96, n_test: int = 60, seed: int = 2000, policies=("instance",), rounds: int = 1,
          min_score: float = 0.7, low_score: float | None = None, epochs: int | None = None, model: str = "demo",
-         num_beams: int = 3) -> dict:
+         num_beams: int = 3, finetune: tuple[str, ...] = ()) -> dict:
     """-> {"before": AP, "policies": {policy: [one record per round]}} on seed's unlabelled/test sets."""
     scenes(work / "unlabelled", n, seed)  # its truth file is never read by the loop
     scenes(work / "test", n_test, seed + 1000)
     before = ap(measure(model, work / "test", work / "test-before", tasks="od", num_beams=num_beams))
-    opts = dict(min_score=min_score, low_score=low_score, epochs=epochs, num_beams=num_beams, last={})
+    opts = dict(min_score=min_score, low_score=low_score, epochs=epochs, num_beams=num_beams, finetune=finetune,
+                last={})
     first = pseudo_label(model, work / "unlabelled", work / "labels-r1", num_beams)  # shared by every policy
     out = {"seed": seed, "n": n, "n_test": n_test, "min_score": min_score, "low_score": low_score,
-           "num_beams": num_beams, "before": before, "policies": {p: [] for p in policies}}
+           "num_beams": num_beams, "finetune": list(finetune), "before": before, "policies": {p: [] for p in policies}}
     current = dict.fromkeys(policies, model)
     opts["last"] = dict.fromkeys(policies, before)
     for k in range(1, rounds + 1):  # rounds outside: every policy's round 1 before any round 2
@@ -117,12 +118,13 @@ def main() -> None:
     ap_.add_argument("--low-score", type=float, default=None)
     ap_.add_argument("--epochs", type=int, default=None, help="[default: the finetune recipe's]")
     ap_.add_argument("--num-beams", type=int, default=3)
+    ap_.add_argument("--finetune", default="", help="more `annotate finetune` flags, e.g. '--augment none'")
     args = ap_.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         res = loop(work, args.n, args.n_test, args.seed, tuple(args.filter.split(",")), args.rounds, args.min_score,
-                   args.low_score, args.epochs, num_beams=args.num_beams)
+                   args.low_score, args.epochs, num_beams=args.num_beams, finetune=tuple(args.finetune.split()))
         print(json.dumps(res, indent=1))
 
 
