@@ -100,6 +100,9 @@ def model_options(f):
 @click.option("--tile", "tile_spec", default="off", show_default=True,
               help="Tiled inference for large images and dense pages: auto, off, or a tile size WxH in pixels.")
 @click.option("--tile-overlap", default=0.2, show_default=True, help="Fraction of a tile shared with its neighbours.")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="flip: box tasks (od, dense_region_caption, region_proposal) also run on the mirrored image; "
+                   "the boxes of both passes are merged (each scored by the better pass). Twice the decoding.")
 @click.option("--dry-run", is_flag=True, help="Say what would be done (images, pending rows, skipped files, the "
               "folder's state) without loading a model or writing anything.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
@@ -109,7 +112,7 @@ def run_cmd(inputs, input_lists, path_column, tasks_spec, out, model, revision, 
             trust_remote_code, text, classes, batch_size, workers, num_beams, max_new_tokens, no_repeat_ngram_size,
             repetition_penalty, no_scores, devices, limit,
             flush_every, flush_seconds, max_image_pixels, follow_symlinks, retry_errors, overwrite, force, no_progress,
-            tile_spec, tile_overlap, dry_run, as_json, ray_address) -> None:
+            tile_spec, tile_overlap, tta, dry_run, as_json, ray_address) -> None:
     """Annotate images: one Parquet row per image and task.
 
     INPUTS are folders (searched recursively), image files, globs, tar shards (`shard-{00000..00099}.tar`),
@@ -132,7 +135,7 @@ def run_cmd(inputs, input_lists, path_column, tasks_spec, out, model, revision, 
             flush_every_rows=flush_every, flush_every_seconds=flush_seconds, max_image_pixels=max_image_pixels,
             follow_symlinks=follow_symlinks, retry_errors=retry_errors, overwrite=overwrite, force=force,
             progress=not no_progress and not as_json, tiling=TileSettings.parse(tile_spec, tile_overlap),
-            input_lists=input_lists, path_column=path_column, ray=ray_address,
+            input_lists=input_lists, path_column=path_column, ray=ray_address, tta=tta,
         )
         if dry_run:
             from annotator.run.dryrun import dry_run as plan_only

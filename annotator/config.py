@@ -168,6 +168,7 @@ class RunConfig:
     input_lists: tuple[str, ...] = ()  # text/CSV/Parquet files of paths or URLs
     path_column: str | None = None  # the column of a CSV/Parquet list that holds them
     ray: str | None = None  # --ray: `auto` or a cluster address (raydata.py); None: no Ray
+    tta: str = "none"  # none | flip: box tasks also run on the mirrored image, answers merged (decode/tta.py)
 
     def __post_init__(self):
         if self.ray and self.ray != "auto" and Path(self.ray).exists():  # `--ray ./imgs`: click took the folder
@@ -181,6 +182,10 @@ class RunConfig:
             raise ConfigError("--workers must be >= 0")
         if self.limit is not None and self.limit < 0:
             raise ConfigError("--limit must be >= 0")
+        if self.tta not in ("none", "flip"):
+            raise ConfigError("--tta must be none or flip")
+        if self.tta != "none" and self.tiling.enabled:
+            raise ConfigError("--tta flip and --tile cannot be combined (yet): give one of them")
 
     def identity(self) -> dict:
         """What must not change between a run and its resume: same model, same prompts, same decoding."""
@@ -198,6 +203,8 @@ class RunConfig:
         t = self.tiling
         ident["tiling"] = {"mode": t.mode, "size": list(t.size) if t.size else None, "overlap": t.overlap} \
             if t.enabled else None
+        if self.tta != "none":  # absent when off, so that folders written before --tta still resume
+            ident["tta"] = self.tta
         return ident
 
 

@@ -39,10 +39,10 @@ def ap(q) -> dict:
     return {k: round(q.od[k], 4) for k in ("AP", "AP50")}
 
 
-def pseudo_label(model: str, unlabelled: Path, out: Path, num_beams: int) -> Path:
+def pseudo_label(model: str, unlabelled: Path, out: Path, num_beams: int, tta: str = "none") -> Path:
     """`annotate run` over the unlabelled images (it resumes: a rerun of the loop skips what is done)."""
     annotate("run", str(unlabelled), "--model", model, "--tasks", "od", "--out", str(out), "--workers", "0",
-             "--num-beams", str(num_beams), "--no-progress")
+             "--num-beams", str(num_beams), "--tta", tta, "--no-progress")
     return out
 
 
@@ -83,23 +83,25 @@ def scenes(folder: Path, n: int, seed: int) -> None:
 
 def loop(work: Path, n: int = 96, n_test: int = 60, seed: int = 2000, policies=("instance",), rounds: int = 1,
          min_score: float = 0.7, low_score: float | None = None, epochs: int | None = None, model: str = "demo",
-         num_beams: int = 3, finetune: tuple[str, ...] = ()) -> dict:
+         num_beams: int = 3, finetune: tuple[str, ...] = (), afresh: bool = False,
+         tta: str = "none") -> dict:
     """-> {"before": AP, "policies": {policy: [one record per round]}} on seed's unlabelled/test sets."""
     scenes(work / "unlabelled", n, seed)  # its truth file is never read by the loop
     scenes(work / "test", n_test, seed + 1000)
     before = ap(measure(model, work / "test", work / "test-before", tasks="od", num_beams=num_beams))
     opts = dict(min_score=min_score, low_score=low_score, epochs=epochs, num_beams=num_beams, finetune=finetune,
                 last={})
-    first = pseudo_label(model, work / "unlabelled", work / "labels-r1", num_beams)  # shared by every policy
+    first = pseudo_label(model, work / "unlabelled", work / "labels-r1", num_beams, tta)  # shared by every policy
     out = {"seed": seed, "n": n, "n_test": n_test, "min_score": min_score, "low_score": low_score,
-           "num_beams": num_beams, "finetune": list(finetune), "before": before, "policies": {p: [] for p in policies}}
+           "num_beams": num_beams, "finetune": list(finetune), "afresh": afresh, "tta": tta, "before": before, "policies": {p: [] for p in policies}}
     current = dict.fromkeys(policies, model)
     opts["last"] = dict.fromkeys(policies, before)
     for k in range(1, rounds + 1):  # rounds outside: every policy's round 1 before any round 2
         for policy in policies:
             labels = first if k == 1 else pseudo_label(current[policy], work / "unlabelled",
-                                                      work / f"labels-{policy}-r{k}", num_beams)
-            current[policy], record = one_round(work, labels, current[policy], policy, k, opts)
+                                                      work / f"labels-{policy}-r{k}", num_beams, tta)
+            start = model if afresh else current[policy]  # afresh: fine-tune the first model on round k's labels
+            current[policy], record = one_round(work, labels, start, policy, k, opts)
             out["policies"][policy].append(record)
             print(json.dumps({"seed": seed, "policy": policy, "before": before, **record}), file=sys.stderr,
                   flush=True)
@@ -118,13 +120,17 @@ def main() -> None:
     ap_.add_argument("--low-score", type=float, default=None)
     ap_.add_argument("--epochs", type=int, default=None, help="[default: the finetune recipe's]")
     ap_.add_argument("--num-beams", type=int, default=3)
+    ap_.add_argument("--tta", default="none", help="annotate run --tta for the pseudo-labels (none | flip)")
+    ap_.add_argument("--afresh", action="store_true",
+                     help="round k fine-tunes --model (not round k-1's model) on the labels of round k-1's model")
     ap_.add_argument("--finetune", default="", help="more `annotate finetune` flags, e.g. '--augment none'")
     args = ap_.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         res = loop(work, args.n, args.n_test, args.seed, tuple(args.filter.split(",")), args.rounds, args.min_score,
-                   args.low_score, args.epochs, num_beams=args.num_beams, finetune=tuple(args.finetune.split()))
+                   args.low_score, args.epochs, num_beams=args.num_beams, finetune=tuple(args.finetune.split()),
+                   afresh=args.afresh, tta=args.tta)
         print(json.dumps(res, indent=1))
 
 

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from annotator.model.sequence import (DOCVQA_TOKEN, LOC_TOKENS, PromptCache, mirror_boxes, pad_right,
                                       prompt_ids, prompt_words)
-from annotator.tasks import Input, Labels, Output, Task, UnknownTask, get_task
+from annotator.tasks import Labels, Task, UnknownTask, get_task
 
 log = logging.getLogger(__name__)
 
@@ -230,15 +230,13 @@ class Sample:
 AUGMENTS = ("none", "flip")
 
 
-def _boxes_of_the_whole_image(prompt: str) -> Task | None:
-    """The task of a prompt that answers boxes and reads nothing but the image (od, dense region
-    captions, region proposals): its pairs can be mirrored. Not OCR (words would read backwards),
-    grounding (a phrase may say "left") or region tasks (their prompt holds a box)."""
+def _mirrorable_task(prompt: str) -> Task | None:
+    """The task of a prompt whose pairs can be mirrored (Task.mirrorable), else None."""
     try:
         task = get_task(prompt) if prompt.startswith("<") else None
     except UnknownTask:
         return None
-    return task if task is not None and task.input is Input.NONE and task.output is Output.BOXES else None
+    return task if task is not None and task.mirrorable else None
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -268,7 +266,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def _mirrored(self, ex: Example, ids: list[int]) -> list[int] | None:
         """The mirrored target's ids (cut as the original was), or None for a pair that is not flipped."""
-        task = _boxes_of_the_whole_image(ex.prompt)
+        task = _mirrorable_task(ex.prompt)
         mirrored = mirror_boxes(ex.target, labelled=task.labels is not Labels.NONE) if ids and task else None
         if mirrored is None:
             return None
