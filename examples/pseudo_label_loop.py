@@ -1,7 +1,7 @@
 """The pseudo-label loop on a shift the demo model never saw (striped backgrounds), end to end with
 the CLI a user would type, for one or more rounds and one or more filtering policies:
 
-    annotate run shifted/ --model M --tasks od                    # pseudo-labels (M: round k-1's model)
+    annotate run shifted/ --model M --tasks od --tta flip         # pseudo-labels (M: round k-1's model)
     annotate export --format florence --filter P --min-score T    # the ones policy P trusts, as pairs
     annotate finetune export/ --model M                           # the localisation recipe, picked from the pairs
     then od AP on held-out shifted scenes after every round.
@@ -10,6 +10,7 @@ Round 1 starts from --model (its pseudo-labels are shared by every policy); roun
 unlabelled images with the model of round k-1 and fine-tunes that model further.
 
     python examples/pseudo_label_loop.py --work /tmp/loop --rounds 2 --filter instance,band [--seed 2000]
+        [--tta none] [--finetune '--augment none'] [--afresh]     # the variants of the README's table
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def scenes(folder: Path, n: int, seed: int) -> None:
 def loop(work: Path, n: int = 96, n_test: int = 60, seed: int = 2000, policies=("instance",), rounds: int = 1,
          min_score: float = 0.7, low_score: float | None = None, epochs: int | None = None, model: str = "demo",
          num_beams: int = 3, finetune: tuple[str, ...] = (), afresh: bool = False,
-         tta: str = "none") -> dict:
+         tta: str = "flip") -> dict:
     """-> {"before": AP, "policies": {policy: [one record per round]}} on seed's unlabelled/test sets."""
     scenes(work / "unlabelled", n, seed)  # its truth file is never read by the loop
     scenes(work / "test", n_test, seed + 1000)
@@ -93,7 +94,8 @@ def loop(work: Path, n: int = 96, n_test: int = 60, seed: int = 2000, policies=(
                 last={})
     first = pseudo_label(model, work / "unlabelled", work / "labels-r1", num_beams, tta)  # shared by every policy
     out = {"seed": seed, "n": n, "n_test": n_test, "min_score": min_score, "low_score": low_score,
-           "num_beams": num_beams, "finetune": list(finetune), "afresh": afresh, "tta": tta, "before": before, "policies": {p: [] for p in policies}}
+           "num_beams": num_beams, "finetune": list(finetune), "afresh": afresh, "tta": tta, "before": before,
+           "policies": {p: [] for p in policies}}
     current = dict.fromkeys(policies, model)
     opts["last"] = dict.fromkeys(policies, before)
     for k in range(1, rounds + 1):  # rounds outside: every policy's round 1 before any round 2
@@ -120,7 +122,8 @@ def main() -> None:
     ap_.add_argument("--low-score", type=float, default=None)
     ap_.add_argument("--epochs", type=int, default=None, help="[default: the finetune recipe's]")
     ap_.add_argument("--num-beams", type=int, default=3)
-    ap_.add_argument("--tta", default="none", help="annotate run --tta for the pseudo-labels (none | flip)")
+    ap_.add_argument("--tta", default="flip", help="annotate run --tta for the pseudo-labels: flip (mirrored pass "
+                     "merged in) or none")
     ap_.add_argument("--afresh", action="store_true",
                      help="round k fine-tunes --model (not round k-1's model) on the labels of round k-1's model")
     ap_.add_argument("--finetune", default="", help="more `annotate finetune` flags, e.g. '--augment none'")
