@@ -3,7 +3,7 @@ merged per image and task (union): the plain pass's boxes, each scored by the be
 and that of a same-label mirrored box over it (IoU >= 0.5), plus the mirrored boxes that match none.
 
 Why: on the striped shift the demo model finds different objects in an image and in its mirror; the
-union at --min-score 0.7 holds twice the true boxes of one pass at about the same precision (README,
+union at --min-score 0.7 holds 1.5-2.4 times the true boxes of one pass at about the same precision (README,
 "The pseudo-label loop, on a shift"). Only tasks that answer boxes of the whole image (Task.mirrorable:
 od, dense region captions, region proposals) run mirrored; the others keep their one pass."""
 

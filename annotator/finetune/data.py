@@ -240,10 +240,11 @@ def _mirrorable_task(prompt: str) -> Task | None:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """Tokenised pairs. augment="flip": each epoch, about half the pairs whose targets are whole boxes
-    (and whose prompts carry none) are read mirrored left to right, image and boxes together; which
-    ones is a function of (seed, epoch, index), so a run is repeatable. A few dozen pseudo-labelled
-    images are fitted within two rounds (README, "The pseudo-label loop"): the mirror is a second view.
+    """Tokenised pairs. augment="flip": each epoch, about half the pairs whose prompt asks for boxes of
+    the whole image (Task.mirrorable: od, dense region captions, region proposals) are read mirrored
+    left to right, image and boxes together; which ones is a function of (seed, epoch, index), so a
+    run is repeatable. A few dozen pseudo-labelled images are fitted within a few rounds of the loop:
+    the mirror is a second view of each (README, "The pseudo-label loop, on a shift").
     open_end: the target's final </s> is not in the loss, so that a pseudo-labelled target (the boxes a
     model was sure of, not every object) does not teach "nothing more here"."""
 
