@@ -203,8 +203,8 @@ class RunConfig:
         t = self.tiling
         ident["tiling"] = {"mode": t.mode, "size": list(t.size) if t.size else None, "overlap": t.overlap} \
             if t.enabled else None
-        if self.tta != "none":  # absent when off, so that folders written before --tta still resume
-            ident["tta"] = self.tta
+        # None when off, as tiling: a manifest written before --tta lacks the key, which reads as None
+        ident["tta"] = self.tta if self.tta != "none" else None
         return ident
 
 

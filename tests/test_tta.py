@@ -94,9 +94,29 @@ def test_only_box_tasks_of_the_whole_image_are_mirrored():
 
 def test_config_checks_and_resume_identity():
     tasks = tuple(parse_task_list("od"))
-    assert "tta" not in RunConfig(inputs=("x",), tasks=tasks).identity()  # old folders still resume
+    assert RunConfig(inputs=("x",), tasks=tasks).identity()["tta"] is None  # old manifests lack it: None
     assert RunConfig(inputs=("x",), tasks=tasks, tta="flip").identity()["tta"] == "flip"
     with pytest.raises(ConfigError):
         RunConfig(inputs=("x",), tasks=tasks, tta="rotate")
     with pytest.raises(ConfigError):
         RunConfig(inputs=("x",), tasks=tasks, tta="flip", tiling=TileSettings.parse("auto", 0.2))
+
+
+def test_run_cli_with_tta_flip(image_dir, tmp_path):
+    """Through `annotate run`: every image's box task runs mirrored too (the summary counts them), the
+    manifest records --tta, and a resume with other --tta is refused like any other change of settings."""
+    import json
+
+    from click.testing import CliRunner
+
+    from annotator.cli import cli
+
+    out = tmp_path / "ann"
+    args = ["run", str(image_dir), "--tasks", "caption,od", "--model", "random:tiny", "--out", str(out),
+            "--workers", "0", "--num-beams", "1", "--max-new-tokens", "8", "--no-progress"]
+    res = CliRunner().invoke(cli, [*args, "--tta", "flip"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "rows ok: 10" in res.output and "tta flip images: 5" in res.output
+    assert json.loads((out / "manifest.json").read_text())["identity"]["tta"] == "flip"
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code != 0 and "tta: 'flip' -> None" in again.output
