@@ -100,6 +100,9 @@ def model_options(f):
 @click.option("--tile", "tile_spec", default="off", show_default=True,
               help="Tiled inference for large images and dense pages: auto, off, or a tile size WxH in pixels.")
 @click.option("--tile-overlap", default=0.2, show_default=True, help="Fraction of a tile shared with its neighbours.")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="flip: box tasks (od, dense_region_caption, region_proposal) also run on the mirrored image; "
+                   "the boxes of both passes are merged (each scored by the better pass). Twice the decoding.")
 @click.option("--dry-run", is_flag=True, help="Say what would be done (images, pending rows, skipped files, the "
               "folder's state) without loading a model or writing anything.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
@@ -109,7 +112,7 @@ def run_cmd(inputs, input_lists, path_column, tasks_spec, out, model, revision, 
             trust_remote_code, text, classes, batch_size, workers, num_beams, max_new_tokens, no_repeat_ngram_size,
             repetition_penalty, no_scores, devices, limit,
             flush_every, flush_seconds, max_image_pixels, follow_symlinks, retry_errors, overwrite, force, no_progress,
-            tile_spec, tile_overlap, dry_run, as_json, ray_address) -> None:
+            tile_spec, tile_overlap, tta, dry_run, as_json, ray_address) -> None:
     """Annotate images: one Parquet row per image and task.
 
     INPUTS are folders (searched recursively), image files, globs, tar shards (`shard-{00000..00099}.tar`),
@@ -132,7 +135,7 @@ def run_cmd(inputs, input_lists, path_column, tasks_spec, out, model, revision, 
             flush_every_rows=flush_every, flush_every_seconds=flush_seconds, max_image_pixels=max_image_pixels,
             follow_symlinks=follow_symlinks, retry_errors=retry_errors, overwrite=overwrite, force=force,
             progress=not no_progress and not as_json, tiling=TileSettings.parse(tile_spec, tile_overlap),
-            input_lists=input_lists, path_column=path_column, ray=ray_address,
+            input_lists=input_lists, path_column=path_column, ray=ray_address, tta=tta,
         )
         if dry_run:
             from annotator.run.dryrun import dry_run as plan_only
@@ -233,6 +236,12 @@ def preview_cmd(annotations, out, task_spec, limit, sample, seed, image_roots, m
 @click.option("--max-grad-norm", default=1.0, show_default=True, help="Gradient clipping (0: off).")
 @click.option("--freeze-vision/--no-freeze-vision", default=None,
               help="Freeze the DaViT vision tower (the projector and language model train) [default: the recipe's].")
+@click.option("--augment", type=click.Choice(["none", "flip"]), default=None,
+              help="flip: each epoch, mirror about half the box pairs left to right, image and boxes together "
+                   "(repeatable under --seed) [default: the recipe's: flip for localisation, none for text].")
+@click.option("--open-end/--closed-end", default=None,
+              help="open: the target's final </s> is not in the loss, for targets that may miss objects "
+                   "(pseudo-labels) [default: the recipe's].")
 @click.option("--val-fraction", default=0.1, show_default=True,
               help="Images held out for validation when DATA has no validation split.")
 @click.option("--devices", default="auto", show_default=True,
@@ -249,8 +258,8 @@ def preview_cmd(annotations, out, task_spec, limit, sample, seed, image_roots, m
 @click.option("--overwrite", is_flag=True, help="Replace an earlier `annotate finetune` checkpoint in --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def finetune_cmd(data, model, revision, allow_pickle, out, recipe, epochs, lr, batch_size, grad_accum, warmup, weight_decay,
-                 max_grad_norm, freeze_vision, val_fraction, devices, gradient_checkpointing, precision, resume, seed,
-                 workers, max_target_tokens, overwrite, no_progress) -> None:
+                 max_grad_norm, freeze_vision, augment, open_end, val_fraction, devices, gradient_checkpointing, precision,
+                 resume, seed, workers, max_target_tokens, overwrite, no_progress) -> None:
     """Fine-tune Florence-2 on an `annotate export` (florence JSONL or docvqa Parquet) folder."""
     try:
         from .finetune import FinetuneConfig
@@ -259,7 +268,8 @@ def finetune_cmd(data, model, revision, allow_pickle, out, recipe, epochs, lr, b
             data=data, out=out, model=model, revision=revision, allow_pickle=allow_pickle, recipe=recipe,
             epochs=epochs, lr=lr,
             batch_size=batch_size, grad_accum=grad_accum, warmup=warmup, weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm, freeze_vision=freeze_vision, val_fraction=val_fraction, devices=devices,
+            max_grad_norm=max_grad_norm, freeze_vision=freeze_vision, augment=augment, open_end=open_end,
+            val_fraction=val_fraction, devices=devices,
             gradient_checkpointing=gradient_checkpointing, precision=precision, resume=resume, seed=seed,
             workers=workers, max_target_tokens=max_target_tokens, overwrite=overwrite, progress=not no_progress,
         )

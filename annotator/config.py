@@ -168,6 +168,7 @@ class RunConfig:
     input_lists: tuple[str, ...] = ()  # text/CSV/Parquet files of paths or URLs
     path_column: str | None = None  # the column of a CSV/Parquet list that holds them
     ray: str | None = None  # --ray: `auto` or a cluster address (raydata.py); None: no Ray
+    tta: str = "none"  # none | flip: box tasks also run on the mirrored image, answers merged (decode/tta.py)
 
     def __post_init__(self):
         if self.ray and self.ray != "auto" and Path(self.ray).exists():  # `--ray ./imgs`: click took the folder
@@ -181,6 +182,10 @@ class RunConfig:
             raise ConfigError("--workers must be >= 0")
         if self.limit is not None and self.limit < 0:
             raise ConfigError("--limit must be >= 0")
+        if self.tta not in ("none", "flip"):
+            raise ConfigError("--tta must be none or flip")
+        if self.tta != "none" and self.tiling.enabled:
+            raise ConfigError("--tta flip and --tile cannot be combined (yet): give one of them")
 
     def identity(self) -> dict:
         """What must not change between a run and its resume: same model, same prompts, same decoding."""
@@ -198,6 +203,8 @@ class RunConfig:
         t = self.tiling
         ident["tiling"] = {"mode": t.mode, "size": list(t.size) if t.size else None, "overlap": t.overlap} \
             if t.enabled else None
+        # None when off, as tiling: a manifest written before --tta lacks the key, which reads as None
+        ident["tta"] = self.tta if self.tta != "none" else None
         return ident
 
 
@@ -221,6 +228,8 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     freeze_vision: bool | None = None
     recipe: str = "auto"  # auto | localisation | text
+    augment: str | None = None  # none | flip (mirror box pairs); None: the recipe's
+    open_end: bool | None = None  # the final </s> out of the loss (targets that may miss objects); None: the recipe's
     val_fraction: float = 0.1  # only when DATA has no validation split of its own
     devices: str = "auto"
     gradient_checkpointing: bool = False
@@ -241,6 +250,7 @@ class FinetuneConfig:
             (self.grad_accum >= 1, "--grad-accum must be >= 1"),
             (self.warmup is None or self.warmup >= 0, "--warmup must be >= 0"),
             (self.recipe in ("auto", "localisation", "text"), "--recipe must be auto, localisation or text"),
+            (self.augment in (None, "none", "flip"), "--augment must be none or flip"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
             (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),

@@ -60,6 +60,13 @@ class Task:
         """Does this task produce boxes that region_* tasks can consume?"""
         return self.output in (Output.BOXES, Output.BOXES_OR_POLYGONS)
 
+    @property
+    def mirrorable(self) -> bool:
+        """Do its answers, mirrored left to right, answer the mirrored image? Boxes of the whole image
+        (od, dense region captions, region proposals): yes. Not OCR (words would read backwards),
+        grounding or open vocabulary (a phrase may say "left"), or region tasks (their prompt holds a box)."""
+        return self.input is Input.NONE and self.output is Output.BOXES
+
 
 N, T, C, R = Input.NONE, Input.TEXT, Input.CLASSES, Input.REGION
 _TASKS = [

@@ -9,6 +9,7 @@ from PIL import Image
 from annotator.config import RunConfig
 from annotator.decode.engine import Engine
 from annotator.decode.tiled import TiledAnnotator
+from annotator.decode.tta import FlipAnnotator
 from annotator.inputs.images import Batch, ImageDataset, WorkItem
 from annotator.inputs.tiles import TilingDataset
 from annotator.model.load import LoadedModel
@@ -50,6 +51,8 @@ class RunAnnotator:
         """Each batch's rows (see Engine.annotate_stream); tiles are merged back into their image's rows."""
         if isinstance(dataset, TilingDataset):  # tiles are images to the engine; the annotator merges them back
             return TiledAnnotator(self.engine, dataset, vision_batch=self.cfg.batch_size).annotate_stream(batches)
+        if self.cfg.tta == "flip":  # box tasks run twice, plain and mirrored, and are merged per image
+            return FlipAnnotator(self.engine).annotate_stream(batches)
         return self.engine.annotate_stream(batches)
 
     def annotate(self, dataset: ImageDataset) -> list[Annotation]:

@@ -10,13 +10,16 @@ import hashlib
 import io
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
 
-from annotator.model.sequence import DOCVQA_TOKEN, LOC_TOKENS, PromptCache, pad_right, prompt_ids, prompt_words
+from annotator.model.sequence import (DOCVQA_TOKEN, LOC_TOKENS, PromptCache, mirror_boxes, pad_right,
+                                      prompt_ids, prompt_words)
+from annotator.tasks import Labels, Task, UnknownTask, get_task
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +227,31 @@ class Sample:
     labels: list[int]
 
 
+AUGMENTS = ("none", "flip")
+
+
+def _mirrorable_task(prompt: str) -> Task | None:
+    """The task of a prompt whose pairs can be mirrored (Task.mirrorable), else None."""
+    try:
+        task = get_task(prompt) if prompt.startswith("<") else None
+    except UnknownTask:
+        return None
+    return task if task is not None and task.mirrorable else None
+
+
 class PairDataset(torch.utils.data.Dataset):
-    def __init__(self, examples: list[Example], processor, max_target_tokens: int = 1024):
+    """Tokenised pairs. augment="flip": each epoch, about half the pairs whose prompt asks for boxes of
+    the whole image (Task.mirrorable: od, dense region captions, region proposals) are read mirrored
+    left to right, image and boxes together; which ones is a function of (seed, epoch, index), so a
+    run is repeatable. A few dozen pseudo-labelled images are fitted within a few rounds of the loop:
+    the mirror is a second view of each (README, "The pseudo-label loop, on a shift").
+    open_end: the target's final </s> is not in the loss, so that a pseudo-labelled target (the boxes a
+    model was sure of, not every object) does not teach "nothing more here"."""
+
+    def __init__(self, examples: list[Example], processor, max_target_tokens: int = 1024, augment: str = "none",
+                 seed: int = 0, open_end: bool = False):
+        if augment not in AUGMENTS:
+            raise FinetuneError(f"augment must be one of {', '.join(AUGMENTS)}, not {augment!r}")
         self.examples = examples
         self.processor = processor
         self.max_target_tokens = max_target_tokens
@@ -234,6 +260,28 @@ class PairDataset(torch.utils.data.Dataset):
         self.targets = [self._target(ex.target) for ex in examples]  # once, so that the counts are whole
         if self.fit.pairs_cut or self.fit.pairs_dropped:
             log.warning("%s", self.fit.describe(max_target_tokens))
+        self.seed, self.epoch = seed, 0
+        self.open_end = open_end  # the final </s> left out of the loss: a pseudo-labelled target is not complete
+        self.mirrored = [self._mirrored(ex, ids) if augment == "flip" else None
+                         for ex, ids in zip(examples, self.targets)]
+
+    def _mirrored(self, ex: Example, ids: list[int]) -> list[int] | None:
+        """The mirrored target's ids (cut as the original was), or None for a pair that is not flipped."""
+        task = _mirrorable_task(ex.prompt)
+        mirrored = mirror_boxes(ex.target, labelled=task.labels is not Labels.NONE) if ids and task else None
+        if mirrored is None:
+            return None
+        return fit_target(self.processor.tokenizer, self.processor.tokenizer(mirrored)["input_ids"],
+                          self.max_target_tokens)[0] or None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each epoch (as the sampler's): the pairs flipped change from epoch to epoch."""
+        self.epoch = epoch
+
+    def flipped(self, i: int) -> bool:
+        if self.mirrored[i] is None:
+            return False
+        return random.Random(f"{self.seed}:{self.epoch}:{i}").random() < 0.5
 
     def _target(self, text: str) -> list[int]:
         tokenizer = self.processor.tokenizer
@@ -256,9 +304,14 @@ class PairDataset(torch.utils.data.Dataset):
         except Exception as exc:  # noqa: BLE001 - one unreadable image must not stop training
             log.warning("skipping %s: %s", ex.key, exc)
             return None
+        target = self.targets[i]
+        if self.flipped(i):
+            image, target = ImageOps.mirror(image), self.mirrored[i]
+        if self.open_end and target[-1] == self.processor.tokenizer.eos_token_id:
+            target = target[:-1]  # the decoder never reads the last label: dropping it takes it out of the loss
         pixels = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
         ids = self.prompt_ids(ex.prompt)
-        return Sample(i, pixels, ids, self.targets[i])
+        return Sample(i, pixels, ids, target)
 
 
 @dataclass

@@ -103,6 +103,7 @@ def train(cfg: FinetuneConfig, rank: int = 0, world: int = 1, device: str = "cpu
         # ---- epochs
         for epoch in range(progress.epoch + 1, cfg.epochs + 1):
             sampler.set_epoch(epoch)
+            train_loader.dataset.set_epoch(epoch)
             train_mode(net, model, cfg.freeze_vision)
             bar = tqdm(total=len(train_loader), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                        disable=not (cfg.progress and owner), dynamic_ncols=True, leave=False)
@@ -156,13 +157,14 @@ def _model(cfg: FinetuneConfig, resume_dir, device, distributed: bool):
 def _loaders(cfg: FinetuneConfig, data, processor, rank: int, world: int, device):
     """The training loader (its sampler shards and shuffles across ranks) and this rank's validation share."""
     pad_id = processor.tokenizer.pad_token_id
-    train_ds = PairDataset(data.train, processor, cfg.max_target_tokens)
+    train_ds = PairDataset(data.train, processor, cfg.max_target_tokens, cfg.augment, cfg.seed, cfg.open_end)
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=cfg.seed)
     loader_kw = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=Collator(pad_id),
                      pin_memory=device.type == "cuda")
     train_loader = torch.utils.data.DataLoader(train_ds, sampler=sampler, **loader_kw)
-    val_ds = PairDataset(data.val[rank::world], processor, cfg.max_target_tokens)  # no padding repeats
+    val_ds = PairDataset(data.val[rank::world], processor, cfg.max_target_tokens,  # no padding repeats
+                         open_end=cfg.open_end)
     val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, **loader_kw) if data.val else None
     return sampler, train_loader, val_ds, val_loader
 

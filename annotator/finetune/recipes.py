@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from annotator.config import FinetuneConfig
 from annotator.model.sequence import LOC_PREFIX
 
-SCHEDULE_FIELDS = ("epochs", "lr", "batch_size", "warmup", "freeze_vision")
+SCHEDULE_FIELDS = ("epochs", "lr", "batch_size", "warmup", "freeze_vision", "augment", "open_end")
 # The learning rate summed over the schedule's steps, below which the weights barely move: the DocVQA
 # rate over a handful of pseudo-labelled batches (1e-6 x 10 steps, 1e-5) changed nothing (issue 31), and
 # so did 2 steps inside a 10-step warmup at 1e-4 (0 + 1e-5: the band policy keeping 8 pairs, README);
@@ -31,13 +31,16 @@ class Recipe:
     batch_size: int
     warmup: int
     freeze_vision: bool
+    augment: str  # finetune/data.py's PairDataset: "flip" mirrors box pairs, image and target together
+    open_end: bool  # PairDataset: the final </s> out of the loss (pseudo-labels name some objects, not all)
     why: str
 
 
 RECIPES = {
     "localisation": Recipe("localisation", epochs=2, lr=1e-4, batch_size=8, warmup=10, freeze_vision=False,
+                           augment="flip", open_end=False,
                            why="most targets are locations (pseudo-labelled boxes, masks, OCR regions)"),
-    "text": Recipe("text", epochs=7, lr=1e-6, batch_size=6, warmup=0, freeze_vision=True,
+    "text": Recipe("text", epochs=7, lr=1e-6, batch_size=6, warmup=0, freeze_vision=True, augment="none", open_end=False,
                    why="text answers (DocVQA-style): the published recipe"),
 }
 RECIPE_CHOICES = ("auto", *RECIPES)
@@ -78,4 +81,5 @@ def too_short(cfg: FinetuneConfig, steps: int) -> str | None:
 
 def describe(recipe: Recipe, cfg: FinetuneConfig) -> str:
     return (f"recipe {recipe.name} ({recipe.why}): --epochs {cfg.epochs} --lr {cfg.lr:g} --batch-size "
-            f"{cfg.batch_size} --warmup {cfg.warmup} --{'' if cfg.freeze_vision else 'no-'}freeze-vision")
+            f"{cfg.batch_size} --warmup {cfg.warmup} --{'' if cfg.freeze_vision else 'no-'}freeze-vision "
+            f"--augment {cfg.augment} --{'open' if cfg.open_end else 'closed'}-end")

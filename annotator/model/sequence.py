@@ -114,3 +114,25 @@ def dequantize(bin_: int, size: float) -> float:
 def loc_tokens(flat, width: float, height: float) -> str:
     """[x1, y1, x2, y2, ...] (pixels) -> '<loc_a><loc_b>...' with x against width, y against height."""
     return "".join(LOC_TOKENS[quantize(v, width if i % 2 == 0 else height)] for i, v in enumerate(flat))
+
+
+_BOX_INSTANCE = re.compile(r"([^<]*)((?:" + LOC_PATTERN + r"){4})")
+
+
+def mirror_boxes(target: str, labelled: bool = False) -> str | None:
+    """A box target ('label<loc_x1><loc_y1><loc_x2><loc_y2>...') as it reads for the image flipped
+    left to right: x -> 999 - x, x1 and x2 swapped (a pixel in bin b lands in bin 999 - b, whatever
+    the width). None when the target does not read as whole boxes (locations in runs other than 4, text
+    after the last box). Whether a task's targets are boxes at all (OCR quads are 8 locations, two of
+    them 4 + 4) is the task table's to say: finetune/data.py asks it first. labelled: every box must
+    come with a label (od), so that an 8-location quad never reads as two boxes."""
+    parts = _BOX_INSTANCE.findall(target)
+    if not parts or "".join(label + locs for label, locs in parts) != target:
+        return None
+    if labelled and not all(label.strip() for label, _ in parts):
+        return None
+    out = []
+    for label, locs in parts:
+        x1, y1, x2, y2 = (int(v) for v in re.findall(r"\d+", locs))
+        out.append(label + "".join(LOC_TOKENS[b] for b in (BINS - 1 - x2, y1, BINS - 1 - x1, y2)))
+    return "".join(out)

@@ -21,8 +21,9 @@ def iou(a, b) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter + 1e-9)
 
 
-def load(labels: str, truth: str):
-    """-> ({image: [(label, xyxy)]} of the truth, {image: [(label, xyxy, score)]} of the labels)."""
+def load(labels: str, truth: str, unscored: float = 1.0):
+    """-> ({image: [(label, xyxy)]} of the truth, {image: [(label, xyxy, score)]} of the labels); the
+    boxes of an unscored row get `unscored` (1.0: they pass every threshold; 0.0: dropped, as the export does)."""
     coco = json.loads(Path(truth).read_text())
     cats = {c["id"]: c["name"] for c in coco["categories"]}
     names = {i["id"]: i["file_name"] for i in coco["images"]}
@@ -34,7 +35,7 @@ def load(labels: str, truth: str):
     preds = {}
     for r in rows.iter_rows(named=True):
         boxes, labels_ = r["bboxes"] or [], r["labels"] or []
-        scores = r["scores"] if r["scores"] is not None else [1.0] * len(boxes)
+        scores = r["scores"] if r["scores"] is not None else [unscored] * len(boxes)
         preds[r["image"]] = [(lab, tuple(b), float(s)) for lab, b, s in zip(labels_, boxes, scores)]
     return gt, preds
 
