@@ -79,7 +79,7 @@ def test_the_mirrored_pass_finds_what_the_plain_one_missed_where_it_is():
     item = ImageItem("a.png", width=400, height=80, pixel_values=pixels, tasks=("od", "caption"))
     engine = BrightColumnEngine()
     rows = FlipAnnotator(engine).annotate(Batch([item], pixels[None], []))
-    assert engine.calls == [("a.png", ("od", "caption")), ("a.png", ("od",))]  # captions are not mirrored
+    assert engine.calls == [("a.png", ("od", "caption")), ("a.png\x00mirrored", ("od",))]  # captions are not mirrored
     od = next(r for r in rows if r.task == "od")
     (x1, _, x2, _), = od.bboxes
     assert (x1 + x2) / 2 == pytest.approx((6 + 0.5) * 400 / 40)  # the bar's place in the original image
@@ -120,3 +120,34 @@ def test_run_cli_with_tta_flip(image_dir, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["identity"]["tta"] == "flip"
     again = CliRunner().invoke(cli, args)
     assert again.exit_code != 0 and "tta: 'flip' -> None" in again.output
+
+
+class OutOfOrderStream(BrightColumnEngine):
+    """A stream that returns batches as they 'finish': all of them pulled first, then in reverse."""
+
+    def annotate_stream(self, batches):
+        pulled = list(batches)
+        self.fed = [[it.key for it in b.items] for b in pulled]
+        for batch in reversed(pulled):
+            yield self.annotate(batch)
+
+
+def test_the_stream_decodes_both_passes_together_and_merges_batches_finishing_out_of_order():
+    """Each mirrored batch goes into the engine's stream right behind its plain one (so the two decode
+    beside each other, not one after the other), and whatever order they come back in, each input
+    batch comes out once, merged as the one-batch path merges it."""
+    def item(key, col):
+        pixels = torch.zeros(3, 8, 40)
+        pixels[:, :, col] = 1.0
+        return ImageItem(key, width=400, height=80, pixel_values=pixels, tasks=("od", "caption"))
+
+    batches = [[item("a.png", 6), item("b.png", 30)], [item("c.png", 2)], [item("d.png", 35)]]
+    make = lambda items: Batch(items, torch.stack([i.pixel_values for i in items]), [])  # noqa: E731
+    expected = [FlipAnnotator(BrightColumnEngine()).annotate(make(b)) for b in batches]
+    engine = OutOfOrderStream()
+    got = list(FlipAnnotator(engine).annotate_stream(make(b) for b in batches))
+    assert engine.fed == [["a.png", "b.png"], ["a.png\x00mirrored", "b.png\x00mirrored"], ["c.png"],
+                          ["c.png\x00mirrored"], ["d.png"], ["d.png\x00mirrored"]]
+    assert sorted(got, key=lambda rows: rows[0].image) == expected
+    assert all(not r.image.endswith("\x00mirrored") for rows in got for r in rows)
+    assert engine.stats == {"tta_flip_images": 4, "tta_flip_boxes_added": 2}

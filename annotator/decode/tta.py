@@ -9,7 +9,7 @@ od, dense region captions, region proposals) run mirrored; the others keep their
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 import torch
@@ -54,6 +54,22 @@ def merge_flipped(plain: Annotation, mirrored: Annotation) -> tuple[Annotation, 
                    truncated=plain.truncated or mirrored.truncated), added
 
 
+MIRRORED = "\x00mirrored"  # appended to a mirrored item's key while it is decoded: no path or URL holds a NUL
+
+
+@dataclass
+class _Pending:
+    """One batch of the stream, until both of its passes are back."""
+
+    mirrored: bool  # a mirrored pass follows (some image has a mirrorable task)
+    plain: list[Annotation] | None = None
+    flipped: list[Annotation] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.plain is not None and (self.flipped is not None or not self.mirrored)
+
+
 class FlipAnnotator:
     """Engine.annotate_stream with a mirrored second pass per batch, merged (see merge_flipped)."""
 
@@ -62,30 +78,62 @@ class FlipAnnotator:
 
     def mirrored(self, batch: Batch) -> Batch | None:
         """The batch's images flipped (a flip of the processed pixels is the processed flip of the
-        image), with only their mirrorable tasks; None when nothing is left to run."""
+        image), with only their mirrorable tasks, keys marked MIRRORED; None when nothing is left to run."""
         keep = [i for i, it in enumerate(batch.items) if any(TASKS[t].mirrorable for t in it.tasks)]
         if not keep or batch.pixel_values is None:
             return None
-        items = [replace(batch.items[i], pixel_values=batch.items[i].pixel_values.flip(-1),
+        items = [replace(batch.items[i], key=batch.items[i].key + MIRRORED,
+                         pixel_values=batch.items[i].pixel_values.flip(-1),
                          tasks=tuple(t for t in batch.items[i].tasks if TASKS[t].mirrorable)) for i in keep]
         return Batch(items, torch.stack([it.pixel_values for it in items]), [])
 
-    def annotate(self, batch: Batch) -> list[Annotation]:
-        rows = self.engine.annotate(batch)
-        mirrored = self.mirrored(batch)
-        if mirrored is None:
-            return rows
-        second = {(r.image, r.task): r for r in self.engine.annotate(mirrored)}
+    def merge(self, rows: list[Annotation], flipped: list[Annotation]) -> list[Annotation]:
+        second = {(r.image.removesuffix(MIRRORED), r.task): r for r in flipped}
         out, added = [], 0
         for row in rows:
             other = second.get((row.image, row.task))
             merged, n = merge_flipped(row, other) if other is not None else (row, 0)
             out.append(merged)
             added += n
-        self.engine.count("tta_flip_images", len(mirrored.items))
+        self.engine.count("tta_flip_images", len({r.image for r in flipped}))
         self.engine.count("tta_flip_boxes_added", added)
         return out
 
+    def annotate(self, batch: Batch) -> list[Annotation]:
+        """One batch, its two passes one after the other (Engine.annotate)."""
+        mirrored = self.mirrored(batch)
+        rows = self.engine.annotate(batch)
+        return rows if mirrored is None else self.merge(rows, self.engine.annotate(mirrored))
+
     def annotate_stream(self, batches: Iterable[Batch]) -> Iterator[list[Annotation]]:
-        for batch in batches:
-            yield self.annotate(batch)
+        """Both passes through the engine's one stream, each mirrored batch right behind its plain one,
+        so they decode beside each other and beside the next batches (continuous batching), not one
+        after the other. The stream returns batches as they finish, in any order: a batch's rows are
+        merged and yielded once both of its passes are back (found by their image keys)."""
+        pending: dict[int, _Pending] = {}
+        owner: dict[str, int] = {}  # image key -> its batch, while the batch is pending
+
+        def fed() -> Iterator[Batch]:
+            for i, batch in enumerate(batches):
+                mirrored = self.mirrored(batch)
+                pending[i] = _Pending(mirrored is not None)
+                owner.update((key, i) for key in [it.key for it in batch.items] + [f.key for f in batch.failures])
+                yield batch
+                if mirrored is not None:
+                    yield mirrored
+
+        for rows in self.engine.annotate_stream(fed()):
+            if not rows:
+                yield rows
+                continue
+            first = rows[0].image
+            i = owner[first.removesuffix(MIRRORED)]
+            if first.endswith(MIRRORED):
+                pending[i].flipped = rows
+            else:
+                pending[i].plain = rows
+            if pending[i].done:
+                p = pending.pop(i)
+                for key in {r.image for r in p.plain}:
+                    owner.pop(key, None)
+                yield p.plain if not p.mirrored else self.merge(p.plain, p.flipped)
