@@ -10,7 +10,8 @@ import click
 
 from . import __version__
 from .clikit import EXIT_CANNOT_START, EXIT_INTERRUPTED, Aliased, env_names
-from .config import ConfigError, GenerationSettings, ModelSpec, RunConfig, TaskInputs, TileSettings, DTYPES, ATTENTIONS
+from .config import (ConfigError, GenerationSettings, ModelSpec, RunConfig, TaskInputs, TileSettings, DTYPES, ATTENTIONS,
+                     AUGMENT_CHOICES, TTA_CHOICES)
 from annotator.model import DEMO_NAME, ModelLoadError  # not model.load: it imports torch
 from annotator.outdir.folder import RunError
 from annotator.inputs.sources import SourceError
@@ -100,7 +101,7 @@ def model_options(f):
 @click.option("--tile", "tile_spec", default="off", show_default=True,
               help="Tiled inference for large images and dense pages: auto, off, or a tile size WxH in pixels.")
 @click.option("--tile-overlap", default=0.2, show_default=True, help="Fraction of a tile shared with its neighbours.")
-@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+@click.option("--tta", type=click.Choice(TTA_CHOICES), default="none", show_default=True,
               help="flip: box tasks (od, dense_region_caption, region_proposal) also run on the mirrored image; "
                    "the boxes of both passes are merged (each scored by the better pass). Twice the decoding.")
 @click.option("--dry-run", is_flag=True, help="Say what would be done (images, pending rows, skipped files, the "
@@ -236,7 +237,7 @@ def preview_cmd(annotations, out, task_spec, limit, sample, seed, image_roots, m
 @click.option("--max-grad-norm", default=1.0, show_default=True, help="Gradient clipping (0: off).")
 @click.option("--freeze-vision/--no-freeze-vision", default=None,
               help="Freeze the DaViT vision tower (the projector and language model train) [default: the recipe's].")
-@click.option("--augment", type=click.Choice(["none", "flip"]), default=None,
+@click.option("--augment", type=click.Choice(AUGMENT_CHOICES), default=None,
               help="flip: each epoch, mirror about half the box pairs left to right, image and boxes together "
                    "(repeatable under --seed) [default: the recipe's: flip for localisation, none for text].")
 @click.option("--open-end/--closed-end", default=None,

@@ -11,6 +11,8 @@ from .tasks import Task
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+TTA_CHOICES = ("none", "flip")  # run --tta (decode/tta.py)
+AUGMENT_CHOICES = ("none", "flip")  # finetune --augment (finetune/data.py)
 
 
 class ConfigError(ValueError):
@@ -182,8 +184,8 @@ class RunConfig:
             raise ConfigError("--workers must be >= 0")
         if self.limit is not None and self.limit < 0:
             raise ConfigError("--limit must be >= 0")
-        if self.tta not in ("none", "flip"):
-            raise ConfigError("--tta must be none or flip")
+        if self.tta not in TTA_CHOICES:
+            raise ConfigError(f"--tta must be one of {', '.join(TTA_CHOICES)}")
         if self.tta != "none" and self.tiling.enabled:
             raise ConfigError("--tta flip and --tile cannot be combined (yet): give one of them")
 
@@ -250,7 +252,7 @@ class FinetuneConfig:
             (self.grad_accum >= 1, "--grad-accum must be >= 1"),
             (self.warmup is None or self.warmup >= 0, "--warmup must be >= 0"),
             (self.recipe in ("auto", "localisation", "text"), "--recipe must be auto, localisation or text"),
-            (self.augment in (None, "none", "flip"), "--augment must be none or flip"),
+            (self.augment is None or self.augment in AUGMENT_CHOICES, f"--augment must be one of {', '.join(AUGMENT_CHOICES)}"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
             (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),

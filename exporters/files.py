@@ -96,9 +96,9 @@ class FlatNames:
             keys.append(key)
             stems.append(natural_name(key)[0].casefold())
             if len(keys) == cls.CHUNK:
-                chunks.append(pa.table({"key": keys, "stem": stems}))
+                chunks.append(_key_stems(keys, stems))
                 keys, stems = [], []
-        chunks.append(pa.table({"key": pa.array(keys, pa.string()), "stem": pa.array(stems, pa.string())}))
+        chunks.append(_key_stems(keys, stems))
         table = pl.from_arrow(pa.concat_tables(chunks))
         later = table.filter(pl.col("stem").is_duplicated() & ~pl.col("stem").is_first_distinct())
         return cls(set(later["key"].to_list()))
@@ -106,6 +106,12 @@ class FlatNames:
     def name(self, key: str) -> str:
         stem, ext = natural_name(key)
         return (hashed_stem(stem, key) if key in self.hashed else stem) + ext
+
+
+def _key_stems(keys: list[str], stems: list[str]):
+    import pyarrow as pa
+
+    return pa.table({"key": pa.array(keys, pa.string()), "stem": pa.array(stems, pa.string())})
 
 
 def place_image(src: Path, dest: Path, copy: bool) -> None:

@@ -72,6 +72,10 @@ class BrightColumnEngine:
     def count(self, name, n):
         self.stats[name] = self.stats.get(name, 0) + n
 
+    def annotate_stream(self, batches):  # in order (Engine's may not be: OutOfOrderStream)
+        for batch in batches:
+            yield self.annotate(batch)
+
 
 def test_the_mirrored_pass_finds_what_the_plain_one_missed_where_it_is():
     pixels = torch.zeros(3, 8, 40)

@@ -19,7 +19,6 @@ from annotator.inputs.images import Batch
 from annotator.outdir.table import OK, Annotation
 from annotator.tasks import TASKS
 
-TTA_CHOICES = ("none", "flip")
 AGREE_IOU = 0.5
 
 
@@ -100,10 +99,8 @@ class FlipAnnotator:
         return out
 
     def annotate(self, batch: Batch) -> list[Annotation]:
-        """One batch, its two passes one after the other (Engine.annotate)."""
-        mirrored = self.mirrored(batch)
-        rows = self.engine.annotate(batch)
-        return rows if mirrored is None else self.merge(rows, self.engine.annotate(mirrored))
+        """One batch, merged (through annotate_stream: one path)."""
+        return [row for rows in self.annotate_stream([batch]) for row in rows]
 
     def annotate_stream(self, batches: Iterable[Batch]) -> Iterator[list[Annotation]]:
         """Both passes through the engine's one stream, each mirrored batch right behind its plain one,

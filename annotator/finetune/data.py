@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
+from annotator.config import AUGMENT_CHOICES
 from annotator.model.sequence import (DOCVQA_TOKEN, LOC_TOKENS, PromptCache, mirror_boxes, pad_right,
                                       prompt_ids, prompt_words)
 from annotator.tasks import Labels, Task, UnknownTask, get_task
@@ -227,9 +228,6 @@ class Sample:
     labels: list[int]
 
 
-AUGMENTS = ("none", "flip")
-
-
 def _mirrorable_task(prompt: str) -> Task | None:
     """The task of a prompt whose pairs can be mirrored (Task.mirrorable), else None."""
     try:
@@ -250,8 +248,8 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, examples: list[Example], processor, max_target_tokens: int = 1024, augment: str = "none",
                  seed: int = 0, open_end: bool = False):
-        if augment not in AUGMENTS:
-            raise FinetuneError(f"augment must be one of {', '.join(AUGMENTS)}, not {augment!r}")
+        if augment not in AUGMENT_CHOICES:
+            raise FinetuneError(f"augment must be one of {', '.join(AUGMENT_CHOICES)}, not {augment!r}")
         self.examples = examples
         self.processor = processor
         self.max_target_tokens = max_target_tokens

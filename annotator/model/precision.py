@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from annotator.config import DTYPES
+
 
 @dataclass(frozen=True)
 class DtypeChoice:
@@ -42,7 +44,7 @@ CPU_DEFAULT = DtypeChoice(torch.float32, "CPU without bf16 instructions: float32
 # Pins what auto means on every device, for sites (and the test suite) that need the same numbers on
 # every machine: an AMX CPU would otherwise run bf16 where another runs float32, and bf16 is not exact.
 PIN_ENV = "FLORENCE_ANNOTATE_AUTO_DTYPE"
-PINNABLE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PINNABLE = {name: getattr(torch, name) for name in DTYPES if name != "auto"}
 
 log = logging.getLogger(__name__)
 
