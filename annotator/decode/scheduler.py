@@ -126,9 +126,9 @@ class DecodeScheduler:
 
     # Self-attention by length groups (ragged.py) once the padded reads exceed this x the real ones. A
     # group copies its rows' K/V (index_select) before attending, so it reads and writes its bytes and
-    # then reads them again: measured one attention call on CPU (768 rows x 2 heads x 16, and 48 rows x
-    # 12 heads x 64 as Florence-2-base's beams), groups lost to the padded read up to about 5x waste
-    # (waste 2.5: 65 vs 20 ms; 3.4: 49 vs 22) and won from about 6-10x (10.2: 7 vs 21 ms).
+    # then reads them again. One attention call on CPU (examples/bench_ragged.py, 48 rows x 12 heads x 64
+    # as Florence-2-base's beams): groups lose to the padded read up to about 5x waste (2.5: 58 vs 17
+    # ms; 5.6: 24 vs 16) and win from there (10.2: 3.6 vs 16); at random:tiny's width from about 3.5x.
     RAGGED_WASTE = 6.0
     CHUNK_BYTES = 16 << 20  # CPU: vocabulary-sized work in row chunks of at most this many bytes (_chunks)
 
