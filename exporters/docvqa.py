@@ -22,7 +22,7 @@ from annotator.tasks import TASKS, Labels
 from exporters.base import Export, KeyRanks, exportable
 from exporters.classes import ClassVocab, normalize_label
 
-from exporters.filtering import EPS, NO_SCORE
+from exporters.filtering import BELOW, NO_SCORE, confident
 from exporters.geometry import clip_polygon, polygons_extent, row_instances
 from exporters.options import ExportOptions, ExportSummary
 from exporters.read import ImageRows, Run
@@ -131,11 +131,11 @@ def count_questions(rows: dict, vocab: ClassVocab | None, common: list[str], dro
                     drops["label not in classes"] += 1
                     continue
                 name = vocab.names[idx]
-            if min_score is None or (inst.score is not None and inst.score >= min_score - EPS):
+            if confident(inst.score, min_score):  # a training format: an unscored instance is not
                 counts[name] += 1
                 continue
             unsure.add(name)
-            drops[NO_SCORE if inst.score is None else "score below --min-score"] += 1
+            drops[NO_SCORE if inst.score is None else BELOW] += 1
     qa = []
     for name, n in sorted(counts.items()):
         if name not in unsure:

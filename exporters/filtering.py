@@ -85,11 +85,18 @@ NO_SCORE = "no score (--min-score needs one)"  # the summary's drop reason: a ru
 EPS = 1e-6
 
 
-def _confident(s, f: ScoreFilter) -> bool:
+BELOW = "score below --min-score"  # the summary's drop reason for a scored instance under it
+
+
+def confident(score: float | None, min_score: float | None, trust_unscored: bool = False) -> bool:
     """Without --min-score everything is; with it, a score at or above it (None: only where trusted)."""
-    if f.min_score is None:
+    if min_score is None:
         return True
-    return f.trust_unscored if s is None else s >= f.min_score - EPS
+    return trust_unscored if score is None else score >= min_score - EPS
+
+
+def _confident(s, f: ScoreFilter) -> bool:
+    return confident(s, f.min_score, f.trust_unscored)
 
 
 @policy("instance", "drop each instance scored below --min-score; its image stays with the rest")
@@ -186,7 +193,7 @@ class ImageFilter:
         self.counts.instances_dropped += len(scores) - sum(d.keep)
         unscored = sum(not k and s is None for k, s in zip(d.keep, scores))
         self._bump(NO_SCORE, unscored)
-        self._bump("score below --min-score", len(scores) - sum(d.keep) - unscored)
+        self._bump(BELOW, len(scores) - sum(d.keep) - unscored)
         if all(d.keep):
             return img
         kept_rows = dict(img.rows)
