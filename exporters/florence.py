@@ -36,9 +36,9 @@ def _at(seq, i):
     return seq[i] if seq is not None and i < len(seq) else None
 
 
-def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
-                   vocab: ClassVocab | None = None) -> list[tuple[str, str]]:
-    """One row -> [(prefix, suffix)]. Pure; every dropped instance is counted in `drops`."""
+def florence_pairs(row: Row, drops: Counter, vocab: ClassVocab | None = None) -> list[tuple[str, str]]:
+    """One row -> [(prefix, suffix)]. Pure; every dropped instance is counted in `drops`. Scores are
+    not looked at here: the export's --filter (filtering.py) has already chosen the instances."""
     task = TASKS[row.task]
     w, h = float(row.width or 0), float(row.height or 0)
     token = task.token
@@ -52,13 +52,6 @@ def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
     if w <= 0 or h <= 0:
         drops["no image size"] += 1
         return []
-
-    def keep(i: int) -> bool:
-        s = _at(row.scores, i)
-        if min_score is not None and s is not None and s < min_score:
-            drops["score below --min-score"] += 1
-            return False
-        return True
 
     def label_of(i: int) -> str | None:
         label = span_label(_at(row.labels, i) or "", drops)
@@ -75,16 +68,16 @@ def florence_pairs(row: Row, drops: Counter, min_score: float | None = None,
 
     prefix = token + clean_text(prompt_input(row.task, row.prompt))
     if task.output is Output.QUADS:  # ocr_with_region
-        return _quad_pairs(row, token, w, h, keep, drops)
+        return _quad_pairs(row, token, w, h, drops)
     if region_task:  # one training pair per source box
-        return _region_pairs(row, task, w, h, keep, label_of, drops)
+        return _region_pairs(row, task, w, h, label_of, drops)
     if row.polygons:  # referring_expression_segmentation, open_vocabulary_detection with masks
-        return _polygon_pairs(row, task, prefix, w, h, keep, label_of, drops)
+        return _polygon_pairs(row, task, prefix, w, h, label_of, drops)
     # boxes: od, dense_region_caption, region_proposal, caption_to_phrase_grounding, open_vocabulary_detection
-    return _box_pairs(row, task, prefix, w, h, keep, label_of, drops)
+    return _box_pairs(row, task, prefix, w, h, label_of, drops)
 
 
-def _quad_pairs(row: Row, token: str, w: float, h: float, keep, drops: Counter) -> list[tuple[str, str]]:
+def _quad_pairs(row: Row, token: str, w: float, h: float, drops: Counter) -> list[tuple[str, str]]:
     """ocr_with_region: every line's text and quad in one target."""
     parts = []
     for i, quad in enumerate(row.quad_boxes or []):
@@ -96,15 +89,14 @@ def _quad_pairs(row: Row, token: str, w: float, h: float, keep, drops: Counter) 
         if q is None or len(q) != 8 or not text:
             drops["degenerate box" if text else "empty label"] += 1
             continue
-        if keep(i):
-            parts.append(text + loc_tokens(q, w, h))
+        parts.append(text + loc_tokens(q, w, h))
     return [(token, "".join(parts))] if parts else _empty(drops)
 
 
-def _region_pairs(row: Row, task, w: float, h: float, keep, label_of, drops: Counter) -> list[tuple[str, str]]:
+def _region_pairs(row: Row, task, w: float, h: float, label_of, drops: Counter) -> list[tuple[str, str]]:
     """region_* tasks: one training pair per source box."""
     pairs: list[tuple[str, str]] = []
-    for i, b in _kept_boxes(row, w, h, keep, drops):
+    for i, b in _kept_boxes(row, w, h, drops):
         region = task.token + loc_tokens(b, w, h)
         if task.output is Output.POLYGONS:  # region_to_segmentation
             polys = _clipped_polygons(_at(row.polygons, i), w, h)
@@ -122,16 +114,13 @@ def _region_pairs(row: Row, task, w: float, h: float, keep, label_of, drops: Cou
     return pairs
 
 
-def _polygon_pairs(row: Row, task, prefix: str, w: float, h: float, keep, label_of,
-                   drops: Counter) -> list[tuple[str, str]]:
+def _polygon_pairs(row: Row, task, prefix: str, w: float, h: float, label_of, drops: Counter) -> list[tuple[str, str]]:
     """referring_expression_segmentation, and open_vocabulary_detection answered with masks."""
     instances = []
     for i, inst in enumerate(row.polygons):
         polys = _clipped_polygons(inst, w, h)
         if not polys:
             drops["degenerate polygon"] += 1
-            continue
-        if not keep(i):
             continue
         label = label_of(i) if task.labels is Labels.CATEGORY else ""  # open_vocabulary_detection
         if label is None:
@@ -146,10 +135,10 @@ def _polygon_pairs(row: Row, task, prefix: str, w: float, h: float, keep, label_
     return [(prefix, "".join(f"<poly>{locs}</poly>" for _, locs in instances))]
 
 
-def _box_pairs(row: Row, task, prefix: str, w: float, h: float, keep, label_of, drops: Counter) -> list[tuple[str, str]]:
+def _box_pairs(row: Row, task, prefix: str, w: float, h: float, label_of, drops: Counter) -> list[tuple[str, str]]:
     """Boxes and their labels in one target (region_proposal: boxes alone)."""
     parts = []
-    for i, b in _kept_boxes(row, w, h, keep, drops):
+    for i, b in _kept_boxes(row, w, h, drops):
         label = "" if task.labels is Labels.NONE else label_of(i)  # region_proposal: boxes alone
         if label is None:
             continue
@@ -160,13 +149,13 @@ def _box_pairs(row: Row, task, prefix: str, w: float, h: float, keep, label_of, 
     return [(prefix, "".join(parts))] if parts else _empty(drops)
 
 
-def _kept_boxes(row, w: int, h: int, keep, drops: Counter):
-    """(index, clipped box) of the row's boxes that have an area and pass `keep` (--min-score)."""
+def _kept_boxes(row, w: int, h: int, drops: Counter):
+    """(index, clipped box) of the row's boxes that have an area."""
     for i, box in enumerate(row.bboxes or []):
         b = clip_box(box, w, h)
         if b is None:
             drops["degenerate box"] += 1
-        elif keep(i):
+        else:
             yield i, b
 
 
@@ -203,7 +192,7 @@ def export_florence(run: Run, out: OutDir, opts: ExportOptions) -> ExportSummary
             if img is None:  # the --filter policy left the image out
                 continue
             pairs = [p for t in tasks if t in img.rows
-                     for p in florence_pairs(img.rows[t], summary.dropped, None, vocab)]
+                     for p in florence_pairs(img.rows[t], summary.dropped, vocab)]
             if not pairs:
                 continue
             src = run.find_image(img.key, summary.dropped)
